@@ -1,0 +1,241 @@
+"""Offline preparation throughput (`xc-prep shard`) versus the official per-sample work at training time.
+
+What it measures, on real photos (scikit-image's sample images, upscaled and centre-cropped to
+0.3–2 MP and saved as JPEG quality 90), for single-image and multi-image (2–3 images) records:
+  prep     `xc-prep shard` with one worker (so samples/s = samples/s per core): validation, JPEG
+           decode, HD transform, tokenization, tile encoding and the atomic shard write, per codec;
+  official what the official recipe redoes for every sample at every epoch inside the training
+           process: decode + HD transform + normalize to float32 [3, H, W] (numpy, one core);
+  read     what the trainer does instead: read one stored sample back (tiles decoded to uint8);
+  storage  shard bytes per sample next to the source JPEG bytes per sample.
+
+    python bench/prep_throughput.py                      # 24 records per kind, hd 18
+    python bench/prep_throughput.py --records 48 --keep /tmp/bench
+
+Numbers depend on the CPU and on what else runs on it; compare rows of one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from pipeline.media import load_rgb
+from pipeline.shard import ShardConfig, shard
+from pipeline.tiling import CLIP_MEAN, CLIP_STD, hd_transform
+from pipeline.tokenization import build_tiny_tokenizer
+from schemas.manifest import Manifest
+from schemas.shards import ShardReader
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+REAL_TOKENIZER = REPO_ROOT.parent / "shared" / "ixc25" / "tokenizer.model"
+SKIMAGE_PHOTOS = (
+    "astronaut",
+    "chelsea",
+    "coffee",
+    "rocket",
+    "hubble_deep_field",
+    "immunohistochemistry",
+    "retina",
+)
+PHOTO_SIZES = ((640, 480), (1024, 768), (1280, 960), (1080, 1440), (1632, 1224))
+"""(width, height): 0.31, 0.79, 1.23, 1.56 (portrait) and 2.0 megapixels."""
+JPEG_QUALITY = 90
+CODECS = ("raw", "png")
+ANSWER = "The photo shows a scene with several objects; the colours are natural and the light is soft. " * 4
+
+
+# ---------------------------------------------------------------- data
+
+
+def make_photos(folder: Path) -> list[Path]:
+    """One JPEG per (skimage photo, size), cycling sizes so that every photo gets every size once."""
+    import skimage.data
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, name in enumerate(SKIMAGE_PHOTOS):
+        src = Image.fromarray(getattr(skimage.data, name)()).convert("RGB")
+        for j in range(len(PHOTO_SIZES)):
+            w, h = PHOTO_SIZES[(i + j) % len(PHOTO_SIZES)]
+            scale = max(w / src.width, h / src.height)
+            big = src.resize((round(src.width * scale), round(src.height * scale)), Image.Resampling.BICUBIC)
+            left, top = (big.width - w) // 2, (big.height - h) // 2
+            path = folder / f"{name}_{w}x{h}.jpg"
+            big.crop((left, top, left + w, top + h)).save(path, quality=JPEG_QUALITY)
+            paths.append(path)
+    return paths
+
+
+def make_records(photos: list[Path], count: int, images_per_record: tuple[int, ...]) -> list[dict]:
+    records = []
+    for i in range(count):
+        n = images_per_record[i % len(images_per_record)]
+        images = [str(photos[(i * 3 + j) % len(photos)]) for j in range(n)]
+        image: str | list[str] = images[0] if n == 1 else images
+        question = "Describe this photo in detail."
+        if n > 1:
+            question = " ".join(f"Image{j + 1}: <ImageHere>;" for j in range(n)) + " Compare the photos."
+        conversations = [{"from": "human", "value": question}, {"from": "bot", "value": ANSWER}]
+        records.append({"id": i, "conversations": conversations, "image": image})
+    return records
+
+
+def record_source_bytes(record: dict) -> int:
+    images = record["image"] if isinstance(record["image"], list) else [record["image"]]
+    return sum(Path(p).stat().st_size for p in images)
+
+
+# ---------------------------------------------------------------- measurements
+
+
+@dataclass
+class Row:
+    kind: str
+    codec: str
+    samples: int
+    images: int
+    tiles: int
+    prep_s: float
+    official_s: float
+    read_s: float
+    shard_bytes: int
+    source_bytes: int
+
+
+def time_official(records: list[dict], hd_num: int) -> float:
+    """Decode + HD transform + CLIP normalize to float32 [3, H, W], as the official dataset does per sample."""
+    mean = np.asarray(CLIP_MEAN, dtype=np.float32).reshape(3, 1, 1)
+    std = np.asarray(CLIP_STD, dtype=np.float32).reshape(3, 1, 1)
+    started = time.perf_counter()
+    for record in records:
+        images = record["image"] if isinstance(record["image"], list) else [record["image"]]
+        for path in images:
+            padded = hd_transform(load_rgb(Path(path)), hd_num, "train")
+            chw = padded.transpose(2, 0, 1).astype(np.float32) / 255.0
+            normalized = (chw - mean) / std
+            assert normalized.dtype == np.float32
+    return time.perf_counter() - started
+
+
+def time_read(out: Path) -> tuple[float, int]:
+    manifest = Manifest.load(out)
+    started = time.perf_counter()
+    n = 0
+    for source in manifest.sources:
+        for info in source.shards:
+            reader = ShardReader(out / info.file)
+            for row in range(len(reader)):
+                sample = reader.read(row)
+                assert sample.tiles.dtype == np.uint8
+                n += 1
+    return time.perf_counter() - started, n
+
+
+def run_case(work: Path, kind: str, records: list[dict], codec: str, tokenizer: Path, hd_num: int) -> Row:
+    case = work / f"{kind}-{codec}"
+    case.mkdir(parents=True, exist_ok=True)
+    (case / "data.json").write_text(json.dumps(records))
+    (case / "data.txt").write_text(f"{case / 'data.json'} 1\n")
+    out = case / "shards"
+    config = ShardConfig(
+        data_txt=case / "data.txt",
+        out=out,
+        tokenizer=tokenizer,
+        hd_num=hd_num,
+        workers=1,
+        samples_per_shard=64,
+        tile_codec=codec,
+        overwrite=True,
+        allow_path=(work / "photos",),
+    )
+    with contextlib.redirect_stdout(io.StringIO()):
+        started = time.perf_counter()
+        status = shard(config)
+        prep_s = time.perf_counter() - started
+    assert status == 0, f"xc-prep shard failed with status {status}"
+    manifest = Manifest.load(out)
+    (source,) = manifest.sources
+    assert source.rejected == 0, f"{source.rejected} records rejected: see {out / 'rejects.jsonl'}"
+    read_s, n = time_read(out)
+    assert n == len(records)
+    return Row(
+        kind=kind,
+        codec=codec,
+        samples=len(records),
+        images=sum(len(r["image"]) if isinstance(r["image"], list) else 1 for r in records),
+        tiles=source.tiles,
+        prep_s=prep_s,
+        official_s=time_official(records, hd_num),
+        read_s=read_s,
+        shard_bytes=sum(s.bytes for s in source.shards),
+        source_bytes=sum(record_source_bytes(r) for r in records),
+    )
+
+
+def print_table(rows: list[Row], hd_num: int) -> None:
+    print(f"\nhd_num {hd_num}, one core each; prep = xc-prep shard incl. validation and write\n")
+    header = (
+        "| records | codec | tiles/sample | prep samples/s/core | prep ms/sample | official ms/sample "
+        "| read ms/sample | MB/sample stored | MB/sample source JPEG | stored/source |"
+    )
+    print(header)
+    print("|" + "---|" * (header.count("|") - 1))
+    for r in rows:
+        stored, source = r.shard_bytes / r.samples / 1e6, r.source_bytes / r.samples / 1e6
+        print(
+            f"| {r.kind} ({r.images / r.samples:.1f} img) | {r.codec} | {r.tiles / r.samples:.1f} "
+            f"| {r.samples / r.prep_s:.1f} | {1000 * r.prep_s / r.samples:.0f} "
+            f"| {1000 * r.official_s / r.samples:.0f} | {1000 * r.read_s / r.samples:.1f} "
+            f"| {stored:.2f} | {source:.3f} | {stored / source:.0f}x |"
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--records", type=int, default=24, help="records per kind (single, multi)")
+    parser.add_argument("--hd-num", type=int, default=18)
+    parser.add_argument(
+        "--tokenizer", type=Path, default=None, help="default: ../shared tokenizer, else a tiny one"
+    )
+    parser.add_argument("--keep", type=Path, default=None, help="work in this folder and keep it")
+    args = parser.parse_args(argv)
+
+    with tempfile.TemporaryDirectory(prefix="xc-bench-") as tmp:
+        work = args.keep or Path(tmp)
+        tokenizer = args.tokenizer
+        if tokenizer is None:
+            tokenizer = (
+                REAL_TOKENIZER if REAL_TOKENIZER.is_file() else build_tiny_tokenizer(work / "tiny.model")
+            )
+        photos = make_photos(work / "photos")
+        print(
+            f"{len(photos)} photos, {sum(p.stat().st_size for p in photos) / 1e6:.1f} MB JPEG; tokenizer {tokenizer}"
+        )
+        kinds = {
+            "single": make_records(photos, args.records, (1,)),
+            "multi": make_records(photos, args.records, (2, 3)),
+        }
+        rows = []
+        for codec in CODECS:
+            for kind, records in kinds.items():
+                rows.append(run_case(work, kind, records, codec, tokenizer, args.hd_num))
+                print(
+                    f"  {kind}/{codec}: {rows[-1].samples / rows[-1].prep_s:.1f} samples/s", file=sys.stderr
+                )
+        print_table(rows, args.hd_num)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

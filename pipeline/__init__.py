@@ -1,0 +1,1 @@
+"""Offline data preparation: validate → tokenize → tile → shard. Needs no torch or deepspeed."""

@@ -1,0 +1,139 @@
+"""Locating and opening media files (images and videos) named by records.
+
+Relative paths resolve against the current directory first (as the official recipe does), then
+against the JSON file's folder. Images open exactly as upstream does (`Image.open(p).convert("RGB")`,
+no EXIF rotation), so tiles equal the official ones.
+
+Hostile files are refused before they cost memory: an image whose header promises more than
+`max_pixels` (width × height) pixels raises `image_too_large` before a pixel is decoded (a 20000 ×
+20000 PNG of one colour is a few KB on disk and 1.2 GB decoded). `within_roots` tells whether a
+path, after resolving `..` and symlinks, lies inside the allowed folders.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from PIL import Image
+
+from pipeline.errors import DataError
+
+DEFAULT_MAX_IMAGE_PIXELS = 2 * 89_478_485
+"""178,956,970 px (e.g. 13,377²): Pillow's own decompression-bomb error threshold at its defaults,
+so nothing Pillow opens by default is refused, and one decode stays under ~540 MB of RGB. HD tiling
+at hd_num 18 never samples more than 18 × 560² = 5.6 M px of an image."""
+# Pillow's global guard stays on as a backstop for any other Image.open in this process; our own
+# functions apply the configurable limit exactly (see _pillow_limit).
+Image.MAX_IMAGE_PIXELS = DEFAULT_MAX_IMAGE_PIXELS
+
+
+DAMAGED_IMAGE_ERRORS: tuple[type[Exception], ...] = (SyntaxError, ValueError)
+"""Besides OSError, what Pillow's plugins raise on damaged data (found by tests/test_fuzz.py)."""
+
+
+class MediaError(DataError):
+    """A media file that cannot be used; `code` is the stable finding code."""
+
+
+def _exists(path: Path) -> bool:
+    """Path.exists() that says False instead of raising (file name too long, NUL, bad encoding)."""
+    try:
+        return path.exists()
+    except (OSError, ValueError):
+        return False
+
+
+def resolve_path(path: str, base_dir: Path) -> Path:
+    """The file a relative path names: cwd first, then `base_dir`; absolute paths as they are.
+
+    Returns the cwd candidate when neither exists, so errors name the path the user wrote.
+    """
+    p = Path(path)
+    if p.is_absolute() or _exists(p):
+        return p
+    fallback = base_dir / p
+    return fallback if _exists(fallback) else p
+
+
+def real_path(path: Path) -> Path | None:
+    """`path` made absolute with `..` and every symlink resolved; None when the OS cannot say."""
+    try:
+        return path.resolve()
+    except (OSError, ValueError, RuntimeError):  # NUL or unencodable name, symlink loop (3.11)
+        return None
+
+
+def within_roots(path: Path, roots: tuple[Path, ...]) -> bool:
+    """Whether `path` (after resolving `..` and symlinks) lies inside one of `roots` (already resolved)."""
+    real = real_path(path)
+    return real is not None and any(real.is_relative_to(root) for root in roots)
+
+
+@contextmanager
+def _pillow_limit(max_pixels: int | None) -> Iterator[None]:
+    """Run Pillow with its decompression-bomb guard at `max_pixels` (None: off) for this call.
+
+    Pillow reads the module global on every check (at open and inside some decoders), so the
+    configured limit, not Pillow's default, decides; our exact check gives the error message.
+    The pipeline opens images in one thread per process, so swapping the global is safe here.
+    """
+    previous = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = max_pixels
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous
+
+
+def _check_pixels(path: Path, size: tuple[int, int], max_pixels: int) -> None:
+    width, height = size
+    if width * height > max_pixels:
+        raise MediaError(
+            "image_too_large",
+            f"{path}: {width}×{height} = {width * height:,} pixels, more than --max-image-pixels "
+            f"{max_pixels:,} (refused before decoding)",
+        )
+
+
+def _open(path: Path, max_pixels: int) -> Image.Image:
+    """Open the header only; image_too_large before any pixel is decoded."""
+    with _pillow_limit(None):  # the header alone: our check right below replaces Pillow's
+        im = Image.open(path)
+    try:
+        _check_pixels(path, im.size, max_pixels)
+    except MediaError:
+        im.close()
+        raise
+    return im
+
+
+def probe_image_size(path: Path, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> tuple[int, int]:
+    """(width, height) from the file header, without decoding pixels."""
+    try:
+        with _open(path, max_pixels) as im:
+            return im.size
+    except FileNotFoundError as e:
+        raise MediaError("media_missing", f"{path}: file not found") from e
+    except Image.DecompressionBombError as e:
+        raise MediaError("image_too_large", f"{path}: {e}") from e
+    except (OSError, *DAMAGED_IMAGE_ERRORS) as e:  # ValueError also: a name the OS refuses (NUL)
+        raise MediaError("image_unreadable", f"{path}: not an image Pillow can read ({e})") from e
+
+
+def load_rgb(path: Path, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
+    """Fully decode an image to RGB, as the official recipe does (size checked before decoding)."""
+    try:
+        with _open(path, max_pixels) as im, _pillow_limit(max_pixels):
+            im.load()
+            return im.convert("RGB")
+    except FileNotFoundError as e:
+        raise MediaError("media_missing", f"{path}: file not found") from e
+    except Image.DecompressionBombError as e:
+        raise MediaError("image_too_large", f"{path}: {e}") from e
+    except (OSError, *DAMAGED_IMAGE_ERRORS) as e:
+        raise MediaError("image_corrupt", f"{path}: cannot decode the image ({e})") from e

@@ -1,0 +1,239 @@
+"""`xc-prep preview`: show what one record becomes (tokens, trained spans, image blocks and grids).
+
+    xc-prep preview data/vqa.json --record 3 --tokenizer path/to/tokenizer.model [--json]
+    xc-prep preview --shards shards/ [--source NAME] --sample 7 [--json]   (a stored sample; info.py)
+
+The human view prints the decoded text with every image block as `<image rows×cols: N tokens>`
+and the trained tokens (labels != -100) between ⟦ and ⟧. `--json` prints exactly
+`{"input_ids": [...], "labels": [...], "images": [{"grid": [rows, cols], "span": [start, end]}]}`
+with -100 inside image spans in both lists, the format of the golden vectors.
+Media paths resolve against the current directory, then the JSON file's folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import DataError
+from pipeline.info import add_stored_sample_arguments, preview_stored
+from pipeline.media import resolve_path
+from pipeline.template import DEFAULT_MAX_LENGTH, LAYOUTS
+from pipeline.tiling import DEFAULT_HD_NUM, STYLES
+from schemas.record import Record, Turn, role_of
+from schemas.sample import IGNORE_INDEX, Sample
+
+TOKENIZER_ENV = "XC_TOKENIZER"
+TRAINED_OPEN, TRAINED_CLOSE = "⟦", "⟧"
+EXIT_OK, EXIT_INVALID_DATA, EXIT_USAGE = 0, 1, 2
+
+
+# ---------------------------------------------------------------- rendering a Sample
+
+
+def sample_to_preview_json(sample: Sample) -> dict[str, Any]:
+    """The golden-vector format: ids and labels (-100 on images) and each image's grid and span."""
+    return {
+        "input_ids": sample.input_ids.tolist(),
+        "labels": sample.labels.tolist(),
+        "images": [{"grid": list(im.grid), "span": list(im.span)} for im in sample.images],
+    }
+
+
+def render_sample_text(sample: Sample, tokenizer: Any) -> str:
+    """Decoded text: image blocks as `<image r×c: N tokens>`, trained runs between ⟦ and ⟧."""
+    image_at = {im.span[0]: im for im in sample.images}
+    out: list[str] = []
+    pos = 0
+    while pos < sample.num_tokens:
+        if (im := image_at.get(pos)) is not None:
+            rows, cols = im.grid
+            out.append(f"<image {rows}×{cols}: {im.span[1] - im.span[0]} tokens>")
+            pos = im.span[1]
+            continue
+        end = min([s for s in image_at if s > pos], default=sample.num_tokens)
+        ids = sample.input_ids[pos:end].tolist()
+        trained = (sample.labels[pos:end] != IGNORE_INDEX).tolist()
+        for is_trained, run in itertools.groupby(zip(ids, trained, strict=True), key=lambda x: x[1]):
+            text = tokenizer.decode([i for i, _ in run])
+            out.append(f"{TRAINED_OPEN}{text}{TRAINED_CLOSE}" if is_trained else text)
+        pos = end
+    return "".join(out)
+
+
+def render_sample_summary(sample: Sample, media: tuple[str, ...] = ()) -> str:
+    """Header lines: counts, layout, and per image its grid, tiles and token span."""
+    lines = [
+        f"{sample.file} record {sample.index} (id {sample.id!r}): {sample.num_tokens} tokens, "
+        f"{sample.num_trained} trained, {len(sample.images)} image(s), {sample.num_tiles} tile(s), "
+        f"layout {sample.layout}"
+    ]
+    if sample.extra.get("truncated"):
+        lines.append(
+            f"  truncated from {sample.extra['full_length']} tokens; "
+            f"{sample.extra['dropped_images']} image(s) dropped"
+        )
+    for k, im in enumerate(sample.images):
+        name = f" {media[k]}" if k < len(media) else ""
+        lines.append(
+            f"  image {k + 1}{name}: grid {im.grid[0]}×{im.grid[1]} ({im.num_tiles} tiles), "
+            f"tokens [{im.span[0]}, {im.span[1]})"
+        )
+    lines.append(f"  trained tokens are shown as {TRAINED_OPEN}...{TRAINED_CLOSE}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- reading one record
+
+
+def record_from_json(raw: Any, json_dir: Path, where: str) -> Record:
+    """A `Record` from one JSON element, with only the checks preview needs to render it.
+
+    `xc-prep validate` applies every rule; preview shows even records validation would warn about.
+    """
+    if not isinstance(raw, dict) or not isinstance(raw.get("conversations"), list):
+        raise DataError("record_malformed", f"{where}: expected an object with a 'conversations' list")
+    turns = []
+    for t, turn in enumerate(raw["conversations"]):
+        if (
+            not isinstance(turn, dict)
+            or not isinstance(turn.get("from"), str)
+            or not isinstance(turn.get("value"), str)
+        ):
+            raise DataError("turn_malformed", f"{where}: conversations[{t}] needs string 'from' and 'value'")
+        # Upstream maps every non-user role to the assistant; preview does the same.
+        turns.append(Turn(role_of(turn["from"]) or "assistant", turn["value"]))
+    media = raw.get("image", [])
+    media = [media] if isinstance(media, str) else media
+    if not isinstance(media, list) or not all(isinstance(m, str) for m in media):
+        raise DataError("image_malformed", f"{where}: 'image' must be a path or a list of paths")
+    return Record(
+        id=raw.get("id"),
+        turns=tuple(turns),
+        media=tuple(media),
+        media_paths=tuple(resolve_path(m, json_dir) for m in media),
+    )
+
+
+def load_record(json_file: Path, index: int) -> Record:
+    """Record `index` (0-based) of a JSON file, or a DataError saying what is wrong."""
+    try:
+        records = json.loads(json_file.read_text(encoding="utf-8"))
+    except FileNotFoundError as e:
+        raise DataError("json_missing", f"{json_file}: file not found") from e
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError("json_invalid", f"{json_file}: not valid JSON ({e})") from e
+    if not isinstance(records, list):
+        raise DataError("json_not_list", f"{json_file}: expected a JSON list of records")
+    if not 0 <= index < len(records):
+        raise DataError(
+            "record_out_of_range", f"{json_file}: --record {index} is out of range (0..{len(records) - 1})"
+        )
+    return record_from_json(records[index], json_file.parent, f"{json_file} record {index}")
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "preview",
+        help="show the tokens, trained spans and image grids one record becomes",
+        description=__doc__.split("\n\n")[0],
+    )
+    p.add_argument(
+        "json_file", type=Path, nargs="?", metavar="JSON_FILE", help="an upstream-format JSON file"
+    )
+    p.add_argument("--record", type=int, default=0, help="0-based record position in the file (default 0)")
+    p.add_argument(
+        "--tokenizer",
+        type=Path,
+        default=os.environ.get(TOKENIZER_ENV),
+        help=f"tokenizer.model or a model folder (default: ${TOKENIZER_ENV})",
+        metavar="PATH",
+    )
+    p.add_argument(
+        "--hd-num",
+        type=int,
+        default=DEFAULT_HD_NUM,
+        help=f"maximum 560-px local tiles per image (default {DEFAULT_HD_NUM})",
+    )
+    p.add_argument(
+        "--style", choices=STYLES, default="train", help="HD transform: official fine-tuning or inference"
+    )
+    p.add_argument(
+        "--layout",
+        choices=LAYOUTS,
+        default="official",
+        help="official (training; <s> after a leading image) or inference (<s> first)",
+    )
+    p.add_argument(
+        "--max-length",
+        type=int,
+        default=DEFAULT_MAX_LENGTH,
+        help=f"maximum tokens per sample (default {DEFAULT_MAX_LENGTH})",
+    )
+    p.add_argument("--font", type=Path, default=None, help="TrueType font for video frame labels")
+    p.add_argument("--json", action="store_true", help="print the golden-vector JSON instead of text")
+    add_stored_sample_arguments(p)  # --shards DIR [--source NAME] --sample N (pipeline/info.py)
+    p.set_defaults(run=run)
+
+
+def _usage_error(message: str) -> int:
+    print(f"xc-prep preview: {message}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.shards is not None:
+        return preview_stored(args)
+    if args.json_file is None:
+        return _usage_error("pass a JSON_FILE (or --shards DIR to show a stored sample)")
+    if args.tokenizer is None:
+        return _usage_error(
+            f"--tokenizer is required (or set ${TOKENIZER_ENV}): the model's tokenizer.model, or a demo "
+            "one from `xc-prep tiny-tokenizer --out tiny.model`"
+        )
+    if args.record < 0:
+        return _usage_error(f"--record ({args.record}) must be a 0-based position, at least 0")
+    for flag, value in (("--hd-num", args.hd_num), ("--max-length", args.max_length)):
+        if value < 1:
+            return _usage_error(f"{flag} ({value}) must be at least 1")
+    from pipeline.build import build_sample
+    from pipeline.tokenization import Tokenizer
+
+    try:
+        tokenizer = Tokenizer.from_path(args.tokenizer)
+    except (FileNotFoundError, ValueError) as e:
+        return _usage_error(str(e))
+    try:
+        record = load_record(args.json_file, args.record)
+        sample = build_sample(
+            record,
+            tokenizer,
+            source_name="preview",
+            file=str(args.json_file),
+            index=args.record,
+            hd_num=args.hd_num,
+            style=args.style,
+            layout=args.layout,
+            max_length=args.max_length,
+            font_path=args.font,
+        )
+    except DataError as e:
+        print(f"{args.json_file} record {args.record}: [{e.code}] {e.message}", file=sys.stderr)
+        if e.hint:
+            print(f"  fix: {e.hint}", file=sys.stderr)
+        return EXIT_INVALID_DATA
+    if args.json:
+        print(json.dumps(sample_to_preview_json(sample)))
+    else:
+        print(render_sample_summary(sample, record.media))
+        print("-" * 72)
+        print(render_sample_text(sample, tokenizer))
+    return EXIT_OK

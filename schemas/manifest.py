@@ -1,0 +1,106 @@
+"""`manifest.json` of a shard folder: format version, fingerprint, per-source and per-shard facts.
+
+The trainer reads it first and refuses shards whose fingerprint does not match its settings.
+Invariant, for every source: records_read == samples_written + rejected.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+REJECTS_NAME = "rejects.jsonl"
+TOKENIZER_NAME = "tokenizer.model"
+"""A copy of the tokenizer the shards were made with, beside the manifest."""
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    """Everything that changes the bytes of a stored sample."""
+
+    tokenizer_sha256: str
+    layout: str
+    style: str
+    hd_num: int
+    max_length: int
+    tile_codec: str
+    code_version: str
+
+
+@dataclass
+class ShardInfo:
+    file: str
+    """Path relative to the shard folder."""
+    records: tuple[int, int]
+    """[start, end) record indices of the source file this shard covers."""
+    samples: int
+    bytes: int
+    sha256: str
+
+
+@dataclass
+class SourceInfo:
+    name: str
+    path: str
+    """JSON path as written in data.txt."""
+    k: float
+    input_sha256: str
+    records_read: int = 0
+    samples_written: int = 0
+    rejected: int = 0
+    total_tokens: int = 0
+    trained_tokens: int = 0
+    tiles: int = 0
+    shards: list[ShardInfo] = field(default_factory=list)
+
+    @property
+    def samples_per_epoch(self) -> int:
+        return int(self.k * 1000)
+
+
+@dataclass
+class Manifest:
+    fingerprint: Fingerprint
+    sources: list[SourceInfo]
+    command: list[str] = field(default_factory=list)
+    format_version: int = FORMAT_VERSION
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def dumps(self) -> str:
+        return json.dumps(self.to_json(), indent=2, sort_keys=False) + "\n"
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Manifest:
+        version = data.get("format_version")
+        if version != FORMAT_VERSION:
+            raise ValueError(
+                f"manifest format_version {version!r} is not supported (expected {FORMAT_VERSION}); "
+                "re-run `xc-prep shard` with this version of the code"
+            )
+        sources = []
+        for s in data["sources"]:
+            shards = [ShardInfo(**{**sh, "records": tuple(sh["records"])}) for sh in s["shards"]]
+            sources.append(SourceInfo(**{**s, "shards": shards}))
+        return cls(
+            fingerprint=Fingerprint(**data["fingerprint"]),
+            sources=sources,
+            command=list(data.get("command", [])),
+            format_version=version,
+        )
+
+    @classmethod
+    def load(cls, shard_dir: Path) -> Manifest:
+        path = Path(shard_dir) / MANIFEST_NAME
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no manifest; is this a folder written by `xc-prep shard`?")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e}); the shard folder is damaged") from e
+        return cls.from_json(data)

@@ -1,0 +1,96 @@
+"""CUDA paths of the model: varlen kernels vs per-sample SDPA, bf16 packing, checkpointing (marked gpu)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from schemas.sample import image_token_count
+from trainer import attention
+from trainer.model import build_model
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+
+def _packed(gen: torch.Generator) -> dict:
+    n = image_token_count(1, 2)
+    lengths = [7 + n + 5, 30, 3 + image_token_count(1, 1)]
+    ids = torch.randint(3, 500, (sum(lengths),), generator=gen)
+    return {
+        "input_ids": ids[None],
+        "position_ids": torch.cat([torch.arange(n) for n in lengths])[None],
+        "cu_seqlens": torch.tensor([0, lengths[0], lengths[0] + 30, sum(lengths)], dtype=torch.int32),
+        "max_seqlen": max(lengths),
+        "tiles": torch.randint(0, 256, (3, 560, 560, 3), dtype=torch.uint8, generator=gen),
+        "image_grids": torch.tensor([[1, 2], [1, 1]]),
+        "image_starts": torch.tensor([7, lengths[0] + 30 + 3]),
+        "targets": ids.roll(-1)[None],
+    }
+
+
+@pytest.mark.parametrize("backend", ["varlen", "flash"])
+def test_varlen_kernels_match_per_sample_sdpa(backend: str) -> None:
+    if backend == "flash" and attention.flash_attn_varlen_func is None:
+        pytest.skip("flash-attn not installed")
+    if backend == "varlen" and attention.varlen_attn is None:
+        pytest.skip("this torch has no varlen_attn")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    t, h, hkv, d = 300, 8, 2, 64
+    q = torch.randn(t, h, d, device="cuda", dtype=torch.bfloat16, generator=gen).requires_grad_()
+    k = torch.randn(t, hkv, d, device="cuda", dtype=torch.bfloat16, generator=gen).requires_grad_()
+    v = torch.randn(t, hkv, d, device="cuda", dtype=torch.bfloat16, generator=gen).requires_grad_()
+    cu = torch.tensor([0, 100, 101, 300], dtype=torch.int32, device="cuda")
+    ref = attention.varlen_attention(q, k, v, cu, 199, "sdpa")
+    got = attention.varlen_attention(q, k, v, cu, 199, backend)
+    torch.testing.assert_close(got, ref, atol=2e-2, rtol=2e-2)
+    g_ref = torch.autograd.grad(ref.float().square().sum(), (q, k, v))
+    g_got = torch.autograd.grad(got.float().square().sum(), (q, k, v))
+    for a, b in zip(g_got, g_ref, strict=True):
+        torch.testing.assert_close(a, b, atol=5e-2, rtol=5e-2)
+
+
+def test_fp32_cuda_packed_row_equals_samples_alone() -> None:
+    model = build_model("tiny", seed=0, device="cuda", dtype=torch.float32).eval()
+    row = _packed(torch.Generator().manual_seed(1))
+    row.pop("targets")
+    with torch.no_grad():
+        packed = model(**row, return_logits=True).logits[0]
+        bounds = row["cu_seqlens"].tolist()
+        alone = model(row["input_ids"][:, bounds[1] : bounds[2]], return_logits=True).logits[
+            0
+        ]  # the text-only middle sample
+    torch.testing.assert_close(packed[bounds[1] : bounds[2]], alone, atol=1e-5, rtol=1e-5)
+
+
+def test_bf16_auto_backend_matches_sdpa_and_checkpointing_matches() -> None:
+    row = _packed(torch.Generator().manual_seed(2))
+    results = {}
+    for name, backend, ckpt in (
+        ("sdpa", "sdpa", False),
+        ("auto", "auto", False),
+        ("auto+ckpt", "auto", True),
+    ):
+        model = build_model("tiny", seed=0, device="cuda", dtype=torch.bfloat16, attention=backend).train()
+        model.config.plora_dropout = 0.0
+        for m in model.plora_linears():
+            m.lora_dropout.p = 0.0
+        if ckpt:
+            model.gradient_checkpointing_enable()
+        out = model(**row)
+        out.loss_sum.backward()
+        grads = {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None}
+        results[name] = (out.loss_sum.detach(), grads)
+    loss_sdpa, g_sdpa = results["sdpa"]
+    loss_auto, g_auto = results["auto"]
+    loss_ckpt, g_ckpt = results["auto+ckpt"]
+    torch.testing.assert_close(loss_auto, loss_sdpa, atol=0.5, rtol=2e-3)
+    torch.testing.assert_close(loss_ckpt, loss_auto, atol=0, rtol=0)  # same forward kernels
+    assert g_auto.keys() == g_ckpt.keys() == g_sdpa.keys()
+    flat_auto = torch.cat([g.flatten() for g in g_auto.values()])
+    for other in (g_ckpt, g_sdpa):
+        # bf16, and attention backward kernels that accumulate dQ with atomics: close, not equal.
+        flat = torch.cat([other[n].flatten() for n in g_auto])
+        assert (flat - flat_auto).norm() <= 0.02 * flat_auto.norm()

@@ -1,0 +1,142 @@
+"""Resumable training checkpoints: atomic, keep-last-K, model + optimizer + scheduler + loader + RNG.
+
+Layout under `<output_dir>/checkpoints/`:
+  step-00000120/            a complete checkpoint (renamed into place only once every rank wrote)
+    ds/                     DeepSpeed's own files (model, optimizer and scheduler state per rank)
+    rng-rank00000.pt        each rank's torch (and CUDA) RNG state
+    trainer_state.json      step, loader state, config, metrics — written last, then the rename
+  step-00000140.partial/    an interrupted write: never taken for a checkpoint, removed on resume
+A checkpoint is complete iff its folder name has no `.partial` suffix; the rename is the commit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+CHECKPOINTS = "checkpoints"
+STATE_FILE = "trainer_state.json"
+PARTIAL_SUFFIX = ".partial"
+_STEP_DIR = re.compile(r"^step-(\d{8})$")
+
+
+def checkpoint_root(output_dir: Path) -> Path:
+    return Path(output_dir) / CHECKPOINTS
+
+
+def complete_checkpoints(output_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    root = checkpoint_root(output_dir)
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        m = _STEP_DIR.match(p.name)
+        if m and p.is_dir() and (p / STATE_FILE).is_file():
+            found.append((int(m.group(1)), p))
+    return [p for _, p in sorted(found)]
+
+
+def resolve_resume(output_dir: Path, resume: str) -> Path | None:
+    """The checkpoint to resume from: 'auto' → latest complete one (or None), 'none' → None, else a path."""
+    if resume == "none":
+        return None
+    if resume == "auto":
+        done = complete_checkpoints(output_dir)
+        return done[-1] if done else None
+    path = Path(resume)
+    if not (path / STATE_FILE).is_file():
+        raise FileNotFoundError(
+            f"--resume {resume}: not a complete checkpoint (no {STATE_FILE}); "
+            f"complete ones: {[str(p) for p in complete_checkpoints(output_dir)] or 'none'}"
+        )
+    return path
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_tree(path: Path) -> None:
+    for p in sorted(path.rglob("*")):
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+
+
+def save_checkpoint(
+    engine: Any, output_dir: Path, step: int, trainer_state: dict[str, Any], keep_last: int
+) -> Path:
+    """Collective: every rank calls it. Returns the complete checkpoint's folder."""
+    root = checkpoint_root(output_dir)
+    final = root / f"step-{step:08d}"
+    partial = root / (final.name + PARTIAL_SUFFIX)
+    rank = _rank()
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir()
+    _barrier()
+    engine.save_checkpoint(str(partial / "ds"), tag="state")
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    torch.save(rng, partial / f"rng-rank{rank:05d}.pt")
+    _barrier()
+    if rank == 0:
+        _fsync_tree(partial)
+        _write_json_atomic(partial / STATE_FILE, {"step": step, **trainer_state})
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(partial, final)
+        for old in complete_checkpoints(output_dir)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+    return final
+
+
+def load_checkpoint(engine: Any, path: Path) -> dict[str, Any]:
+    """Collective: restore DeepSpeed state and this rank's RNG; returns the trainer state."""
+    path = Path(path)
+    state = json.loads((path / STATE_FILE).read_text())
+    load_path, _ = engine.load_checkpoint(str(path / "ds"), tag="state")
+    if load_path is None:
+        raise RuntimeError(f"{path / 'ds'}: DeepSpeed found no checkpoint to load (damaged folder?)")
+    rng_file = path / f"rng-rank{_rank():05d}.pt"
+    if rng_file.is_file():  # a resume on more ranks than saved starts the extra ranks' RNG fresh
+        rng = torch.load(rng_file, weights_only=True)
+        torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
+    return state
+
+
+def remove_partials(output_dir: Path) -> list[Path]:
+    """Delete interrupted checkpoint writes (rank 0, before training); returns what was removed."""
+    root = checkpoint_root(output_dir)
+    removed = []
+    if root.is_dir() and _rank() == 0:
+        for p in root.glob("*" + PARTIAL_SUFFIX):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed

@@ -1,0 +1,297 @@
+"""Typed training configuration: the single source of truth for `xc-train` flags and config files.
+
+Every field of `TrainConfig` is a `--kebab-case` flag whose help text is the field's docstring;
+`--config FILE` (YAML or JSON, same field names) sets defaults that flags override. Fields left
+`None` take the recipe's default (SPEC §6 table) in `resolve()`. The DeepSpeed JSON is generated
+from the resolved config by `deepspeed_config()`, never kept by hand beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import inspect
+import json
+import math
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+DEFAULT_MODEL = "internlm/internlm-xcomposer2d5-7b"
+LORA_TARGETS = ("attention.wqkv", "attention.wo", "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")
+
+# SPEC §6: the official recipes. Keys are TrainConfig fields that are None until resolved.
+RECIPES: dict[str, dict[str, Any]] = {
+    "full": {"learning_rate": 1e-5, "fix_vit": False, "fix_sampler": False, "use_lora": False},
+    "lora": {"learning_rate": 5e-5, "fix_vit": True, "fix_sampler": True, "use_lora": True},
+}
+
+
+@dataclass
+class TrainConfig:
+    shards: Path | None = None
+    """Shard folder written by `xc-prep shard` (holds manifest.json)."""
+    model: str = DEFAULT_MODEL
+    """Model folder (official layout), a hub id resolved through the local HF cache, or a preset: tiny, 7b."""
+    output_dir: Path = Path("output")
+    """Where checkpoints, TensorBoard logs, the final model/adapter and the resolved config go."""
+    recipe: Literal["full", "lora"] = "full"
+    """Official recipe whose defaults apply: full fine-tuning or LoRA (SPEC §6)."""
+
+    # --- what trains
+    use_lora: bool | None = None
+    """Train PEFT LoRA adapters on the five base linears instead of the full weights (recipe default)."""
+    fix_vit: bool | None = None
+    """Freeze the CLIP vision tower (recipe default)."""
+    fix_sampler: bool | None = None
+    """Freeze vision_proj, the 'sampler' (recipe default)."""
+    lora_r: int = 64
+    """LoRA rank."""
+    lora_alpha: int = 64
+    """LoRA alpha (the update is scaled by alpha / r)."""
+    lora_dropout: float = 0.05
+    """LoRA dropout."""
+    lora_targets: tuple[str, ...] = LORA_TARGETS
+    """Exact module names LoRA wraps (never the Plora/lora_* sub-layers)."""
+    train_separators: bool = False
+    """Under LoRA, also train the two image separator vectors (then saved with the adapter)."""
+
+    # --- optimisation
+    learning_rate: float | None = None
+    """Peak learning rate (recipe default: full 1e-5, LoRA 5e-5)."""
+    adam_beta1: float = 0.9
+    """AdamW beta1."""
+    adam_beta2: float = 0.95
+    """AdamW beta2."""
+    weight_decay: float = 0.1
+    """AdamW weight decay (not applied to norms, biases and separator vectors)."""
+    warmup_ratio: float = 0.01
+    """Fraction of the optimizer steps spent in linear warm-up before the cosine decay."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm (0 disables)."""
+    epochs: int = 1
+    """Passes over the epoch plan."""
+    max_steps: int | None = None
+    """Stop after this many optimizer steps (default: the whole plan for --epochs)."""
+    global_batch_size: int | None = None
+    """Packed rows per optimizer step over all ranks (default: 8 per rank, the official accumulation)."""
+    gradient_checkpointing: bool = True
+    """Recompute each decoder layer in the backward pass (non-reentrant)."""
+    seed: int = 42
+    """Seed for the epoch plan, initialisation of new weights and dropout."""
+
+    # --- data
+    max_length: int = 16384
+    """Token budget of one packed row; must be >= the shards' max_length."""
+    max_tiles: int = 64
+    """Tile budget of one packed row (bounds the ViT work per micro-step)."""
+    token_weighted: bool = False
+    """Mix sources by tokens instead of samples (k still sets the proportions)."""
+    num_workers: int = 2
+    """Loader worker processes per rank."""
+    verify_checksums: bool = True
+    """Re-hash every shard against the manifest at start-up (sizes are always checked)."""
+
+    # --- engine
+    deepspeed: Path | None = None
+    """A DeepSpeed JSON config to use as is, instead of the built-in preset."""
+    zero_stage: int = 2
+    """Built-in DeepSpeed preset: ZeRO stage 2 (default) or 3."""
+    attention: Literal["auto", "flash", "varlen", "sdpa"] = "auto"
+    """Attention kernel: flash-attn if installed, torch varlen on CUDA, per-sample SDPA otherwise."""
+
+    # --- checkpoints and telemetry
+    save_every_steps: int = 500
+    """Write a resumable checkpoint every N optimizer steps (and always at the end)."""
+    keep_last: int = 2
+    """Resumable checkpoints to keep."""
+    resume: str = "auto"
+    """'auto' resumes from the latest complete checkpoint in output-dir, 'none' starts fresh, or a path."""
+    log_every_steps: int = 1
+    """Print and log scalars every N optimizer steps."""
+    nan_policy: Literal["stop", "skip"] = "stop"
+    """On a NaN/inf loss or gradient: stop naming the samples, or skip the step and count it."""
+    save_final: bool = True
+    """Save the final model (official layout) or adapter (PEFT folder) at the end."""
+
+    def resolve(self) -> TrainConfig:
+        """Fill recipe defaults and check the combination; raises ValueError saying the fix."""
+        resolved = dataclasses.replace(self)
+        for key, value in RECIPES[self.recipe].items():
+            if getattr(resolved, key) is None:
+                setattr(resolved, key, value)
+        if resolved.shards is None:
+            raise ValueError("--shards is required: the folder written by `xc-prep shard`")
+        if resolved.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"--zero-stage {resolved.zero_stage} must be 0, 1, 2 or 3")
+        if resolved.use_lora and resolved.lora_r <= 0:
+            raise ValueError(f"--lora-r {resolved.lora_r} must be positive")
+        if not 0 <= resolved.warmup_ratio < 1:
+            raise ValueError(f"--warmup-ratio {resolved.warmup_ratio} must be in [0, 1)")
+        if resolved.keep_last < 1:
+            raise ValueError(f"--keep-last {resolved.keep_last} must be at least 1")
+        return resolved
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(self).items()}
+
+
+def batch_layout(global_batch_size: int | None, world_size: int) -> tuple[int, int]:
+    """(global batch, gradient accumulation per rank), checked; one packed row per micro-step."""
+    global_batch = global_batch_size or 8 * world_size
+    if global_batch % world_size:
+        lower = global_batch // world_size * world_size
+        raise ValueError(
+            f"--global-batch-size ({global_batch}) must be divisible by the world size ({world_size}); "
+            f"use {lower or world_size} or {lower + world_size}"
+        )
+    return global_batch, global_batch // world_size
+
+
+def deepspeed_config(cfg: TrainConfig, *, world_size: int, bf16: bool) -> dict[str, Any]:
+    """The DeepSpeed config for a resolved TrainConfig (or the user's --deepspeed file, checked)."""
+    _, accumulation = batch_layout(cfg.global_batch_size, world_size)
+    derived = {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": accumulation,
+        "train_batch_size": accumulation * world_size,
+        "gradient_clipping": cfg.max_grad_norm,
+    }
+    if cfg.deepspeed is not None:
+        user = json.loads(Path(cfg.deepspeed).read_text())
+        for key, value in derived.items():
+            if user.get(key, "auto") not in ("auto", value):
+                raise ValueError(
+                    f"{cfg.deepspeed}: {key} is {user[key]!r} but the config derives {value!r}; "
+                    'remove it or set it to "auto" (it is computed from --global-batch-size)'
+                )
+        return {**user, **derived, "bf16": {"enabled": bf16}}
+    zero: dict[str, Any] = {"stage": cfg.zero_stage}
+    if cfg.zero_stage >= 2:
+        zero.update(overlap_comm=True, contiguous_gradients=True, reduce_bucket_size=5e8)
+    if cfg.zero_stage == 3:
+        zero.update(stage3_gather_16bit_weights_on_model_save=True, stage3_param_persistence_threshold=1e5)
+    return {
+        **derived,
+        "bf16": {"enabled": bf16},
+        "zero_optimization": zero,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def warmup_cosine(step: int, *, total_steps: int, warmup_ratio: float) -> float:
+    """LR multiplier at optimizer step `step` (0-based), exactly transformers' cosine-with-warmup
+    schedule that the official recipe uses: linear from 0 over ceil(ratio·total) steps, then cosine to 0."""
+    warmup = math.ceil(total_steps * warmup_ratio)
+    if step < warmup:
+        return step / max(1, warmup)
+    progress = (step - warmup) / max(1, total_steps - warmup)
+    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+# ---------------------------------------------------------------- flags and config files
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The one-line docstring written under each dataclass field."""
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs: dict[str, str] = {}
+    for node, following in zip(body, body[1:], strict=False):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(following, ast.Expr)
+            and isinstance(following.value, ast.Constant)
+            and isinstance(following.value.value, str)
+        ):
+            docs[node.target.id] = following.value.value.strip()
+    return docs
+
+
+def _flag_type(annotation: Any) -> tuple[Any, dict[str, Any]]:
+    """argparse type/kwargs for a field annotation (Path, int, float, str, bool, Literal, tuple)."""
+    origin = typing.get_origin(annotation)
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if origin in (typing.Union, types.UnionType) and len(args) == 1:
+        return _flag_type(args[0])
+    if annotation is bool:
+        return None, {"action": argparse.BooleanOptionalAction}
+    if origin is Literal:
+        return None, {"choices": list(typing.get_args(annotation))}
+    if origin is tuple:
+        return None, {"nargs": "+"}
+    return annotation, {}
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One `--kebab-case` flag per TrainConfig field; defaults stay None so files can fill them."""
+    docs = field_docs(TrainConfig)
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        kind, extra = _flag_type(hints[f.name])
+        kwargs: dict[str, Any] = {"default": None, "help": docs.get(f.name, ""), **extra}
+        if kind is not None:
+            kwargs["type"] = kind
+        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, **kwargs)
+    parser.add_argument("--config", type=Path, default=None, help="YAML or JSON file of TrainConfig fields.")
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """Defaults < --config file < flags. Unknown keys in a file are an error naming them."""
+    values: dict[str, Any] = {}
+    if getattr(args, "config", None):
+        values.update(load_config_file(args.config))
+    for f in dataclasses.fields(TrainConfig):
+        flag_value = getattr(args, f.name, None)
+        if flag_value is not None:
+            values[f.name] = flag_value
+    return from_dict(values)
+
+
+def load_config_file(path: Path) -> dict[str, Any]:
+    text = Path(path).read_text()
+    if Path(path).suffix.lower() in (".yaml", ".yml"):
+        import yaml
+
+        data = yaml.safe_load(text) or {}
+    else:
+        data = json.loads(text)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping of TrainConfig fields, got {type(data).__name__}")
+    return {k.replace("-", "_"): v for k, v in data.items()}
+
+
+def from_dict(values: dict[str, Any]) -> TrainConfig:
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown config keys: {', '.join(unknown)} (see `xc-train --help`)")
+    hints = typing.get_type_hints(TrainConfig)
+    converted: dict[str, Any] = {}
+    for key, value in values.items():
+        hint = hints[key]
+        if value is not None and (hint is Path or Path in typing.get_args(hint)):
+            value = Path(value)
+        elif value is not None and typing.get_origin(hint) is tuple:
+            value = tuple(value)
+        converted[key] = value
+    return TrainConfig(**converted)
+
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "LORA_TARGETS",
+    "RECIPES",
+    "TrainConfig",
+    "add_config_flags",
+    "batch_layout",
+    "config_from_args",
+    "deepspeed_config",
+    "from_dict",
+    "warmup_cosine",
+]

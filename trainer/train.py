@@ -1,0 +1,440 @@
+"""The training loop: setup, loop, micro-steps, log, save — top to bottom, one file.
+
+Runs as one process without a launcher, or one process per GPU under `deepspeed`/`torchrun`
+(multi-node included: ranks come from the launcher's RANK/WORLD_SIZE/LOCAL_RANK). CUDA gets NCCL
+and bf16; CPU gets gloo and fp32, which is how the tests run the real DeepSpeed engine.
+
+Loss normalization: the official recipe averages the loss per conversation, then over
+accumulation steps and GPUs, so a short answer weighs as much as a long one. With packing, the
+loss is the mean over every trained token of the global batch: each rank scales its micro-batch's
+loss sum by world × accumulation / (trained tokens of the whole global step, known from the plan),
+which DeepSpeed's 1/accumulation and the gradient average over ranks turn back into that mean.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from schemas.manifest import TOKENIZER_NAME, Manifest
+from schemas.shards import file_sha256
+from trainer import checkpoint as ckpt
+from trainer.config import TrainConfig, batch_layout, deepspeed_config, warmup_cosine
+from trainer.data import LoaderConfig, PackedBatch, PackedLoader, SampleIndex, TimedIterator
+from trainer.flops import peak_bf16_flops, step_flops
+from trainer.loss import segment_losses, token_losses
+from trainer.model import IXCModel
+from trainer.modelio import load_for_training
+
+SUMMARY_FILE = "train_summary.json"
+
+
+class TrainingHalted(RuntimeError):
+    """A numeric fault stopped the run; the message names the samples; the last checkpoint is intact."""
+
+
+@dataclass
+class Dist:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+# ---------------------------------------------------------------- setup
+
+
+def setup_distributed() -> Dist:
+    """Join the launcher's process group (or make a one-process group) through DeepSpeed."""
+    import deepspeed
+
+    rank = int(os.environ.get("RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if "MASTER_ADDR" not in os.environ:  # no launcher: a group of one on this machine
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    return Dist(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def check_fingerprint(manifest: Manifest, model_dir: Path | None, cfg: TrainConfig) -> None:
+    """Refuse shards made with another tokenizer or a longer max_length than training allows."""
+    fp = manifest.fingerprint
+    if model_dir is not None and (model_dir / TOKENIZER_NAME).is_file():
+        model_sha = file_sha256(model_dir / TOKENIZER_NAME)
+        if model_sha != fp.tokenizer_sha256:
+            raise ValueError(
+                f"the shards in {cfg.shards} were tokenized with another tokenizer "
+                f"(sha256 {fp.tokenizer_sha256[:12]}…) than the model's {model_dir / TOKENIZER_NAME} "
+                f"({model_sha[:12]}…): re-run `xc-prep shard --tokenizer {model_dir}`"
+            )
+    if fp.max_length > cfg.max_length:
+        raise ValueError(
+            f"the shards were made with max_length {fp.max_length} but --max-length is {cfg.max_length}: "
+            f"samples may not fit a packed row; use --max-length {fp.max_length} or re-shard"
+        )
+
+
+def trainable_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: no decay on biases, norm scales and the separator vectors."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.dim() < 2 or "norm" in name or "GN" in name:
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def log_line(d: Dist, text: str) -> None:
+    if d.is_main:
+        print(text, file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------- one optimizer step
+
+
+def train_step(
+    engine: Any, batches: list[PackedBatch], d: Dist, accumulation: int, cfg: TrainConfig, per_source: bool
+) -> dict[str, Any]:
+    """Forward/backward every micro-batch of one global step on this rank, then the optimizer step."""
+    loss_sum = torch.zeros((), dtype=torch.float64, device=d.device)
+    skipped: list[Any] = []
+    source_sums: dict[str, list[float]] = {}
+    for batch in batches:
+        out = engine(
+            input_ids=batch.input_ids,
+            position_ids=batch.position_ids,
+            cu_seqlens=batch.cu_seqlens,
+            max_seqlen=batch.max_seqlen,
+            tiles=batch.tiles,
+            image_grids=batch.image_grids,
+            image_starts=batch.image_starts,
+            targets=batch.targets,
+        )
+        # All ranks agree on whether this micro-batch is finite, so collectives stay in step.
+        bad = (~torch.isfinite(out.loss_sum.detach())).to(torch.int32).reshape(1)
+        if d.world_size > 1:
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        if bad.item():
+            keys = _gather_keys(batch.sample_keys, d)
+            if cfg.nan_policy == "stop":
+                raise TrainingHalted(
+                    f"non-finite loss at epoch {batch.epoch} step {batch.step} micro-batch {batch.micro_step}; "
+                    f"samples (source, index, id): {keys}. The last checkpoint under "
+                    f"{ckpt.checkpoint_root(cfg.output_dir)} is intact; rerun with --nan-policy skip to drop such "
+                    "micro-batches"
+                )
+            skipped.extend(keys)
+            engine.step()  # keeps DeepSpeed's micro-step count; no gradient from this micro-batch
+            continue
+        scale = d.world_size * accumulation / max(1, batch.global_num_trained)
+        engine.backward(out.loss_sum * scale)
+        engine.step()
+        loss_sum += out.loss_sum.detach().double()
+        if per_source:
+            with torch.no_grad():
+                unwrapped = engine.module
+                losses = token_losses(out.hidden[0].detach(), unwrapped.output.weight, batch.targets[0])
+                sums, counts = segment_losses(losses, batch.targets[0], batch.cu_seqlens)
+            for (source, _, _), s, c in zip(batch.sample_keys, sums.tolist(), counts.tolist(), strict=True):
+                acc = source_sums.setdefault(source, [0.0, 0])
+                acc[0] += s
+                acc[1] += c
+    if d.world_size > 1:
+        dist.all_reduce(loss_sum)
+    global_trained = max(1, batches[0].global_num_trained)
+    grad_norm = engine.get_global_grad_norm()
+    grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+    if not math.isfinite(grad_norm) and not skipped:
+        raise TrainingHalted(
+            f"non-finite gradient norm ({grad_norm}) at step {batches[0].step}; samples: "
+            f"{_gather_keys([k for b in batches for k in b.sample_keys], d)}. The last checkpoint under "
+            f"{ckpt.checkpoint_root(cfg.output_dir)} is intact"
+        )
+    if per_source and d.world_size > 1:
+        gathered: list[dict[str, list[float]]] = [{} for _ in range(d.world_size)]
+        dist.all_gather_object(gathered, source_sums)
+        source_sums = {}
+        for part in gathered:
+            for k, (s, c) in part.items():
+                acc = source_sums.setdefault(k, [0.0, 0])
+                acc[0] += s
+                acc[1] += c
+    return {
+        "loss": float(loss_sum.item()) / global_trained,
+        "grad_norm": grad_norm,
+        "tokens": batches[0].global_num_tokens,
+        "trained_tokens": global_trained,
+        "skipped": skipped,
+        "source_loss": {k: s / max(1, c) for k, (s, c) in source_sums.items()},
+        "packs": [b.cu_seqlens.diff().tolist() for b in batches],
+    }
+
+
+def _gather_keys(keys: list[Any], d: Dist) -> list[Any]:
+    if d.world_size == 1:
+        return list(keys)
+    parts: list[list[Any]] = [[] for _ in range(d.world_size)]
+    dist.all_gather_object(parts, list(keys))
+    return [k for part in parts for k in part]
+
+
+# ---------------------------------------------------------------- the run
+
+
+def train(cfg: TrainConfig, argv: list[str] | None = None) -> dict[str, Any]:
+    """Fine-tune per the resolved config; returns the run summary (also written to output-dir)."""
+    import deepspeed
+    from tqdm import tqdm
+
+    cfg = cfg.resolve()
+    d = setup_distributed()
+    torch.manual_seed(cfg.seed + d.rank)
+    output_dir = Path(cfg.output_dir)
+    global_batch, accumulation = batch_layout(cfg.global_batch_size, d.world_size)
+    bf16 = d.device.type == "cuda"
+    dtype = torch.bfloat16 if bf16 else torch.float32
+
+    # --- shards: verified against the manifest before any step uses them
+    index = SampleIndex.load(Path(cfg.shards), checksums=cfg.verify_checksums)
+    manifest = index.manifest
+
+    # --- model (+ LoRA), frozen parts per recipe
+    if d.is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        ckpt.remove_partials(output_dir)
+    loaded = load_for_training(cfg, manifest_dir=Path(cfg.shards), output_dir=output_dir, dtype=dtype, d=d)
+    check_fingerprint(manifest, loaded.base_dir, cfg)
+    model: IXCModel = loaded.model
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    model.train()
+
+    # --- data
+    loader_cfg = LoaderConfig(
+        max_length=cfg.max_length,
+        max_tiles=cfg.max_tiles,
+        seed=cfg.seed,
+        epochs=cfg.epochs,
+        micro_batches_per_step=accumulation,
+        token_weighted=cfg.token_weighted,
+        num_workers=cfg.num_workers,
+    )
+    loader = PackedLoader(index, loader_cfg, rank=d.rank, world_size=d.world_size)
+    total_steps = loader.total_steps if cfg.max_steps is None else min(cfg.max_steps, loader.total_steps)
+    if total_steps <= 0:
+        raise ValueError(f"{cfg.shards}: the epoch plan has no optimizer step (too few samples?)")
+
+    # --- optimizer, schedule, engine
+    optimizer = torch.optim.AdamW(
+        trainable_groups(model, cfg.weight_decay),
+        lr=cfg.learning_rate,
+        betas=(cfg.adam_beta1, cfg.adam_beta2),
+        fused=d.device.type == "cuda",
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: warmup_cosine(s, total_steps=total_steps, warmup_ratio=cfg.warmup_ratio)
+    )
+    ds_config = deepspeed_config(cfg, world_size=d.world_size, bf16=bf16)
+    ds_config["zero_allow_untested_optimizer"] = True  # torch's (fused) AdamW under ZeRO
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
+    )
+
+    # --- resume
+    step = 0
+    history: list[dict[str, Any]] = []
+    resume_from = ckpt.resolve_resume(output_dir, cfg.resume)
+    if resume_from is not None:
+        state = ckpt.load_checkpoint(engine, resume_from)
+        loader.load_state_dict(state["loader"])
+        step = int(state["step"])
+        history = list(state.get("history", []))
+        log_line(d, f"resumed from {resume_from} at step {step}")
+
+    # --- start-up summary, resolved config beside the outputs
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total_params = sum(p.numel() for p in model.parameters())
+    if d.is_main:
+        run_info = {"config": cfg.to_json(), "command": argv or sys.argv, "deepspeed": ds_config}
+        (output_dir / "train_config.json").write_text(json.dumps(run_info, indent=2) + "\n")
+    log_line(
+        d,
+        "\n".join(
+            [
+                f"xc-train | model {cfg.model} ({loaded.description}) | recipe {cfg.recipe} | "
+                f"{'LoRA r=' + str(cfg.lora_r) if cfg.use_lora else 'full'} | fix_vit {cfg.fix_vit} | "
+                f"fix_sampler {cfg.fix_sampler}",
+                f"parameters {total_params:,} ({trainable:,} trainable) | {d.world_size} rank(s) on "
+                f"{d.device.type} | {str(dtype).removeprefix('torch.')} | ZeRO {ds_config.get('zero_optimization', {}).get('stage', '-')}",
+                f"global batch {global_batch} packed rows = 1 × {accumulation} accumulation × {d.world_size} "
+                f"rank(s) | {total_steps} optimizer steps | lr {cfg.learning_rate:g} cosine, warmup "
+                f"{cfg.warmup_ratio:.0%}",
+                loader.summary(),
+            ]
+        ),
+    )
+
+    # --- loop
+    writer = _tensorboard(output_dir) if d.is_main else None
+    peak = peak_bf16_flops(d.device)
+    batches_iter = TimedIterator(iter(loader))
+    progress = tqdm(
+        total=total_steps, initial=step, disable=not d.is_main, desc="train", unit="step", dynamic_ncols=True
+    )
+    skipped_total: list[Any] = []
+    step_time = time.perf_counter()
+    try:
+        while step < total_steps:
+            batches = []
+            for _ in range(accumulation):
+                batches.append(next(batches_iter).to(d.device))
+            wait_s = batches_iter.pop_wait_s()
+            log_now = (step + 1) % cfg.log_every_steps == 0 or step + 1 == total_steps
+            result = train_step(engine, batches, d, accumulation, cfg, per_source=log_now)
+            if d.device.type == "cuda":
+                torch.cuda.synchronize()
+            now = time.perf_counter()
+            elapsed, step_time = now - step_time, now
+            step += 1
+            skipped_total.extend(result["skipped"])
+            flops = step_flops(model.config, result["packs"], lora=bool(cfg.use_lora)) * d.world_size
+            record = {
+                "step": step,
+                "loss": result["loss"],
+                "lr": scheduler.get_last_lr()[0],
+                "grad_norm": result["grad_norm"],
+                "step_s": elapsed,
+                "tokens_per_s": result["tokens"] / elapsed,
+                "data_wait_pct": 100.0 * wait_s / elapsed,
+                "mfu": flops / elapsed / (peak * d.world_size) if peak else None,
+                "source_loss": result["source_loss"],
+            }
+            history.append({k: v for k, v in record.items() if k != "source_loss"})
+            if d.is_main:
+                progress.update(1)
+                progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.1e}")
+                if log_now:
+                    _log_scalars(writer, record)
+                    mfu = f" | MFU {record['mfu']:.1%}" if record["mfu"] is not None else ""
+                    progress.write(
+                        f"step {step}/{total_steps} | loss {record['loss']:.4f} | lr {record['lr']:.1e} | "
+                        f"{elapsed:.2f} s/step | {record['tokens_per_s']:,.0f} tok/s | data wait "
+                        f"{record['data_wait_pct']:.1f}%{mfu}",
+                        file=sys.stderr,
+                    )
+            if step % cfg.save_every_steps == 0 or step == total_steps:
+                ckpt.save_checkpoint(
+                    engine,
+                    output_dir,
+                    step,
+                    {"loader": loader.state_dict(), "config": cfg.to_json(), "history": history},
+                    cfg.keep_last,
+                )
+    finally:
+        progress.close()
+        if writer is not None:
+            writer.close()
+
+    # --- save
+    final_dir = output_dir / "final"
+    if cfg.save_final:
+        loaded.save_final(engine, final_dir, d)
+    summary = {
+        "steps": step,
+        "final_loss": history[-1]["loss"] if history else None,
+        "history": history,
+        "skipped_samples": skipped_total,
+        "final_dir": str(final_dir) if cfg.save_final else None,
+        "peak_gpu_memory_bytes": torch.cuda.max_memory_allocated(d.device) if d.device.type == "cuda" else None,
+    }
+    if d.is_main:
+        (output_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+        _plot_loss(history, output_dir / "loss.png")
+        if skipped_total:
+            log_line(d, f"warning: {len(skipped_total)} sample(s) skipped for non-finite loss: {skipped_total}")
+        log_line(d, f"done: {step} steps, final loss {summary['final_loss']:.4f}, outputs in {output_dir}")
+    if dist.is_initialized():
+        dist.barrier()
+    return summary
+
+
+# ---------------------------------------------------------------- telemetry
+
+
+def _tensorboard(output_dir: Path) -> Any:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is a dependency; a broken install only loses the scalars
+        return None
+    return SummaryWriter(str(output_dir / "tensorboard"))
+
+
+def _log_scalars(writer: Any, record: dict[str, Any]) -> None:
+    if writer is None:
+        return
+    step = record["step"]
+    for key in ("loss", "lr", "grad_norm", "tokens_per_s", "data_wait_pct", "mfu"):
+        if record.get(key) is not None and math.isfinite(record[key]):
+            writer.add_scalar(f"train/{key}", record[key], step)
+    for source, value in record["source_loss"].items():
+        writer.add_scalar(f"loss_by_source/{source}", value, step)
+
+
+def _plot_loss(history: list[dict[str, Any]], path: Path) -> None:
+    if not history:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = np.array([h["step"] for h in history])
+    losses = np.array([h["loss"] for h in history])
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
+    ax.plot(steps, losses, lw=1.2)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (mean over trained tokens)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def copy_tokenizer(src_dir: Path, dst_dir: Path) -> None:
+    if (src_dir / TOKENIZER_NAME).is_file() and not (dst_dir / TOKENIZER_NAME).is_file():
+        shutil.copy2(src_dir / TOKENIZER_NAME, dst_dir / TOKENIZER_NAME)
