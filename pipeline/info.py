@@ -25,13 +25,13 @@ EXIT_OK, EXIT_INVALID_DATA, EXIT_USAGE = 0, 1, 2
 
 def tokenizer_problems(shard_dir: Path, manifest: Manifest) -> list[str]:
     """The copied tokenizer must be the one the fingerprint names (the trainer may load it)."""
+    from schemas.shards import file_sha256
+
     path = shard_dir / TOKENIZER_NAME
     if not path.is_file():
         return [
             f"{path}: missing (the shards were made with tokenizer sha256 {manifest.fingerprint.tokenizer_sha256})"
         ]
-    from schemas.shards import file_sha256
-
     if file_sha256(path) != manifest.fingerprint.tokenizer_sha256:
         return [f"{path}: sha256 does not match the manifest's fingerprint (replaced or corrupted)"]
     return []

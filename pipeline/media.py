@@ -30,10 +30,6 @@ at hd_num 18 never samples more than 18 × 560² = 5.6 M px of an image."""
 Image.MAX_IMAGE_PIXELS = DEFAULT_MAX_IMAGE_PIXELS
 
 
-DAMAGED_IMAGE_ERRORS: tuple[type[Exception], ...] = (SyntaxError, ValueError)
-"""Besides OSError, what Pillow's plugins raise on damaged data (found by tests/test_fuzz.py)."""
-
-
 class MediaError(DataError):
     """A media file that cannot be used; `code` is the stable finding code."""
 
@@ -121,7 +117,7 @@ def probe_image_size(path: Path, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> 
         raise MediaError("media_missing", f"{path}: file not found") from e
     except Image.DecompressionBombError as e:
         raise MediaError("image_too_large", f"{path}: {e}") from e
-    except (OSError, *DAMAGED_IMAGE_ERRORS) as e:  # ValueError also: a name the OS refuses (NUL)
+    except (OSError, SyntaxError, ValueError) as e:  # ValueError also: a name the OS refuses (NUL)
         raise MediaError("image_unreadable", f"{path}: not an image Pillow can read ({e})") from e
 
 
@@ -135,5 +131,5 @@ def load_rgb(path: Path, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Im
         raise MediaError("media_missing", f"{path}: file not found") from e
     except Image.DecompressionBombError as e:
         raise MediaError("image_too_large", f"{path}: {e}") from e
-    except (OSError, *DAMAGED_IMAGE_ERRORS) as e:
+    except (OSError, SyntaxError, ValueError) as e:  # what Pillow raises on damaged data (fuzzed)
         raise MediaError("image_corrupt", f"{path}: cannot decode the image ({e})") from e

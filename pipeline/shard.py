@@ -403,11 +403,13 @@ def remove_output(out: Path) -> None:
     remove_temp_files(out)
     for name in (MANIFEST_NAME, REJECTS_NAME, TOKENIZER_NAME):
         (out / name).unlink(missing_ok=True)
+    shard_dirs = set()
     for shard in out.glob(SHARD_GLOB):
         shard.unlink()
-    for sub in out.iterdir():
-        if sub.is_dir() and sub.name != WORK_DIR and not any(sub.iterdir()):
-            sub.rmdir()
+        shard_dirs.add(shard.parent)
+    for folder in shard_dirs:
+        if not any(folder.iterdir()):
+            folder.rmdir()
     work = out / WORK_DIR
     for entry in work.iterdir():
         if entry.is_dir():
@@ -543,10 +545,10 @@ def unit_checks(task: UnitTask, opts: ValidateOptions) -> list[RecordCheck]:
     ]
 
 
-def reject_json(file: str, findings: list[Finding]) -> dict[str, Any]:
+def reject_json(findings: list[Finding]) -> dict[str, Any]:
     """One rejects.jsonl line for a record: its first error, with the other errors' codes appended."""
     first, *more = findings
-    line = Finding(file, None, first.index, first.id, first.code, first.message).to_json()
+    line = first.to_json()
     if more:
         line["message"] += f" (+{len(more)} more: {', '.join(dict.fromkeys(f.code for f in more))})"
     return line
@@ -582,7 +584,7 @@ def run_unit(
             stats["warnings"] += len(check.findings) - len(errors)
             if errors or check.record is None:
                 assert errors, f"{task.file} record {check.index}: no record and no error finding"
-                rejects.append(reject_json(task.file, errors))
+                rejects.append(reject_json(errors))
                 progress(1)
                 continue
             try:

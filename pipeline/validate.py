@@ -23,11 +23,20 @@ Finer pieces for callers that spread one big file over processes (all picklable 
 
 The whole run: `check_all(data_txt, opts, workers=, progress=) -> CheckedInputs`,
 `build_report(checked, opts) -> Report`, `validate(data_txt, opts, ...) -> Report`,
-`format_report(report) -> str`, `format_findings(findings) -> str` (the grouped listing alone).
+`format_report(report) -> str`, `format_findings(findings) -> str` (the grouped listing alone),
+`dumps_json(obj) -> str` (JSON text that always encodes as UTF-8, for reports and rejects).
 
-Finding codes: see `HINTS` below (record, file and media codes) and pipeline/sources.py
+Finding codes: see `HINTS` below (record, file and media codes) and `pipeline.sources.DATA_TXT_CODES`
 (data.txt codes: source_missing_k, source_bad_k, source_nonpositive_k, source_extra_columns,
 source_file_missing, source_zero_samples, source_duplicate, data_txt_empty).
+
+Safety policy (RELIABILITY.md; the flags come from `add_media_policy_arguments`, shared with shard):
+a media path must resolve, after `..` and symlinks, inside the current directory, the JSON file's
+folder or an --allow-path folder (`media_outside_roots`, the file is never opened; --allow-any-path
+turns this off); images over --max-image-pixels and videos over --max-video-seconds (or with frames
+over --max-image-pixels) are refused from headers/metadata before decoding (`image_too_large`,
+`video_too_long`, `video_frame_too_large`); text that is not valid Unicode (lone surrogates from
+"\\ud800" escapes) is `invalid_unicode`. No input makes the checks raise: tests/test_fuzz.py.
 """
 
 from __future__ import annotations
@@ -455,8 +464,8 @@ def _check_record(
             "id_bad_type",
             f"id {_short(raw_id)} is a JSON {_json_type(raw_id)}, expected a string or an integer",
         )
-    elif isinstance(raw_id, str) and (where := _lone_surrogate(raw_id)):
-        add("invalid_unicode", f"the id holds {where}")
+    elif isinstance(raw_id, str) and (bad := _lone_surrogate(raw_id)):
+        add("invalid_unicode", f"the id holds {bad}")
     if extra := [k for k in raw if k not in RECORD_KEYS]:
         add(
             "unknown_key",
@@ -475,12 +484,14 @@ def _check_record(
         media_paths.append(resolved)
         if roots is not None and not within_roots(resolved, roots):
             # Never opened: a record must not make us read /etc/..., a device or another user's files.
-            shown = real_path(resolved) or resolved
-            add(
-                "media_outside_roots",
-                f"{label} {path!r} resolves to {shown}, outside the allowed folders "
-                f"({', '.join(str(r) for r in roots)})",
+            real = real_path(resolved)
+            where = (
+                f"resolves to {real}, outside"
+                if real
+                else "cannot be resolved (a symlink loop?), so it may lie outside"
             )
+            allowed = ", ".join(str(r) for r in roots)
+            add("media_outside_roots", f"{label} {path!r} {where} the allowed folders ({allowed})")
             probes.append(None)
             continue
         probes.append(_check_media(label, path, resolved, json_dir, opts, add))
@@ -1103,7 +1114,7 @@ def media_policy_options(args: argparse.Namespace) -> dict[str, Any]:
             f"--max-video-seconds ({args.max_video_seconds}) must be a positive number of seconds"
         )
     return {
-        "allow_path": tuple(args.allow_path),
+        "allow_path": tuple(folder.resolve() for folder in args.allow_path),  # the same in every worker
         "allow_any_path": args.allow_any_path,
         "max_image_pixels": args.max_image_pixels,
         "max_video_seconds": args.max_video_seconds,

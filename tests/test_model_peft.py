@@ -7,7 +7,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from schemas.sample import image_token_count
-from trainer.model import PLORA_TARGETS, build_model
+from trainer.model import PLORA_TARGETS, VisionTower, build_model
 
 
 def _row() -> dict:
@@ -32,6 +32,7 @@ def _row() -> dict:
 @pytest.mark.parametrize("task_type", [None, "CAUSAL_LM"])
 def test_peft_lora_trains_only_lora_and_merges_exactly(task_type: str | None) -> None:
     model = build_model("tiny", seed=0)
+    model.requires_grad_(False)
     config = LoraConfig(
         r=4, lora_alpha=8, lora_dropout=0.0, target_modules=list(PLORA_TARGETS), task_type=task_type
     )
@@ -59,3 +60,26 @@ def test_peft_lora_trains_only_lora_and_merges_exactly(task_type: str | None) ->
     assert type(merged).__name__ == "IXCModel"
     torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-5)
     assert len(merged.state_dict()) == len(build_model("tiny").state_dict())
+
+
+def test_peft_modules_to_save_vit_and_sampler_train_with_checkpointing() -> None:
+    """LoRA with fix_vit/fix_sampler off: PEFT copies vit and vision_proj (modules_to_save)."""
+    model = build_model("tiny", seed=0)
+    model.requires_grad_(False)
+    config = LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=list(PLORA_TARGETS),
+        modules_to_save=["vit", "vision_proj"],
+        task_type="CAUSAL_LM",
+    )
+    peft_model = get_peft_model(model, config).train()
+    peft_model.gradient_checkpointing_enable()
+    towers = [m for m in peft_model.modules() if isinstance(m, VisionTower)]
+    assert len(towers) == 2 and all(t.gradient_checkpointing for t in towers)  # the original and the copy
+    out = peft_model(**_row())
+    out.loss_sum.backward()
+    grads = {n for n, p in peft_model.named_parameters() if p.grad is not None}
+    assert any(".vit.modules_to_save." in n for n in grads)
+    assert any(".vision_proj.modules_to_save." in n for n in grads)
+    assert any(".lora_A." in n for n in grads)

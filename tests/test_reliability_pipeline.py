@@ -76,7 +76,9 @@ def write_png_bomb(path: Path, size: tuple[int, int] = BOMB_SIZE) -> Path:
         return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
 
     header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+    )
     return path
 
 
@@ -163,7 +165,9 @@ def unsafe_calls(source: str, filename: str = "<src>") -> list[str]:
             problems.append(f"{where}: {name}(): {FORBIDDEN_CALLS[name]}")
         elif name.endswith("torch.load") or name == "torch.load":
             if not _keyword_is(node, "weights_only", True):
-                problems.append(f"{where}: torch.load() without weights_only=True unpickles arbitrary objects")
+                problems.append(
+                    f"{where}: torch.load() without weights_only=True unpickles arbitrary objects"
+                )
         elif name in ("np.load", "numpy.load") and _keyword_is(node, "allow_pickle", True):
             problems.append(f"{where}: {name}(allow_pickle=True) unpickles")
         elif name.startswith("subprocess.") and _keyword_is(node, "shell", True):
@@ -206,7 +210,11 @@ def test_pipe_urls_in_data_txt_and_records_are_plain_missing_paths(tmp_path: Pat
         json.dumps(
             [
                 {"id": 0, "image": f"pipe:touch {marker}", "conversations": qa()},
-                {"id": 1, "image": ["pipe:rm -rf x", "pipe:true"], "conversations": qa("<ImageHere> <ImageHere>")},
+                {
+                    "id": 1,
+                    "image": ["pipe:rm -rf x", "pipe:true"],
+                    "conversations": qa("<ImageHere> <ImageHere>"),
+                },
                 {"id": 2, "image": "file:///etc/passwd", "conversations": qa()},
             ]
         )
@@ -242,6 +250,7 @@ def rooted(tmp_path: Path) -> Path:
     photo.save(tmp_path / "secret/s.jpg")
     (tmp_path / "work/data/img/link_out.jpg").symlink_to(tmp_path / "secret/s.jpg")
     (tmp_path / "work/data/img/link_in.jpg").symlink_to(tmp_path / "work/elsewhere/cwd.jpg")
+    (tmp_path / "work/data/img/loop.jpg").symlink_to(tmp_path / "work/data/img/loop.jpg")
     records = [
         {"id": "relative-json-folder", "image": "img/in.jpg"},  # 0 via the JSON folder
         {"id": "relative-cwd", "image": "elsewhere/cwd.jpg"},  # 1 via the cwd
@@ -254,6 +263,7 @@ def rooted(tmp_path: Path) -> Path:
         {"id": "etc-passwd", "image": "/etc/passwd"},  # 8
         {"id": "shared-pool", "image": str(tmp_path / "shared/pool.jpg")},  # 9
         {"id": "dev-zero", "image": "/dev/zero"},  # 10
+        {"id": "symlink-loop", "image": "img/loop.jpg"},  # 11 never exists: media_missing
     ]
     write_json(tmp_path / "work/data/d.json", [{**r, "conversations": qa()} for r in records])
     (tmp_path / "work/data.txt").write_text("data/d.json 1\n")
@@ -266,11 +276,14 @@ OUTSIDE = [5, 6, 7, 8, 9, 10]
 def test_media_outside_the_roots_is_refused_unopened(rooted: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     probed: list[Path] = []
     real_probe = validate_module.probe_media
-    monkeypatch.setattr(validate_module, "probe_media", lambda p, **kw: probed.append(p) or real_probe(p, **kw))
+    monkeypatch.setattr(
+        validate_module, "probe_media", lambda p, **kw: probed.append(p) or real_probe(p, **kw)
+    )
     monkeypatch.chdir(rooted / "work")
     check = check_source(source_of(rooted / "work/data/d.json"), ValidateOptions())
-    assert codes(check) == [[] if i not in OUTSIDE else ["media_outside_roots"] for i in range(11)]
-    assert len(probed) == 5, "files outside the roots must not even be opened"
+    expected = [["media_outside_roots"] if i in OUTSIDE else [] for i in range(11)] + [["media_missing"]]
+    assert codes(check) == expected
+    assert len(probed) == 6, "files outside the roots must not even be opened (5 inside + the loop)"
     escape = check.records[7].findings[0]
     assert escape.file == "d.json" and escape.index == 7 and escape.id == "symlink-escape"
     assert str(rooted / "secret/s.jpg") in escape.message and "--allow-path" in escape.hint
@@ -281,15 +294,17 @@ def test_allow_path_and_allow_any_path(rooted: Path, monkeypatch: pytest.MonkeyP
     monkeypatch.chdir(rooted / "work")
     allow = ValidateOptions(allow_path=(rooted / "shared", Path("../secret")))  # relative to the cwd
     assert codes(check_source(source_of(Path("data/d.json")), allow)) == [
-        ["media_outside_roots"] if i in (8, 10) else [] for i in range(11)
+        ["media_outside_roots"] if i in (8, 10) else ["media_missing"] if i == 11 else [] for i in range(12)
     ]
     anywhere = check_source(source_of(Path("data/d.json")), ValidateOptions(allow_any_path=True))
-    assert codes(anywhere) == [["image_unreadable"] if i == 8 else ["media_missing"] if i == 10 else [] for i in range(11)]
+    assert codes(anywhere) == [
+        ["image_unreadable"] if i == 8 else ["media_missing"] if i in (10, 11) else [] for i in range(12)
+    ]
     # the CLI flags, and their usage errors
     report = rooted / "report.json"
     argv = ["validate", "data.txt", "--workers", "1", "--json", str(report)]
     assert main([*argv, "--allow-path", "../shared", "--allow-path", "../secret"]) == 1
-    assert {f["index"] for f in json.loads(report.read_text())["errors"]} == {8, 10}
+    assert {f["index"] for f in json.loads(report.read_text())["errors"]} == {8, 10, 11}
     assert main([*argv, "--allow-any-path"]) == 1
     assert "not confined" in " ".join(json.loads(report.read_text())["notes"])
     assert main([*argv, "--allow-path", "../nope"]) == 2
@@ -312,7 +327,10 @@ def test_image_bomb_is_refused_from_its_header(bomb: Path) -> None:
         with pytest.raises(MediaError) as e:
             read(bomb)
         assert e.value.code == "image_too_large"
-        assert "20000×20000 = 400,000,000 pixels" in e.value.message and "refused before decoding" in e.value.message
+        assert (
+            "20000×20000 = 400,000,000 pixels" in e.value.message
+            and "refused before decoding" in e.value.message
+        )
     assert Image.MAX_IMAGE_PIXELS == DEFAULT_MAX_IMAGE_PIXELS, "Pillow's global guard must be restored"
 
 
@@ -368,13 +386,16 @@ def test_image_bomb_costs_bounded_memory(bomb: Path, tmp_path: Path) -> None:
 
 
 def _video_record_check(tmp_path: Path, video: Path, opts: ValidateOptions) -> list[Any]:
+    validate_module._media_cache.clear()  # probes are cached per process by path, size and mtime
     json_path = write_json(tmp_path / "v.json", [{"id": "v", "image": str(video), "conversations": qa()}])
     with contextlib.chdir(tmp_path):
         (record,) = check_source(source_of(json_path), opts).records
     return record.findings
 
 
-def test_too_long_video_is_refused_before_decoding_frames(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_too_long_video_is_refused_before_decoding_frames(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     video = write_video(tmp_path / "clip.mp4", frames=20, fps=10)  # 2 s
     assert _video_record_check(tmp_path, video, ValidateOptions()) == []
 
@@ -397,7 +418,8 @@ def test_too_long_video_is_refused_before_decoding_frames(tmp_path: Path, monkey
 
 
 def test_only_the_sampled_frames_are_decoded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A 100-second clip (1 fps): decord is asked for frame 0 (size probe) and one batch of 32."""
+    """A 100-second clip (1 fps): decord is asked for frame 0 (size probe) and one batch of 32,
+    never for the whole video."""
     import decord
 
     video = write_video(tmp_path / "long.mp4", frames=100, fps=1)
@@ -418,11 +440,12 @@ def test_only_the_sampled_frames_are_decoded(tmp_path: Path, monkeypatch: pytest
             return super().next()
 
     monkeypatch.setattr(decord, "VideoReader", SpyReader)
-    validate_module._media_cache.clear()
     assert _video_record_check(tmp_path, video, ValidateOptions()) == []
     batches = [args for name, args in calls if name == "get_batch"]
     assert len(batches) == 1 and len(batches[0]) == MAX_FRAMES == 32
-    assert {(name, args) for name, args in calls if name != "get_batch"} == {("getitem", 0)}
+    probes = [args for name, args in calls if name == "getitem"]
+    assert set(probes) == {0}, "only frame 0 is read one by one (to learn the frame size)"
+    assert sum(1 for name, _ in calls if name == "next") == len(probes), "one decoded frame per probe"
 
 
 # ---------------------------------------------------------------- xc-prep shard: hostile data, no pickle
@@ -456,18 +479,11 @@ def shard_data(tmp_path_factory: pytest.TempPathFactory, bomb: Path) -> Path:
 HOSTILE_REJECTS = [(2, "image_too_large"), (3, "media_outside_roots"), (4, "media_missing")]
 
 
-def shard_argv(data: Path, out: Path, tokenizer: Path) -> list[str]:
-    return ["shard", "data.txt", "--tokenizer", str(tokenizer), "--out", str(out), "--hd-num", "1"] + [
-        "--samples-per-shard",
-        "2",
-        "--workers",
-        "1",
-    ]
-
-
-def run_shard(data: Path, out: Path, tokenizer: Path) -> int:
+def run_shard(data: Path, out: Path, tokenizer: Path, *extra: str) -> int:
+    argv = ["shard", "data.txt", "--tokenizer", str(tokenizer), "--out", str(out), "--hd-num", "1"]
+    argv += ["--samples-per-shard", "2", "--workers", "1", *extra]
     with contextlib.chdir(data):
-        return main(shard_argv(data, out, tokenizer))
+        return main(argv)
 
 
 def tree_bytes(root: Path) -> dict[str, bytes]:
@@ -512,6 +528,18 @@ def test_shard_rejects_hostile_records_and_holds_no_pickle(clean_shards: Path, s
     assert kinds[".arrow"] >= 2 and kinds[".json"] >= 3 and kinds[".jsonl"] == 1
 
 
+def test_shard_takes_the_media_policy_flags(
+    shard_data: Path, tiny_tokenizer: Path, tmp_path: Path, capsys
+) -> None:
+    out = tmp_path / "shards"
+    assert run_shard(shard_data, out, tiny_tokenizer, "--allow-path", "..") == 0
+    rejects = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
+    assert [(r["index"], r["code"]) for r in rejects] == [(2, "image_too_large"), (4, "media_missing")]
+    assert "--allow-path" in json.loads((out / "manifest.json").read_text())["command"]
+    assert run_shard(shard_data, tmp_path / "x", tiny_tokenizer, "--allow-path", "../nope") == 2
+    assert "--allow-path ../nope: not an existing folder" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------- full disk during xc-prep shard
 
 
@@ -526,7 +554,7 @@ def inject_full_disk(monkeypatch: pytest.MonkeyPatch, where: str) -> None:
         calls = iter(range(10**6))
 
         def write(self: ShardWriter, sample: Any) -> None:
-            if next(calls) == 1:  # unit 0 holds 1 sample (record 0); unit 1's first sample fails
+            if next(calls) == 2:  # units 0 (records 0, 1) and 1 (all rejected) are done; unit 2 fails
                 raise _no_space()
             real_write(self, sample)
 
@@ -558,7 +586,9 @@ def test_full_disk_keeps_finished_work_and_the_rerun_completes_it(
     # unit 0 finished before the disk filled up: its shard and sidecar are intact
     sidecar = json.loads((out / ".work/001-mixed/shard-00000.json").read_text())
     shard = out / sidecar["shard"]["file"]
-    assert shard.stat().st_size == sidecar["shard"]["bytes"] and file_sha256(shard) == sidecar["shard"]["sha256"]
+    assert (
+        shard.stat().st_size == sidecar["shard"]["bytes"] and file_sha256(shard) == sidecar["shard"]["sha256"]
+    )
     assert verify_shards(out) != []  # and a reader refuses the folder: no manifest
     # space is back: the same command finishes the job, byte for byte as an uninterrupted run
     assert run_shard(shard_data, out, tiny_tokenizer) == 0

@@ -22,6 +22,7 @@ from PIL import Image
 from pipeline.build import build_sample
 from pipeline.cli import main
 from pipeline.preview import load_record, sample_to_preview_json
+from pipeline.shard import lock_output
 from pipeline.tokenization import Tokenizer, build_tiny_tokenizer
 from schemas.manifest import Manifest
 from schemas.shards import ShardReader, verify_shards
@@ -413,3 +414,15 @@ def test_media_policy_is_validates_and_part_of_the_plan(dataset: Dataset, tmp_pa
     manifest = Manifest.load(out)
     assert (manifest.sources[0].samples_written, manifest.sources[0].rejected) == (1, 0)
     assert manifest.command[-2:] == ["--allow-path", str(elsewhere)]
+
+
+def test_a_second_run_on_the_same_folder_is_refused(dataset: Dataset, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "shards"
+    out.mkdir()
+    held = lock_output(out)  # as if another `xc-prep shard` were writing here
+    try:
+        assert run_shard(dataset, out) == 2
+        assert "another `xc-prep shard` is writing to this folder" in capsys.readouterr().err
+    finally:
+        os.close(held)
+    assert run_shard(dataset, out) == 0

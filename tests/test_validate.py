@@ -66,7 +66,10 @@ def write_video(path: Path, *, seconds: float = 2, fps: int = 10, size: tuple[in
 
 @pytest.fixture(scope="module")
 def media_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Good, odd-but-valid and broken media files, made once for the module."""
+    """Good, odd-but-valid and broken media files, made once for the module.
+
+    The folder lies outside the cwd and the test's JSON folders: tests name it with --allow-path.
+    """
     d = tmp_path_factory.mktemp("media")
     cat = Image.fromarray(skimage.data.chelsea())  # 451×300 RGB
     _save(d / "cat.jpg", cat, quality=85)
@@ -164,7 +167,7 @@ def test_odd_but_valid_media_and_mixed_records_pass(tmp_path: Path, media_dir: P
         },
     ]
     data_txt = write_dataset(tmp_path, {"mixed.json": records})
-    code, report = run_json(tmp_path, data_txt)
+    code, report = run_json(tmp_path, data_txt, "--allow-path", str(media_dir))
     assert (report["errors"], report["warnings"]) == ([], [])
     assert code == 0 and report["ok"] is True
     (summary,) = report["sources"]
@@ -350,7 +353,7 @@ def _corrupted_dataset(root: Path, media: Path) -> tuple[Path, set, set]:
 
 def test_corrupted_dataset_is_flagged_in_one_pass(tmp_path: Path, media_dir: Path, capsys):
     data_txt, errors, warnings = _corrupted_dataset(tmp_path / "ds", media_dir)
-    code, report = run_json(tmp_path, data_txt)
+    code, report = run_json(tmp_path, data_txt, "--allow-path", str(media_dir))
     assert code == 1 and report["ok"] is False
     assert found(report) == errors
     assert found(report, "warnings") == warnings
@@ -384,7 +387,7 @@ def test_corrupted_dataset_is_flagged_in_one_pass(tmp_path: Path, media_dir: Pat
 
 def test_parallel_run_equals_serial_run(tmp_path: Path, media_dir: Path, monkeypatch):
     data_txt, _, _ = _corrupted_dataset(tmp_path / "ds", media_dir)
-    opts = ValidateOptions()
+    opts = ValidateOptions(allow_path=(media_dir,))
     serial = validate(data_txt, opts, workers=1)
     monkeypatch.setattr(validate_module, "PARALLEL_MIN_COST", 0)  # force the pool on a small input
     monkeypatch.setattr(validate_module, "CHUNKS_PER_WORKER", 20)  # and many chunks per source
@@ -456,13 +459,13 @@ def test_length_check(tmp_path: Path, media_dir: Path, tiny_tokenizer: Path):
         # text-only and long: truncated inside the last answer, trained tokens remain
         {"id": "truncated", "conversations": qa("Describe it.", "Short.") + qa("More?", long_answer)},
     ]
-    opts = ValidateOptions(tokenizer=tiny_tokenizer, max_length=2100)
+    opts = ValidateOptions(tokenizer=tiny_tokenizer, max_length=2100, allow_path=(media_dir,))
     checks = check_source(_source(tmp_path, records), opts).records
     fits, no_answer, cut_image, truncated = checks
     assert fits.ok and fits.findings == [] and fits.tokens is not None and 2061 < fits.tokens <= 2100
     assert fits.trained_tokens and fits.trained_tokens > 0
 
-    small = ValidateOptions(tokenizer=tiny_tokenizer, max_length=2000)
+    small = ValidateOptions(tokenizer=tiny_tokenizer, max_length=2000, allow_path=(media_dir,))
     (no_answer,) = check_source(_source(tmp_path, records[1:2]), small).records
     assert [f.code for f in no_answer.findings] == ["too_long_no_trained_tokens"] and not no_answer.ok
     assert "more than --max-length 2,000" in no_answer.findings[0].message

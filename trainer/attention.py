@@ -116,15 +116,17 @@ def varlen_attention(
     bounds = cu_seqlens.tolist()
     outputs = []
     for start, end in zip(bounds[:-1], bounds[1:], strict=True):
-        # SDPA wants [H, L, D]; enable_gqa maps query head n to KV head n // (H / H_kv).
+        # SDPA takes [B, H, L, D]; with the batch dimension the CPU flash kernel runs (~7x faster
+        # than 3-D inputs, which fall back to the math path). enable_gqa maps query head n to
+        # KV head n // (H / H_kv).
         out = F.scaled_dot_product_attention(
-            q[start:end].transpose(0, 1),
-            k[start:end].transpose(0, 1),
-            v[start:end].transpose(0, 1),
+            q[start:end].transpose(0, 1)[None],
+            k[start:end].transpose(0, 1)[None],
+            v[start:end].transpose(0, 1)[None],
             is_causal=True,
             enable_gqa=num_kv_heads != num_heads,
         )
-        outputs.append(out.transpose(0, 1))
+        outputs.append(out[0].transpose(0, 1))
     return torch.cat(outputs, dim=0)
 
 

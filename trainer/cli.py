@@ -1,80 +1,32 @@
-"""`xc-train`: the training command line. For now the dry run: `xc-train --shards DIR --plan-only`.
+"""`xc-train`: fine-tune from shards, or plan, evaluate and generate.
 
-`build_parser()` builds every flag (loader flags map 1:1 to `LoaderConfig` fields, kebab-case, with
-the field docstrings as help); each mode is one function taking the parsed arguments.
-Exit status: 0 ok, 1 invalid data, 2 usage error.
+  xc-train --shards DIR --model PATH|tiny|7b --output-dir DIR [--recipe full|lora] [flags]
+  xc-train --shards DIR --plan-only [--world-size N]      the epoch plan, no model
+  xc-train eval --model DIR --shards DIR [--json PATH]     per-sample and mean loss
+  xc-train generate --model DIR --shards DIR --sample N    answer a stored sample's prompt
+
+Training flags map 1:1 to `trainer.config.TrainConfig` fields (their docstrings are the help).
+Exit status: 0 ok, 1 invalid data or a halted run, 2 usage error.
 """
 
 from __future__ import annotations
 
 import argparse
-import ast
-import inspect
+import json
 import sys
-from dataclasses import MISSING, fields
 from pathlib import Path
 
+from trainer.config import TrainConfig, add_config_flags, batch_layout, config_from_args
 from trainer.data import LoaderConfig, LoaderConfigError, ShardDataError, plan_main
 
-
-def field_docs(cls: type) -> dict[str, str]:
-    """The one-line docstring under each dataclass field (used as --help text)."""
-    tree = ast.parse(inspect.getsource(cls))
-    body = tree.body[0].body  # type: ignore[attr-defined]
-    docs = {}
-    for node, after in zip(body, body[1:], strict=False):
-        if (
-            isinstance(node, ast.AnnAssign)
-            and isinstance(node.target, ast.Name)
-            and isinstance(after, ast.Expr)
-            and isinstance(after.value, ast.Constant)
-            and isinstance(after.value.value, str)
-        ):
-            docs[node.target.id] = after.value.value.strip()
-    return docs
-
-
-def _source_samples(text: str) -> tuple[str, int]:
-    name, sep, count = text.rpartition("=")
-    if not sep or not name or not count.isdigit():
-        raise argparse.ArgumentTypeError(f"{text!r}: expected NAME=COUNT, e.g. vqa=500")
-    return name, int(count)
-
-
-def add_loader_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per LoaderConfig field."""
-    group = parser.add_argument_group("data loading (trainer.data.LoaderConfig)")
-    docs = field_docs(LoaderConfig)
-    for f in fields(LoaderConfig):
-        flag = "--" + f.name.replace("_", "-")
-        help_text = docs.get(f.name, "")
-        if f.name == "token_weighted":
-            group.add_argument(flag, action="store_true", help=help_text)
-        elif f.name == "source_samples":
-            group.add_argument(
-                flag, type=_source_samples, action="append", default=[], metavar="NAME=COUNT", help=help_text
-            )
-        else:
-            default = f.default if f.default is not MISSING else None
-            shown = f" [{default}]" if default is not None else ""
-            group.add_argument(flag, type=int, default=default, metavar="N", help=help_text + shown)
-
-
-def loader_config_from_args(args: argparse.Namespace) -> LoaderConfig:
-    values = {f.name: getattr(args, f.name) for f in fields(LoaderConfig)}
-    values["source_samples"] = dict(args.source_samples)
-    config = LoaderConfig(**values)
-    config.validate()
-    return config
+SUBCOMMANDS = ("eval", "generate")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="xc-train",
-        description="Fine-tune InternLM-XComposer 2.5 from pre-tokenized shards (made by `xc-prep shard`).",
-    )
-    parser.add_argument(
-        "--shards", type=Path, required=True, metavar="DIR", help="shard folder (with manifest.json)"
+        description="Fine-tune InternLM-XComposer 2.5 from pre-tokenized shards (made by `xc-prep shard`). "
+        "Subcommands: `xc-train eval ...`, `xc-train generate ...` (see their --help).",
     )
     parser.add_argument(
         "--plan-only",
@@ -82,37 +34,143 @@ def build_parser() -> argparse.ArgumentParser:
         help="print the epoch plan (per-source samples, coverage, repeats, token share, steps, fill) and exit",
     )
     parser.add_argument(
-        "--world-size", type=int, default=1, metavar="N", help="data-parallel ranks (for --plan-only) [1]"
+        "--world-size", type=int, default=1, metavar="N", help="data-parallel ranks to plan for (--plan-only)"
     )
-    add_loader_arguments(parser)
+    add_config_flags(parser)
     return parser
 
 
-def run_plan_only(args: argparse.Namespace) -> int:
+def loader_config(cfg: TrainConfig, world_size: int) -> LoaderConfig:
+    _, accumulation = batch_layout(cfg.global_batch_size, world_size)
+    return LoaderConfig(
+        max_length=cfg.max_length,
+        max_tiles=cfg.max_tiles,
+        seed=cfg.seed,
+        epochs=cfg.epochs,
+        micro_batches_per_step=accumulation,
+        token_weighted=cfg.token_weighted,
+        source_samples=cfg.source_sample_overrides(),
+        num_workers=cfg.num_workers,
+    )
+
+
+def run_train(args: argparse.Namespace, argv: list[str] | None) -> int:
+    from trainer.train import TrainingHalted, train
+
     try:
-        config = loader_config_from_args(args)
-        if args.world_size < 1:
-            raise LoaderConfigError(f"--world-size ({args.world_size}) must be >= 1")
-        plan_main(args.shards, config, world_size=args.world_size)
-    except LoaderConfigError as e:
+        cfg = config_from_args(args).resolve()
+    except (ValueError, OSError) as e:
         print(f"xc-train: error: {e}", file=sys.stderr)
         return 2
-    except (ShardDataError, FileNotFoundError, ValueError) as e:
+    if args.plan_only:
+        try:
+            if args.world_size < 1:
+                raise LoaderConfigError(f"--world-size ({args.world_size}) must be >= 1")
+            plan_main(Path(cfg.shards), loader_config(cfg, args.world_size), world_size=args.world_size)
+        except (LoaderConfigError, ValueError) as e:
+            print(f"xc-train: error: {e}", file=sys.stderr)
+            return 1 if isinstance(e, ShardDataError) else 2
+        except FileNotFoundError as e:
+            print(f"xc-train: error: {e}", file=sys.stderr)
+            return 1
+        return 0
+    try:
+        train(cfg, argv if argv is not None else sys.argv)
+    except TrainingHalted as e:
+        print(f"xc-train: stopped: {e}", file=sys.stderr)
+        return 1
+    except (ShardDataError, FileNotFoundError) as e:
         print(f"xc-train: error: {e}", file=sys.stderr)
         return 1
+    except (LoaderConfigError, ValueError) as e:
+        print(f"xc-train: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+# ---------------------------------------------------------------- eval and generate
+
+
+def build_eval_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="xc-train eval", description="Per-sample and mean loss on shards.")
+    p.add_argument("--model", required=True, help="model folder or LoRA adapter folder")
+    p.add_argument("--shards", type=Path, required=True, help="shard folder (every stored sample once)")
+    p.add_argument("--json", type=Path, default=None, help="also write the results as JSON here")
+    return p
+
+
+def run_eval(argv: list[str]) -> int:
+    from trainer.evaluate import evaluate, format_eval
+
+    try:
+        args = build_eval_parser().parse_args(argv)
+    except SystemExit as e:
+        return int(e.code or 0)
+    try:
+        result = evaluate(args.model, args.shards)
+    except (ShardDataError, FileNotFoundError, ValueError) as e:
+        print(f"xc-train eval: error: {e}", file=sys.stderr)
+        return 1
+    print(format_eval(result))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+def build_generate_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="xc-train generate",
+        description="Answer the prompt of a stored sample (its tokens before the first trained token).",
+    )
+    p.add_argument("--model", required=True, help="model folder or LoRA adapter folder")
+    p.add_argument("--shards", type=Path, required=True, help="shard folder holding the prompt sample")
+    p.add_argument("--sample", type=int, default=0, help="global sample number (manifest order) [0]")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def run_generate(argv: list[str]) -> int:
+    from trainer.evaluate import generate_for_sample
+
+    try:
+        args = build_generate_parser().parse_args(argv)
+    except SystemExit as e:
+        return int(e.code or 0)
+    try:
+        result = generate_for_sample(
+            args.model,
+            args.shards,
+            args.sample,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            seed=args.seed,
+        )
+    except (ShardDataError, FileNotFoundError, ValueError, IndexError) as e:
+        print(f"xc-train generate: error: {e}", file=sys.stderr)
+        return 1
+    print(f"sample {args.sample} ({result['source']} #{result['index']}, id {result['id']!r})")
+    print(f"prompt:    {result['prompt_text']!r}")
+    print(f"generated: {result['generated_text']!r}")
+    print(f"reference: {result['reference_text']!r}")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
+    raw = list(sys.argv[1:] if argv is None else argv)
+    if raw and raw[0] == "eval":
+        return run_eval(raw[1:])
+    if raw and raw[0] == "generate":
+        return run_generate(raw[1:])
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args = parser.parse_args(raw)
     except SystemExit as e:  # argparse: --help exits 0, a usage error exits 2
         return int(e.code or 0)
-    if args.plan_only:
-        return run_plan_only(args)
-    print("xc-train: error: training is not implemented yet; use --plan-only", file=sys.stderr)
-    return 2
+    return run_train(args, argv)
 
 
 if __name__ == "__main__":

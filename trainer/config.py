@@ -56,8 +56,6 @@ class TrainConfig:
     """LoRA dropout."""
     lora_targets: tuple[str, ...] = LORA_TARGETS
     """Exact module names LoRA wraps (never the Plora/lora_* sub-layers)."""
-    train_separators: bool = False
-    """Under LoRA, also train the two image separator vectors (then saved with the adapter)."""
 
     # --- optimisation
     learning_rate: float | None = None
@@ -86,10 +84,13 @@ class TrainConfig:
     # --- data
     max_length: int = 16384
     """Token budget of one packed row; must be >= the shards' max_length."""
-    max_tiles: int = 64
-    """Tile budget of one packed row (bounds the ViT work per micro-step)."""
+    max_tiles: int | None = None
+    """Tile budget of one packed row, bounding the ViT work per micro-step (default: only max_length
+    bounds it, ~40 tiles per 16k row since a tile takes 400+ tokens)."""
     token_weighted: bool = False
     """Mix sources by tokens instead of samples (k still sets the proportions)."""
+    source_samples: tuple[str, ...] = ()
+    """Samples per epoch for named sources, overriding int(k*1000): NAME=COUNT (source name or data.txt path)."""
     num_workers: int = 2
     """Loader worker processes per rank."""
     verify_checksums: bool = True
@@ -131,9 +132,16 @@ class TrainConfig:
             raise ValueError(f"--lora-r {resolved.lora_r} must be positive")
         if not 0 <= resolved.warmup_ratio < 1:
             raise ValueError(f"--warmup-ratio {resolved.warmup_ratio} must be in [0, 1)")
+        for item in resolved.source_samples:
+            name, sep, count = item.rpartition("=")
+            if not sep or not name or not count.isdigit():
+                raise ValueError(f"--source-samples {item!r}: expected NAME=COUNT, e.g. vqa=500")
         if resolved.keep_last < 1:
             raise ValueError(f"--keep-last {resolved.keep_last} must be at least 1")
         return resolved
+
+    def source_sample_overrides(self) -> dict[str, int]:
+        return {name: int(count) for name, _, count in (s.rpartition("=") for s in self.source_samples)}
 
     def to_json(self) -> dict[str, Any]:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(self).items()}

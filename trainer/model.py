@@ -662,12 +662,17 @@ class IXCModel(nn.Module):
         self, gradient_checkpointing_kwargs: dict[str, Any] | None = None
     ) -> None:
         """Recompute each decoder (and ViT) layer in backward; always non-reentrant (kwargs ignored)."""
-        self.gradient_checkpointing = True
-        self.vit.gradient_checkpointing = True
+        self._set_checkpointing(True)
 
     def gradient_checkpointing_disable(self) -> None:
-        self.gradient_checkpointing = False
-        self.vit.gradient_checkpointing = False
+        self._set_checkpointing(False)
+
+    def _set_checkpointing(self, enabled: bool) -> None:
+        self.gradient_checkpointing = enabled
+        # Every VisionTower, not just self.vit: PEFT's modules_to_save trains a copy of it.
+        for module in self.modules():
+            if isinstance(module, VisionTower):
+                module.gradient_checkpointing = enabled
 
     def set_unused_adapters_in_state_dict(self, enabled: bool) -> None:
         """Whether `state_dict()` includes the 2.42 B lora_sft/dpo/web weights (default True).
@@ -699,8 +704,8 @@ class IXCModel(nn.Module):
 
     def encode_images(self, tiles: torch.Tensor, grids: list[tuple[int, int]]) -> torch.Tensor:
         """uint8[N, 560, 560, 3] + I grids -> [sum image_token_count(grid), hidden] (after vision_proj)."""
-        dtype = self.vision_proj[0].weight.dtype
-        device = self.vision_proj[0].weight.device
+        # Read from a bare parameter: PEFT's modules_to_save may wrap vit and vision_proj.
+        dtype, device = self.plora_sub_GN.dtype, self.plora_sub_GN.device
         tiles = tiles.to(device, non_blocking=True)
         pixels = torch.cat([images.global_views(tiles, grids, dtype), images.normalize_tiles(tiles, dtype)])
         # A frozen ViT (fix_vit) needs no graph: its activations are not kept.

@@ -114,7 +114,8 @@ def trainable_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[s
             no_decay.append(p)
         else:
             decay.append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
 
 
 def log_line(d: Dist, text: str) -> None:
@@ -250,6 +251,7 @@ def train(cfg: TrainConfig, argv: list[str] | None = None) -> dict[str, Any]:
         epochs=cfg.epochs,
         micro_batches_per_step=accumulation,
         token_weighted=cfg.token_weighted,
+        source_samples=cfg.source_sample_overrides(),
         num_workers=cfg.num_workers,
     )
     loader = PackedLoader(index, loader_cfg, rank=d.rank, world_size=d.world_size)
@@ -264,13 +266,17 @@ def train(cfg: TrainConfig, argv: list[str] | None = None) -> dict[str, Any]:
         betas=(cfg.adam_beta1, cfg.adam_beta2),
         fused=d.device.type == "cuda",
     )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: warmup_cosine(s, total_steps=total_steps, warmup_ratio=cfg.warmup_ratio)
-    )
     ds_config = deepspeed_config(cfg, world_size=d.world_size, bf16=bf16)
     ds_config["zero_allow_untested_optimizer"] = True  # torch's (fused) AdamW under ZeRO
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
+
+    def schedule(opt: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+        # Built by DeepSpeed on the optimizer it actually steps (ZeRO wraps ours).
+        return torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: warmup_cosine(s, total_steps=total_steps, warmup_ratio=cfg.warmup_ratio)
+        )
+
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=schedule, config=ds_config
     )
 
     # --- resume
@@ -312,7 +318,12 @@ def train(cfg: TrainConfig, argv: list[str] | None = None) -> dict[str, Any]:
     peak = peak_bf16_flops(d.device)
     batches_iter = TimedIterator(iter(loader))
     progress = tqdm(
-        total=total_steps, initial=step, disable=not d.is_main, desc="train", unit="step", dynamic_ncols=True
+        total=total_steps,
+        initial=step,
+        disable=not (d.is_main and sys.stderr.isatty()),  # log lines only, when not a terminal
+        desc="train",
+        unit="step",
+        dynamic_ncols=True,
     )
     skipped_total: list[Any] = []
     step_time = time.perf_counter()
@@ -378,13 +389,17 @@ def train(cfg: TrainConfig, argv: list[str] | None = None) -> dict[str, Any]:
         "history": history,
         "skipped_samples": skipped_total,
         "final_dir": str(final_dir) if cfg.save_final else None,
-        "peak_gpu_memory_bytes": torch.cuda.max_memory_allocated(d.device) if d.device.type == "cuda" else None,
+        "peak_gpu_memory_bytes": torch.cuda.max_memory_allocated(d.device)
+        if d.device.type == "cuda"
+        else None,
     }
     if d.is_main:
         (output_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
         _plot_loss(history, output_dir / "loss.png")
         if skipped_total:
-            log_line(d, f"warning: {len(skipped_total)} sample(s) skipped for non-finite loss: {skipped_total}")
+            log_line(
+                d, f"warning: {len(skipped_total)} sample(s) skipped for non-finite loss: {skipped_total}"
+            )
         log_line(d, f"done: {step} steps, final loss {summary['final_loss']:.4f}, outputs in {output_dir}")
     if dist.is_initialized():
         dist.barrier()

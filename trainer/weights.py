@@ -239,7 +239,13 @@ def save_model(
     for path in old:
         path.unlink()
     dtype = dtype or model.config.dtype
-    state = model.state_dict()
+    flags = [m.unused_in_state_dict for m in model.plora_linears()]
+    model.set_unused_adapters_in_state_dict(True)  # a model folder always holds all 1,904 keys
+    try:
+        state = model.state_dict()
+    finally:
+        for m, flag in zip(model.plora_linears(), flags, strict=True):
+            m.unused_in_state_dict = flag
     target = {k: (dtype if v.is_floating_point() else v.dtype) for k, v in state.items()}
     sizes = {k: v.numel() * torch.empty((), dtype=target[k]).element_size() for k, v in state.items()}
     shards = _plan_shards(sizes, max_shard_bytes)
@@ -276,12 +282,3 @@ def save_model(
             if (Path(source) / name).is_file():
                 shutil.copy2(Path(source) / name, folder / name)
     return written
-
-
-def state_dict_bytes(model: IXCModel, dtype: torch.dtype | None = None) -> int:
-    """Bytes the saved checkpoint of `model` takes (22,191,468,544 for the 7B in bf16)."""
-    dtype = dtype or model.config.dtype
-    size = torch.empty((), dtype=dtype).element_size()
-    return sum(
-        v.numel() * (size if v.is_floating_point() else v.element_size()) for v in model.state_dict().values()
-    )

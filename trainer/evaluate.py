@@ -1,0 +1,153 @@
+"""Held-out loss (`xc-train eval`) and answering a stored prompt (`xc-train generate`).
+
+Both read shards through `schemas/` only and load a model folder or a LoRA adapter folder
+(`trainer.modelio.load_for_inference`). Evaluation visits every stored sample exactly once,
+one sample per row, and reports each sample's mean token loss plus token-weighted means per
+source and overall.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from schemas.manifest import TOKENIZER_NAME
+from schemas.sample import IGNORE_INDEX, Sample
+from schemas.shards import ShardReader
+from trainer.data import SampleIndex, collate
+from trainer.generate import generate
+from trainer.loss import segment_losses, token_losses
+from trainer.modelio import load_for_inference
+
+
+def _device_dtype() -> tuple[torch.device, torch.dtype]:
+    if torch.cuda.is_available():
+        return torch.device("cuda"), torch.bfloat16
+    return torch.device("cpu"), torch.float32
+
+
+def _read(index: SampleIndex, g: int) -> Sample:
+    if not 0 <= g < len(index):
+        raise IndexError(f"sample {g} is out of range: {index.shards_dir} holds {len(index)} samples")
+    path = index.shards_dir / index.shard_files[int(index.sample_shard[g])]
+    return ShardReader(path).read(int(index.sample_row[g]))
+
+
+@torch.no_grad()
+def evaluate(model_path: str | Path, shards: Path) -> dict[str, Any]:
+    device, dtype = _device_dtype()
+    model = load_for_inference(model_path, dtype=dtype, device=device)
+    index = SampleIndex.load(Path(shards), checksums=False)
+    per_sample = []
+    for g in range(len(index)):
+        sample = _read(index, g)
+        batch = collate([sample]).to(device)
+        out = model(
+            input_ids=batch.input_ids,
+            position_ids=batch.position_ids,
+            cu_seqlens=batch.cu_seqlens,
+            max_seqlen=batch.max_seqlen,
+            tiles=batch.tiles,
+            image_grids=batch.image_grids,
+            image_starts=batch.image_starts,
+        )
+        losses = token_losses(out.hidden[0], model.output.weight, batch.targets[0])
+        sums, counts = segment_losses(losses, batch.targets[0], batch.cu_seqlens)
+        loss_sum, count = float(sums[0]), int(counts[0])
+        per_sample.append(
+            {
+                "source": sample.source,
+                "file": sample.file,
+                "index": sample.index,
+                "id": sample.id,
+                "tokens": sample.num_tokens,
+                "trained_tokens": count,
+                "loss": loss_sum / max(1, count),
+                "loss_sum": loss_sum,
+            }
+        )
+    by_source: dict[str, list[float]] = {}
+    for r in per_sample:
+        acc = by_source.setdefault(r["source"], [0.0, 0])
+        acc[0] += r["loss_sum"]
+        acc[1] += r["trained_tokens"]
+    total_sum = sum(a[0] for a in by_source.values())
+    total_count = sum(a[1] for a in by_source.values())
+    return {
+        "model": str(model_path),
+        "shards": str(shards),
+        "samples": len(per_sample),
+        "mean_loss": total_sum / max(1, total_count),
+        "mean_sample_loss": float(np.mean([r["loss"] for r in per_sample])) if per_sample else None,
+        "per_source": {k: s / max(1, c) for k, (s, c) in by_source.items()},
+        "per_sample": per_sample,
+    }
+
+
+def format_eval(result: dict[str, Any]) -> str:
+    lines = [f"{'source':<28} {'index':>6} {'id':>12} {'tokens':>7} {'loss':>8}"]
+    for r in result["per_sample"]:
+        lines.append(
+            f"{r['source']:<28} {r['index']:>6} {str(r['id']):>12} {r['trained_tokens']:>7} {r['loss']:>8.4f}"
+        )
+    for source, loss in result["per_source"].items():
+        lines.append(f"source {source}: mean loss {loss:.4f}")
+    lines.append(
+        f"{result['samples']} samples | mean loss (token-weighted) {result['mean_loss']:.4f} | "
+        f"mean per-sample loss {result['mean_sample_loss']:.4f}"
+    )
+    return "\n".join(lines)
+
+
+@torch.no_grad()
+def generate_for_sample(
+    model_path: str | Path,
+    shards: Path,
+    g: int,
+    *,
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Generate from the sample's prompt: its tokens before the first trained label."""
+    import sentencepiece as spm
+
+    device, dtype = _device_dtype()
+    model = load_for_inference(model_path, dtype=dtype, device=device)
+    index = SampleIndex.load(Path(shards), checksums=False)
+    sample = _read(index, g)
+    trained = np.flatnonzero(sample.labels != IGNORE_INDEX)
+    cut = int(trained[0])
+    answer_end = cut
+    while answer_end < sample.num_tokens and sample.labels[answer_end] != IGNORE_INDEX:
+        answer_end += 1
+    images = [im for im in sample.images if im.span[1] <= cut]
+    tile_count = sum(im.num_tiles for im in images)
+    ids = torch.from_numpy(sample.input_ids[:cut].astype(np.int64)).clamp_min(0)
+    new = generate(
+        model,
+        ids,
+        torch.from_numpy(np.ascontiguousarray(sample.tiles[:tile_count])) if images else None,
+        torch.tensor([im.grid for im in images], dtype=torch.int64) if images else None,
+        torch.tensor([im.span[0] for im in images], dtype=torch.int64) if images else None,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        seed=seed,
+    )
+    sp = spm.SentencePieceProcessor(model_file=str(Path(shards) / TOKENIZER_NAME))
+    text_ids = [int(t) for t in sample.input_ids[:cut] if t >= 0]
+    return {
+        "source": sample.source,
+        "index": sample.index,
+        "id": sample.id,
+        "prompt_text": sp.decode(text_ids),
+        "generated_ids": new,
+        "generated_text": sp.decode(new),
+        "reference_ids": [int(t) for t in sample.input_ids[cut:answer_end]],
+        "reference_text": sp.decode([int(t) for t in sample.input_ids[cut:answer_end]]),
+    }
