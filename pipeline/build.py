@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import DataError
-from pipeline.media import load_rgb, probe_image_size
+from pipeline.media import DEFAULT_MAX_IMAGE_PIXELS, load_rgb, probe_image_size
 from pipeline.template import DEFAULT_MAX_LENGTH, TokenizerLike, render_conversation
 from pipeline.tiling import DEFAULT_HD_NUM, grid_of, hd_grid, hd_transform, to_tiles
 from pipeline.video import video_grid, video_strip
@@ -19,21 +19,29 @@ from schemas.record import Record, is_video_path
 from schemas.sample import TILE_SIZE, ImageSpan, Layout, Sample, Style
 
 
-def media_grid(path: Path, *, is_video: bool, hd_num: int, style: Style) -> tuple[int, int]:
+def media_grid(
+    path: Path, *, is_video: bool, hd_num: int, style: Style, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+) -> tuple[int, int]:
     """(rows, cols) one media file will take, without decoding its pixels."""
     if is_video:
         return video_grid(path)
-    width, height = probe_image_size(path)
+    width, height = probe_image_size(path, max_pixels)
     return hd_grid(width, height, hd_num, style)
 
 
 def media_padded(
-    path: Path, *, is_video: bool, hd_num: int, style: Style, font_path: str | Path | None
+    path: Path,
+    *,
+    is_video: bool,
+    hd_num: int,
+    style: Style,
+    font_path: str | Path | None,
+    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> np.ndarray:
     """The resized, white-padded image (or video strip), uint8[rows·560, cols·560, 3]."""
     if is_video:
         return video_strip(path, font_path)
-    return hd_transform(load_rgb(path), hd_num, style)
+    return hd_transform(load_rgb(path, max_pixels), hd_num, style)
 
 
 def build_sample(
@@ -48,11 +56,12 @@ def build_sample(
     layout: Layout = "official",
     max_length: int = DEFAULT_MAX_LENGTH,
     font_path: str | Path | None = None,
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> Sample:
     """Tokenize and tile one record; raises `DataError` for bad data (missing media, too long...)."""
     videos = [is_video_path(m) for m in record.media]
     grids = [
-        media_grid(p, is_video=v, hd_num=hd_num, style=style)
+        media_grid(p, is_video=v, hd_num=hd_num, style=style, max_pixels=max_image_pixels)
         for p, v in zip(record.media_paths, videos, strict=True)
     ]
     rendered = render_conversation(record.turns, grids, tokenizer, layout=layout, max_length=max_length)
@@ -60,7 +69,14 @@ def build_sample(
     tiles: list[np.ndarray] = []
     for k, grid in enumerate(rendered.grids):
         path = record.media_paths[k]
-        padded = media_padded(path, is_video=videos[k], hd_num=hd_num, style=style, font_path=font_path)
+        padded = media_padded(
+            path,
+            is_video=videos[k],
+            hd_num=hd_num,
+            style=style,
+            font_path=font_path,
+            max_pixels=max_image_pixels,
+        )
         if grid_of(padded) != grid:  # a header that lies about the pixel size
             raise DataError(
                 "media_size_mismatch",

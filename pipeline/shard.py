@@ -599,6 +599,7 @@ def run_unit(
                     layout=config.layout,
                     max_length=config.max_length,
                     font_path=config.font,
+                    max_image_pixels=config.max_image_pixels,
                 )
             except DataError as e:
                 rejects.append(
@@ -947,6 +948,14 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return EXIT_INTERRUPTED
+    except OSError as e:  # a full disk, a read-only folder, ...: every finished unit is already safe
+        print(
+            f"xc-prep shard: error writing to {args.out}: {e}\n"
+            "finished shards are kept (written atomically, no manifest yet); free space or fix the "
+            "folder and re-run the same command to resume",
+            file=sys.stderr,
+        )
+        return EXIT_INVALID_DATA
 
 
 def field_docs(cls: type) -> dict[str, str]:

@@ -76,6 +76,8 @@ def decode_tile(data: bytes | memoryview, codec: str) -> np.ndarray:
         from PIL import Image
 
         with Image.open(io.BytesIO(data)) as im:
+            if im.size != (TILE_SIZE, TILE_SIZE):  # checked from the header, before decoding
+                raise ValueError(f"png tile is {im.size[0]}×{im.size[1]}, expected {TILE_SIZE}×{TILE_SIZE}")
             return np.asarray(im.convert("RGB"))
     raise ValueError(f"unknown tile codec {codec!r} (expected one of {', '.join(TILE_CODECS)})")
 

@@ -414,7 +414,7 @@ def test_plan_main_and_cli(shards: Path, capsys: pytest.CaptureFixture):
         assert needle in text
     assert loader.total_steps == loader.plan(0).steps + loader.plan(1).steps
     argv = ["--shards", str(shards), "--plan-only", "--max-tiles", "3", "--world-size", "3"]
-    assert cli_main(argv + ["--micro-batches-per-step", "2", "--source-samples", "chat=10"]) == 0
+    assert cli_main(argv + ["--global-batch-size", "6", "--source-samples", "chat=10"]) == 0
     printed = capsys.readouterr().out
     assert "global batch 6 packs = 2 micro-batches × 3 rank(s)" in printed and "100.0%" in printed
     assert cli_main(argv + ["--max-length", "100"]) == 1

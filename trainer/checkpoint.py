@@ -7,6 +7,8 @@ Layout under `<output_dir>/checkpoints/`:
     trainer_state.json      step, loader state, config, metrics — written last, then the rename
   step-00000140.partial/    an interrupted write: never taken for a checkpoint, removed on resume
 A checkpoint is complete iff its folder name has no `.partial` suffix; the rename is the commit.
+`trainer_state.json` lists every other file of the checkpoint with its size: a truncated or
+missing file is reported, naming it, before DeepSpeed reads anything.
 """
 
 from __future__ import annotations
@@ -25,6 +27,10 @@ CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
 PARTIAL_SUFFIX = ".partial"
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written or is damaged; the message names the file and the way out."""
 
 
 def checkpoint_root(output_dir: Path) -> Path:
@@ -93,32 +99,69 @@ def save_checkpoint(
     final = root / f"step-{step:08d}"
     partial = root / (final.name + PARTIAL_SUFFIX)
     rank = _rank()
-    if rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir()
-    _barrier()
-    engine.save_checkpoint(str(partial / "ds"), tag="state")
-    rng = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state()
-    torch.save(rng, partial / f"rng-rank{rank:05d}.pt")
-    _barrier()
-    if rank == 0:
-        _fsync_tree(partial)
-        _write_json_atomic(partial / STATE_FILE, {"step": step, **trainer_state})
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(partial, final)
-        for old in complete_checkpoints(output_dir)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+    try:
+        if rank == 0:
+            root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(partial, ignore_errors=True)
+            partial.mkdir()
+        _barrier()
+        engine.save_checkpoint(str(partial / "ds"), tag="state")
+        rng = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state()
+        torch.save(rng, partial / f"rng-rank{rank:05d}.pt")
+        _barrier()
+        if rank == 0:
+            _fsync_tree(partial)
+            files = {
+                str(p.relative_to(partial)): p.stat().st_size
+                for p in sorted(partial.rglob("*"))
+                if p.is_file()
+            }
+            _write_json_atomic(partial / STATE_FILE, {"step": step, **trainer_state, "files": files})
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(partial, final)
+            for old in complete_checkpoints(output_dir)[:-keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+    except OSError as e:  # a full disk, a quota, a vanished mount: the older checkpoints are untouched
+        done = complete_checkpoints(output_dir)
+        previous = (
+            f"the last complete checkpoint {done[-1]} is intact" if done else "no earlier checkpoint exists"
+        )
+        raise CheckpointError(
+            f"writing checkpoint {final.name} under {root} failed: {e}; {previous} (the unfinished "
+            f"{partial.name} is never used). Free space and rerun with --resume auto"
+        ) from e
     _barrier()
     return final
+
+
+def verify_checkpoint(path: Path) -> dict[str, Any]:
+    """The trainer state of a complete checkpoint whose files all have their recorded sizes."""
+    path = Path(path)
+    try:
+        state = json.loads((path / STATE_FILE).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(
+            f"{path / STATE_FILE}: unreadable ({e}); resume from an earlier checkpoint"
+        ) from e
+    for rel, size in state.get("files", {}).items():
+        f = path / rel
+        actual = f.stat().st_size if f.is_file() else None
+        if actual != size:
+            found = "missing" if actual is None else f"{actual} bytes, expected {size}"
+            older = [str(p) for p in complete_checkpoints(path.parent.parent) if p != path]
+            raise CheckpointError(
+                f"{f}: {found} (truncated or damaged checkpoint); resume from an earlier one with "
+                f"--resume {older[-1] if older else 'none'}"
+            )
+    return state
 
 
 def load_checkpoint(engine: Any, path: Path) -> dict[str, Any]:
     """Collective: restore DeepSpeed state and this rank's RNG; returns the trainer state."""
     path = Path(path)
-    state = json.loads((path / STATE_FILE).read_text())
+    state = verify_checkpoint(path)
     load_path, _ = engine.load_checkpoint(str(path / "ds"), tag="state")
     if load_path is None:
         raise RuntimeError(f"{path / 'ds'}: DeepSpeed found no checkpoint to load (damaged folder?)")

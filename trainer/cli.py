@@ -36,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--world-size", type=int, default=1, metavar="N", help="data-parallel ranks to plan for (--plan-only)"
     )
+    # The deepspeed launcher appends --local_rank=N; the rank is read from LOCAL_RANK instead.
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     add_config_flags(parser)
     return parser
 
@@ -55,6 +57,7 @@ def loader_config(cfg: TrainConfig, world_size: int) -> LoaderConfig:
 
 
 def run_train(args: argparse.Namespace, argv: list[str] | None) -> int:
+    from trainer.checkpoint import CheckpointError
     from trainer.train import TrainingHalted, train
 
     try:
@@ -76,7 +79,7 @@ def run_train(args: argparse.Namespace, argv: list[str] | None) -> int:
         return 0
     try:
         train(cfg, argv if argv is not None else sys.argv)
-    except TrainingHalted as e:
+    except (TrainingHalted, CheckpointError) as e:
         print(f"xc-train: stopped: {e}", file=sys.stderr)
         return 1
     except (ShardDataError, FileNotFoundError) as e:

@@ -281,14 +281,49 @@ def from_dict(values: dict[str, Any]) -> TrainConfig:
         raise ValueError(f"unknown config keys: {', '.join(unknown)} (see `xc-train --help`)")
     hints = typing.get_type_hints(TrainConfig)
     converted: dict[str, Any] = {}
+    problems = []
     for key, value in values.items():
-        hint = hints[key]
-        if value is not None and (hint is Path or Path in typing.get_args(hint)):
-            value = Path(value)
-        elif value is not None and typing.get_origin(hint) is tuple:
-            value = tuple(value)
-        converted[key] = value
+        try:
+            converted[key] = _coerce(value, hints[key])
+        except (TypeError, ValueError) as e:
+            problems.append(f"{key}: {value!r} {e}")
+    if problems:
+        raise ValueError("invalid config values:\n  " + "\n  ".join(problems))
     return TrainConfig(**converted)
+
+
+def _coerce(value: Any, hint: Any) -> Any:
+    """A config-file value as the field's type. YAML reads `1e-5` (no dot) as a string, so numbers
+    given as strings are converted; anything that is not the type raises, saying the expectation."""
+    if value is None:
+        return None
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) in (typing.Union, types.UnionType) and len(args) == 1:
+        hint = args[0]
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        if value not in typing.get_args(hint):
+            raise ValueError(f"is not one of {', '.join(map(str, typing.get_args(hint)))}")
+        return value
+    if origin is tuple:
+        return (value,) if isinstance(value, str) else tuple(str(v) for v in value)
+    if hint is Path:
+        return Path(value)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ValueError("is not a boolean (true or false)")
+        return value
+    if hint in (int, float):
+        try:
+            if isinstance(value, bool) or not isinstance(value, int | float | str):
+                raise ValueError
+            number = hint(value)  # "1e-5" -> 1e-05; int("2.5") raises
+            if number != float(value):
+                raise ValueError
+        except ValueError:
+            raise ValueError(f"is not {'a whole number' if hint is int else 'a number'}") from None
+        return number
+    return value
 
 
 __all__ = [

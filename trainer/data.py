@@ -843,6 +843,8 @@ class PackedBatch:
     """Global step (optimizer step) within the epoch."""
     micro_step: int = 0
     """Index of this micro-batch among the rank's micro-batches of the step."""
+    pack: int = 0
+    """Pack id in the epoch plan: names this micro-batch the same way on any world size."""
     global_num_trained: int = 0
     """Trained tokens of the whole global step (all ranks): divide the summed loss by it."""
     global_num_tokens: int = 0
@@ -915,6 +917,7 @@ class _MicroBatchWork:
     epoch: int
     step: int
     micro_step: int
+    pack: int
     shards: np.ndarray
     rows: np.ndarray
     num_trained: int
@@ -955,6 +958,7 @@ class _RankStream(IterableDataset):
                 epoch=item.epoch,
                 step=item.step,
                 micro_step=item.micro_step,
+                pack=item.pack,
                 global_num_trained=item.global_num_trained,
                 global_num_tokens=item.global_num_tokens,
             )
@@ -1170,6 +1174,7 @@ class PackedLoader:
                         epoch=plan.epoch,
                         step=step,
                         micro_step=micro,
+                        pack=p,
                         shards=self.index.sample_shard[ids],
                         rows=self.index.sample_row[ids],
                         num_trained=int(plan.pack_trained[p]),

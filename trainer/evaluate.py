@@ -22,6 +22,9 @@ from trainer.generate import generate
 from trainer.loss import segment_losses, token_losses
 from trainer.modelio import load_for_inference
 
+STOP_PIECES = ("[UNUSED_TOKEN_145]", "</s>")
+"""Generation stops at the end of the assistant's turn (or the end of the text)."""
+
 
 def _device_dtype() -> tuple[torch.device, torch.dtype]:
     if torch.cuda.is_available():
@@ -112,13 +115,21 @@ def generate_for_sample(
     temperature: float = 0.0,
     top_p: float = 1.0,
     seed: int = 0,
+    stop_ids: list[int] | None = None,
 ) -> dict[str, Any]:
-    """Generate from the sample's prompt: its tokens before the first trained label."""
+    """Generate from the sample's prompt: its tokens before the first trained label.
+
+    Stops at `stop_ids`, by default the shards' tokenizer's end of turn and `</s>` (the released
+    ids 92542 and 2 hold only for the real tokenizer; the tiny one numbers them differently).
+    """
     import sentencepiece as spm
 
     device, dtype = _device_dtype()
     model = load_for_inference(model_path, dtype=dtype, device=device)
     index = SampleIndex.load(Path(shards), checksums=False)
+    sp = spm.SentencePieceProcessor(model_file=str(Path(shards) / TOKENIZER_NAME))
+    if stop_ids is None:
+        stop_ids = [i for i in map(sp.piece_to_id, STOP_PIECES) if i != sp.unk_id()]
     sample = _read(index, g)
     trained = np.flatnonzero(sample.labels != IGNORE_INDEX)
     cut = int(trained[0])
@@ -137,9 +148,9 @@ def generate_for_sample(
         max_new_tokens=max_new_tokens,
         temperature=temperature,
         top_p=top_p,
+        stop_ids=stop_ids,
         seed=seed,
     )
-    sp = spm.SentencePieceProcessor(model_file=str(Path(shards) / TOKENIZER_NAME))
     text_ids = [int(t) for t in sample.input_ids[:cut] if t >= 0]
     return {
         "source": sample.source,

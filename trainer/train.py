@@ -134,6 +134,9 @@ def train_step(
     skipped: list[Any] = []
     source_sums: dict[str, list[float]] = {}
     for batch in batches:
+        # Dropout (LoRA, Plora) draws from a stream named by the micro-batch, not by the rank: the
+        # run is the same on any world size, and a resumed run replays the same masks.
+        torch.manual_seed(micro_batch_seed(cfg.seed, batch.epoch, batch.pack))
         out = engine(
             input_ids=batch.input_ids,
             position_ids=batch.position_ids,
@@ -158,7 +161,15 @@ def train_step(
                     "micro-batches"
                 )
             skipped.extend(keys)
-            engine.step()  # keeps DeepSpeed's micro-step count; no gradient from this micro-batch
+            # The micro-batch adds nothing, but ZeRO's gradient hooks must still fire on every
+            # rank: back-propagate an exact zero that touches each trainable parameter (and none
+            # of this micro-batch's non-finite activations).
+            zero = sum(
+                (p.sum() * 0.0 for p in engine.module.parameters() if p.requires_grad),
+                torch.zeros((), device=d.device),
+            )
+            engine.backward(zero)
+            engine.step()
             continue
         scale = d.world_size * accumulation / max(1, batch.global_num_trained)
         engine.backward(out.loss_sum * scale)
@@ -202,6 +213,11 @@ def train_step(
         "source_loss": {k: s / max(1, c) for k, (s, c) in source_sums.items()},
         "packs": [b.cu_seqlens.diff().tolist() for b in batches],
     }
+
+
+def micro_batch_seed(seed: int, epoch: int, pack: int) -> int:
+    """The torch seed of one micro-batch: a function of (seed, epoch, pack id in the plan) only."""
+    return int(np.random.SeedSequence([seed, epoch, pack]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
 def _gather_keys(keys: list[Any], d: Dist) -> list[Any]:
@@ -334,6 +350,7 @@ def train(cfg: TrainConfig, argv: list[str] | None = None) -> dict[str, Any]:
                 batches.append(next(batches_iter).to(d.device))
             wait_s = batches_iter.pop_wait_s()
             log_now = (step + 1) % cfg.log_every_steps == 0 or step + 1 == total_steps
+            lr = scheduler.get_last_lr()[0]  # the rate this step applies (the scheduler steps after it)
             result = train_step(engine, batches, d, accumulation, cfg, per_source=log_now)
             if d.device.type == "cuda":
                 torch.cuda.synchronize()
@@ -345,7 +362,7 @@ def train(cfg: TrainConfig, argv: list[str] | None = None) -> dict[str, Any]:
             record = {
                 "step": step,
                 "loss": result["loss"],
-                "lr": scheduler.get_last_lr()[0],
+                "lr": lr,
                 "grad_norm": result["grad_norm"],
                 "step_s": elapsed,
                 "tokens_per_s": result["tokens"] / elapsed,

@@ -1,0 +1,169 @@
+"""Trainer faults (issue 10): NaN loss, full disk and truncated files in checkpoints, corrupted shards.
+
+Each test injects the fault into a real run (tiny preset, DeepSpeed on gloo, text-only shards)
+and checks what the user sees and that the last good checkpoint stays usable.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.cli import main as prep_main
+from pipeline.tokenization import build_tiny_tokenizer
+from trainer import checkpoint as ckpt
+from trainer.cli import main as train_main
+from trainer.model import IXCModel
+
+pytestmark = pytest.mark.slow
+
+ANSWERS = [
+    "A packed row holds several samples, and attention never crosses from one to the next.",
+    "The loss is the mean over every trained token of the global batch.",
+    "Shards store uint8 tiles, so the GPU normalizes them and the loader never decodes images.",
+    "Every record ends in a shard or in the rejects report, never in between.",
+]
+
+
+@pytest.fixture(scope="module")
+def text_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("reliability_trainer")
+    records = [
+        {
+            "id": i,
+            "conversations": [
+                {"from": "human", "value": f"Question {i}: what holds?"},
+                {"from": "gpt", "value": a},
+            ],
+        }
+        for i, a in enumerate(ANSWERS)
+    ]
+    (root / "text.json").write_text(json.dumps(records))
+    (root / "data.txt").write_text("text.json 0.008\n")
+    tokenizer = build_tiny_tokenizer(root / "tokenizer.model")
+    out = root / "shards"
+    argv = ["shard", str(root / "data.txt"), "--tokenizer", str(tokenizer), "--out", str(out)]
+    assert prep_main(argv + ["--max-length", "128", "--workers", "1"]) == 0
+    return out
+
+
+def run_args(shards: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "--shards", str(shards), "--model", "tiny", "--output-dir", str(out), "--recipe", "full",
+        "--max-length", "128", "--global-batch-size", "2", "--num-workers", "0", "--learning-rate", "1e-3",
+        "--save-every-steps", "1", "--log-every-steps", "1", *extra,
+    ]  # fmt: skip
+
+
+def test_nan_loss_stops_naming_the_samples_and_keeps_the_last_checkpoint(
+    text_shards: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    real_forward = IXCModel.forward
+    calls = {"n": 0}
+
+    def forward(self: IXCModel, *args, **kwargs):  # the 5th micro-batch (step 3) turns NaN
+        out = real_forward(self, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 5 and out.loss_sum is not None:
+            out.loss_sum = out.loss_sum * float("nan")
+        return out
+
+    monkeypatch.setattr(IXCModel, "forward", forward)
+    out = tmp_path / "run"
+    assert train_main(run_args(text_shards, out, "--epochs", "1")) == 1
+    err = capsys.readouterr().err
+    assert "non-finite loss at epoch 0 step 2" in err and "samples (source, index, id)" in err
+    assert "001-text" in err and "is intact" in err
+    done = ckpt.complete_checkpoints(out)
+    assert [p.name for p in done][-1] == "step-00000002"
+    # the last good checkpoint is usable: a rerun without the fault resumes from it and finishes
+    monkeypatch.setattr(IXCModel, "forward", real_forward)
+    assert train_main(run_args(text_shards, out, "--epochs", "1", "--resume", "auto")) == 0
+    err = capsys.readouterr().err
+    assert "resumed from" in err and "at step 2" in err
+
+
+def test_nan_policy_skip_finishes_and_lists_the_skipped_samples(
+    text_shards: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_forward = IXCModel.forward
+    calls = {"n": 0}
+
+    def forward(self: IXCModel, *args, **kwargs):
+        out = real_forward(self, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 2 and out.loss_sum is not None:
+            out.loss_sum = out.loss_sum * float("inf")
+        return out
+
+    monkeypatch.setattr(IXCModel, "forward", forward)
+    out = tmp_path / "run"
+    assert train_main(run_args(text_shards, out, "--nan-policy", "skip", "--no-save-final")) == 0
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["skipped_samples"] and all(k[0] == "001-text" for k in summary["skipped_samples"])
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in summary["history"])
+
+
+def test_full_disk_during_a_checkpoint_is_a_clear_error_and_keeps_the_previous_one(
+    text_shards: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    import deepspeed
+
+    real_save = deepspeed.DeepSpeedEngine.save_checkpoint
+    calls = {"n": 0}
+
+    def save_checkpoint(self, save_dir, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the second checkpoint: part of it is written, then the disk is full
+            Path(save_dir).mkdir(parents=True, exist_ok=True)
+            (Path(save_dir) / "half-written.pt").write_bytes(b"\0" * 100)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(save_dir))
+        return real_save(self, save_dir, *args, **kwargs)
+
+    monkeypatch.setattr(deepspeed.DeepSpeedEngine, "save_checkpoint", save_checkpoint)
+    out = tmp_path / "run"
+    assert train_main(run_args(text_shards, out, "--epochs", "2")) == 1
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and "step-00000001" in err and "is intact" in err
+    assert [p.name for p in ckpt.complete_checkpoints(out)] == ["step-00000001"]
+    assert (out / "checkpoints" / "step-00000002.partial").is_dir()  # never taken for a checkpoint
+    assert ckpt.resolve_resume(out, "auto") == out / "checkpoints" / "step-00000001"
+    ckpt.verify_checkpoint(out / "checkpoints" / "step-00000001")
+
+
+def test_truncated_checkpoint_is_detected_naming_the_file(
+    text_shards: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    out = tmp_path / "run"
+    assert train_main(run_args(text_shards, out, "--no-save-final")) == 0
+    latest = ckpt.complete_checkpoints(out)[-1]
+    victim = max((p for p in (latest / "ds").rglob("*.pt")), key=lambda p: p.stat().st_size)
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    with pytest.raises(ckpt.CheckpointError, match="truncated or damaged checkpoint") as e:
+        ckpt.verify_checkpoint(latest)
+    assert str(victim) in str(e.value)
+    assert train_main(run_args(text_shards, out, "--resume", str(latest))) == 1
+    assert str(victim) in capsys.readouterr().err
+
+
+def test_corrupted_shard_stops_before_any_step(
+    text_shards: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    import shutil
+
+    shards = tmp_path / "shards"
+    shutil.copytree(text_shards, shards)
+    victim = next(shards.rglob("*.arrow"))
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    out = tmp_path / "run"
+    assert train_main(run_args(shards, out)) == 1
+    err = capsys.readouterr().err
+    assert str(victim) in err and "sha256" in err
+    assert not (out / "checkpoints").exists()
