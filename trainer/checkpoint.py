@@ -17,6 +17,8 @@ import json
 import os
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -118,7 +120,9 @@ def save_checkpoint(
                 for p in sorted(partial.rglob("*"))
                 if p.is_file()
             }
-            _write_json_atomic(partial / STATE_FILE, {"step": step, **trainer_state, "files": files})
+            world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+            record = {"step": step, "world_size": world_size, **trainer_state, "files": files}
+            _write_json_atomic(partial / STATE_FILE, record)
             shutil.rmtree(final, ignore_errors=True)
             os.replace(partial, final)
             for old in complete_checkpoints(output_dir)[:-keep_last]:
@@ -158,11 +162,50 @@ def verify_checkpoint(path: Path) -> dict[str, Any]:
     return state
 
 
+def needs_universal(state: dict[str, Any], world_size: int) -> bool:
+    """A checkpoint from another data-parallel size: ZeRO's partitioned optimizer state must be
+    re-split, which DeepSpeed does from its 'universal' checkpoint format (`load_universal`)."""
+    return int(state.get("world_size", world_size)) != world_size
+
+
+def _universal_dir(path: Path) -> Path:
+    return Path(path) / "universal"
+
+
+def convert_to_universal(path: Path) -> Path:
+    """Rank 0: DeepSpeed's ds_to_universal of the checkpoint's ZeRO state, written atomically once."""
+    target = _universal_dir(path)
+    if _rank() == 0 and not target.is_dir():
+        partial = target.with_name(target.name + PARTIAL_SUFFIX)
+        shutil.rmtree(partial, ignore_errors=True)
+        cmd = [
+            sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
+            "--input_folder", str(Path(path) / "ds" / "state"), "--output_folder", str(partial / "state"),
+            "--num_extract_workers", "1", "--num_merge_workers", "1", "--inject_missing_state",
+        ]  # fmt: skip
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise CheckpointError(
+                f"{path}: converting to DeepSpeed's universal format for a resume on another number "
+                f"of ranks failed:\n{done.stderr[-2000:]}"
+            )
+        os.replace(partial, target)
+    _barrier()
+    return target
+
+
 def load_checkpoint(engine: Any, path: Path) -> dict[str, Any]:
-    """Collective: restore DeepSpeed state and this rank's RNG; returns the trainer state."""
+    """Collective: restore DeepSpeed state and this rank's RNG; returns the trainer state.
+
+    A checkpoint saved on another number of ranks is loaded from its universal conversion
+    (`convert_to_universal`, which the caller runs before building the engine with
+    `checkpoint.load_universal`).
+    """
     path = Path(path)
     state = verify_checkpoint(path)
-    load_path, _ = engine.load_checkpoint(str(path / "ds"), tag="state")
+    world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    load_dir = _universal_dir(path) if needs_universal(state, world_size) else path / "ds"
+    load_path, _ = engine.load_checkpoint(str(load_dir), tag="state")
     if load_path is None:
         raise RuntimeError(f"{path / 'ds'}: DeepSpeed found no checkpoint to load (damaged folder?)")
     rng_file = path / f"rng-rank{_rank():05d}.pt"

@@ -16,8 +16,8 @@ import json
 import sys
 from pathlib import Path
 
-from trainer.config import TrainConfig, add_config_flags, batch_layout, config_from_args
-from trainer.data import LoaderConfig, LoaderConfigError, ShardDataError, plan_main
+from trainer.config import add_config_flags, config_from_args
+from trainer.data import LoaderConfigError, ShardDataError, plan_main
 
 SUBCOMMANDS = ("eval", "generate")
 
@@ -42,20 +42,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def loader_config(cfg: TrainConfig, world_size: int) -> LoaderConfig:
-    _, accumulation = batch_layout(cfg.global_batch_size, world_size)
-    return LoaderConfig(
-        max_length=cfg.max_length,
-        max_tiles=cfg.max_tiles,
-        seed=cfg.seed,
-        epochs=cfg.epochs,
-        micro_batches_per_step=accumulation,
-        token_weighted=cfg.token_weighted,
-        source_samples=cfg.source_sample_overrides(),
-        num_workers=cfg.num_workers,
-    )
-
-
 def run_train(args: argparse.Namespace, argv: list[str] | None) -> int:
     from trainer.checkpoint import CheckpointError
     from trainer.train import TrainingHalted, train
@@ -69,6 +55,8 @@ def run_train(args: argparse.Namespace, argv: list[str] | None) -> int:
         try:
             if args.world_size < 1:
                 raise LoaderConfigError(f"--world-size ({args.world_size}) must be >= 1")
+            from trainer.train import loader_config
+
             plan_main(Path(cfg.shards), loader_config(cfg, args.world_size), world_size=args.world_size)
         except (LoaderConfigError, ValueError) as e:
             print(f"xc-train: error: {e}", file=sys.stderr)

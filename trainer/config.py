@@ -73,7 +73,10 @@ class TrainConfig:
     epochs: int = 1
     """Passes over the epoch plan."""
     max_steps: int | None = None
-    """Stop after this many optimizer steps (default: the whole plan for --epochs)."""
+    """Train this many optimizer steps in all (default: the whole plan for --epochs); sets the schedule."""
+    stop_after_steps: int | None = None
+    """Checkpoint and exit after this many steps of this invocation (e.g. to fit a job's time slot);
+    the schedule still spans the whole run, and --resume auto continues it."""
     global_batch_size: int | None = None
     """Packed rows per optimizer step over all ranks (default: 8 per rank, the official accumulation)."""
     gradient_checkpointing: bool = True

@@ -857,6 +857,18 @@ class PackedBatch:
         }
         return replace(self, **tensors)
 
+    def model_inputs(self) -> dict[str, Any]:
+        """The keyword arguments of `IXCModel.forward` for this row (without targets)."""
+        return {
+            "input_ids": self.input_ids,
+            "position_ids": self.position_ids,
+            "cu_seqlens": self.cu_seqlens,
+            "max_seqlen": self.max_seqlen,
+            "tiles": self.tiles,
+            "image_grids": self.image_grids,
+            "image_starts": self.image_starts,
+        }
+
     def to(self, device: torch.device | str, non_blocking: bool = True) -> PackedBatch:
         """Copy every tensor to `device` (asynchronously from pinned memory)."""
         return self._map(lambda t: t.to(device, non_blocking=non_blocking))

@@ -48,15 +48,7 @@ def evaluate(model_path: str | Path, shards: Path) -> dict[str, Any]:
     for g in range(len(index)):
         sample = _read(index, g)
         batch = collate([sample]).to(device)
-        out = model(
-            input_ids=batch.input_ids,
-            position_ids=batch.position_ids,
-            cu_seqlens=batch.cu_seqlens,
-            max_seqlen=batch.max_seqlen,
-            tiles=batch.tiles,
-            image_grids=batch.image_grids,
-            image_starts=batch.image_starts,
-        )
+        out = model(**batch.model_inputs())
         losses = token_losses(out.hidden[0], model.output.weight, batch.targets[0])
         sums, counts = segment_losses(losses, batch.targets[0], batch.cu_seqlens)
         loss_sum, count = float(sums[0]), int(counts[0])

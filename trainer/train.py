@@ -86,6 +86,21 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def loader_config(cfg: TrainConfig, world_size: int) -> LoaderConfig:
+    """The loader settings a training config implies (one packed row per micro-step)."""
+    _, accumulation = batch_layout(cfg.global_batch_size, world_size)
+    return LoaderConfig(
+        max_length=cfg.max_length,
+        max_tiles=cfg.max_tiles,
+        seed=cfg.seed,
+        epochs=cfg.epochs,
+        micro_batches_per_step=accumulation,
+        token_weighted=cfg.token_weighted,
+        source_samples=cfg.source_sample_overrides(),
+        num_workers=cfg.num_workers,
+    )
+
+
 def check_fingerprint(manifest: Manifest, model_dir: Path | None, cfg: TrainConfig) -> None:
     """Refuse shards made with another tokenizer or a longer max_length than training allows."""
     fp = manifest.fingerprint
@@ -137,16 +152,7 @@ def train_step(
         # Dropout (LoRA, Plora) draws from a stream named by the micro-batch, not by the rank: the
         # run is the same on any world size, and a resumed run replays the same masks.
         torch.manual_seed(micro_batch_seed(cfg.seed, batch.epoch, batch.pack))
-        out = engine(
-            input_ids=batch.input_ids,
-            position_ids=batch.position_ids,
-            cu_seqlens=batch.cu_seqlens,
-            max_seqlen=batch.max_seqlen,
-            tiles=batch.tiles,
-            image_grids=batch.image_grids,
-            image_starts=batch.image_starts,
-            targets=batch.targets,
-        )
+        out = engine(**batch.model_inputs(), targets=batch.targets)
         # All ranks agree on whether this micro-batch is finite, so collectives stay in step.
         bad = (~torch.isfinite(out.loss_sum.detach())).to(torch.int32).reshape(1)
         if d.world_size > 1:
@@ -260,17 +266,7 @@ def train(cfg: TrainConfig, argv: list[str] | None = None) -> dict[str, Any]:
     model.train()
 
     # --- data
-    loader_cfg = LoaderConfig(
-        max_length=cfg.max_length,
-        max_tiles=cfg.max_tiles,
-        seed=cfg.seed,
-        epochs=cfg.epochs,
-        micro_batches_per_step=accumulation,
-        token_weighted=cfg.token_weighted,
-        source_samples=cfg.source_sample_overrides(),
-        num_workers=cfg.num_workers,
-    )
-    loader = PackedLoader(index, loader_cfg, rank=d.rank, world_size=d.world_size)
+    loader = PackedLoader(index, loader_config(cfg, d.world_size), rank=d.rank, world_size=d.world_size)
     total_steps = loader.total_steps if cfg.max_steps is None else min(cfg.max_steps, loader.total_steps)
     if total_steps <= 0:
         raise ValueError(f"{cfg.shards}: the epoch plan has no optimizer step (too few samples?)")
@@ -284,6 +280,11 @@ def train(cfg: TrainConfig, argv: list[str] | None = None) -> dict[str, Any]:
     )
     ds_config = deepspeed_config(cfg, world_size=d.world_size, bf16=bf16)
     ds_config["zero_allow_untested_optimizer"] = True  # torch's (fused) AdamW under ZeRO
+    resume_from = ckpt.resolve_resume(output_dir, cfg.resume)
+    if resume_from is not None and ckpt.needs_universal(ckpt.verify_checkpoint(resume_from), d.world_size):
+        # Elastic resume: same global batch, another number of ranks.
+        ckpt.convert_to_universal(resume_from)
+        ds_config["checkpoint"] = {"load_universal": True}
 
     def schedule(opt: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
         # Built by DeepSpeed on the optimizer it actually steps (ZeRO wraps ours).
@@ -298,7 +299,6 @@ def train(cfg: TrainConfig, argv: list[str] | None = None) -> dict[str, Any]:
     # --- resume
     step = 0
     history: list[dict[str, Any]] = []
-    resume_from = ckpt.resolve_resume(output_dir, cfg.resume)
     if resume_from is not None:
         state = ckpt.load_checkpoint(engine, resume_from)
         loader.load_state_dict(state["loader"])
@@ -342,6 +342,7 @@ def train(cfg: TrainConfig, argv: list[str] | None = None) -> dict[str, Any]:
         dynamic_ncols=True,
     )
     skipped_total: list[Any] = []
+    start_step = step
     step_time = time.perf_counter()
     try:
         while step < total_steps:
@@ -383,7 +384,8 @@ def train(cfg: TrainConfig, argv: list[str] | None = None) -> dict[str, Any]:
                         f"{record['data_wait_pct']:.1f}%{mfu}",
                         file=sys.stderr,
                     )
-            if step % cfg.save_every_steps == 0 or step == total_steps:
+            stop_now = cfg.stop_after_steps is not None and step - start_step >= cfg.stop_after_steps
+            if step % cfg.save_every_steps == 0 or step == total_steps or stop_now:
                 ckpt.save_checkpoint(
                     engine,
                     output_dir,
@@ -391,6 +393,11 @@ def train(cfg: TrainConfig, argv: list[str] | None = None) -> dict[str, Any]:
                     {"loader": loader.state_dict(), "config": cfg.to_json(), "history": history},
                     cfg.keep_last,
                 )
+            if stop_now:
+                log_line(
+                    d, f"stopping after {cfg.stop_after_steps} step(s) as asked; resume with --resume auto"
+                )
+                break
     finally:
         progress.close()
         if writer is not None:
@@ -398,14 +405,15 @@ def train(cfg: TrainConfig, argv: list[str] | None = None) -> dict[str, Any]:
 
     # --- save
     final_dir = output_dir / "final"
-    if cfg.save_final:
+    finished = step == total_steps
+    if cfg.save_final and finished:
         loaded.save_final(engine, final_dir, d)
     summary = {
         "steps": step,
         "final_loss": history[-1]["loss"] if history else None,
         "history": history,
         "skipped_samples": skipped_total,
-        "final_dir": str(final_dir) if cfg.save_final else None,
+        "final_dir": str(final_dir) if cfg.save_final and finished else None,
         "peak_gpu_memory_bytes": torch.cuda.max_memory_allocated(d.device)
         if d.device.type == "cuda"
         else None,
