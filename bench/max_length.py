@@ -42,7 +42,7 @@ import torch
 
 BENCH_DIR = Path(__file__).resolve().parent
 sys.path[:0] = [str(BENCH_DIR), str(BENCH_DIR.parent)]
-from train_throughput import build_lora_model, sync  # noqa: E402
+from train_throughput import build_lora_model, package_versions, sync  # noqa: E402
 
 from pipeline.tiling import hd_grid  # noqa: E402
 from schemas.sample import IGNORE_INDEX, TILE_SIZE, image_token_count  # noqa: E402
@@ -79,16 +79,13 @@ def synthetic_row(length: int, hd_num: int, vocab_size: int, seed: int = 0) -> d
         if at + n > length:  # the last sample: text only, exactly what is left
             sample_grids, image_tokens, n = [], [], length - at
         cursor = at + 8  # a few text tokens (<s>, the question) before the first image
+        image_positions = [np.zeros(0, dtype=np.int64)]
         for grid, tokens in zip(sample_grids, image_tokens, strict=True):
             grids.append(grid)
             starts.append(cursor)
+            image_positions.append(np.arange(cursor, cursor + tokens))
             cursor += tokens + 4
-        text_positions = np.setdiff1d(
-            np.arange(at, at + n),
-            np.concatenate([np.arange(s, s + t) for s, t in zip(starts[-len(image_tokens) :], image_tokens)])
-            if image_tokens
-            else np.zeros(0, dtype=np.int64),
-        )
+        text_positions = np.setdiff1d(np.arange(at, at + n), np.concatenate(image_positions))
         last = text_positions[-max(1, int(TRAINED_FRACTION * len(text_positions))) :]
         trained[last[last < at + n - 1]] = True  # a sample's last position predicts nothing
         lengths.append(n)
@@ -111,7 +108,9 @@ def synthetic_row(length: int, hd_num: int, vocab_size: int, seed: int = 0) -> d
     }
 
 
-def trial(model: Any, optimizer: Any, params: list[Any], length: int, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+def trial(
+    model: Any, optimizer: Any, params: list[Any], length: int, args: argparse.Namespace, device: torch.device
+) -> dict[str, Any]:
     """One LoRA step on a row of `length` tokens: ok, seconds, peak memory."""
     row = synthetic_row(length, args.hd_num, model.config.vocab_size, args.seed)
     info: dict[str, Any] = {
@@ -125,7 +124,12 @@ def trial(model: Any, optimizer: Any, params: list[Any], length: int, args: argp
     started = time.perf_counter()
     oom = False
     try:
-        out = model(**{k: (v.to(device) if isinstance(v, torch.Tensor) and k != "tiles" else v) for k, v in row.items()})
+        out = model(
+            **{
+                k: (v.to(device) if isinstance(v, torch.Tensor) and k != "tiles" else v)
+                for k, v in row.items()
+            }
+        )
         loss = out.loss_sum / max(1, out.num_tokens or 0)
         del out
         loss.backward()
@@ -214,9 +218,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preset", default="7b", choices=("7b", "tiny"))
     parser.add_argument("--hd-num", type=int, default=18)
     parser.add_argument("--start", type=int, default=16384, help="first length tried")
-    parser.add_argument("--granularity", type=int, default=1024, help="bisect until the bracket is this narrow")
+    parser.add_argument(
+        "--granularity", type=int, default=1024, help="bisect until the bracket is this narrow"
+    )
     parser.add_argument("--max-tokens", type=int, default=1 << 20, help="never try more than this")
-    parser.add_argument("--time-budget-s", type=float, default=300.0, help="stop the search before exceeding this")
+    parser.add_argument(
+        "--time-budget-s", type=float, default=300.0, help="stop the search before exceeding this"
+    )
     parser.add_argument("--vocab-size", type=int, default=None, help="default: 92,544 (7b) or 512 (tiny)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out-json", type=Path, default=None)
@@ -234,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "device": card,
         "torch": torch.__version__,
+        "versions": package_versions(),
         "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""),
         "preset": args.preset,
         "hd_num": args.hd_num,
@@ -248,7 +257,10 @@ def main(argv: list[str] | None = None) -> int:
         capacity_gib = (total - other) / 2**30 - 0.5
         results["gpu_memory_gib"] = total / 2**30
         results["weights_gib"] = torch.cuda.memory_allocated(device) / 2**30
-    print(f"{card} | {args.preset} LoRA built in {results['model_build_s']:.1f} s | capacity {capacity_gib} GiB", file=sys.stderr)
+    print(
+        f"{card} | {args.preset} LoRA built in {results['model_build_s']:.1f} s | capacity {capacity_gib} GiB",
+        file=sys.stderr,
+    )
 
     def save() -> None:
         results["elapsed_s"] = time.perf_counter() - started
@@ -289,10 +301,8 @@ def main(argv: list[str] | None = None) -> int:
         prediction=predict_limit(results["trials"], capacity_gib or 0.0),
     )
     save()
-    print(f"\n| card | best max_length | bracket (ok, OOM) | trials | stop |\n|---|---|---|---|---|")
-    print(
-        f"| {card} | {lo if lo is None else f'{lo:,}'} | {lo}, {hi} | {len(results['trials'])} | {stop} |"
-    )
+    print("\n| card | best max_length | bracket (ok, OOM) | trials | stop |\n|---|---|---|---|---|")
+    print(f"| {card} | {lo if lo is None else f'{lo:,}'} | {lo}, {hi} | {len(results['trials'])} | {stop} |")
     for t in results["trials"]:
         print(
             f"  L={t['length']:,} {'ok ' if t['ok'] else 'OOM'} {t['seconds']:.1f} s "

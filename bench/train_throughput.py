@@ -73,7 +73,10 @@ from trainer.model import IXCModel, build_model  # noqa: E402
 from trainer.modelio import Loaded, apply_recipe  # noqa: E402
 from trainer.train import trainable_groups  # noqa: E402
 
-TOKENIZER_CANDIDATES = (REPO_ROOT / ".bench" / "tokenizer.model", REPO_ROOT.parent / "shared" / "ixc25" / "tokenizer.model")
+TOKENIZER_CANDIDATES = (
+    REPO_ROOT / ".bench" / "tokenizer.model",
+    REPO_ROOT.parent / "shared" / "ixc25" / "tokenizer.model",
+)
 MAX_LOADER_WORKERS = 4
 ANSWER_WORDS = (40, 80, 150, 250, 400)
 """Answer lengths in words (≈ 1.3 tokens each), drawn per answer."""
@@ -142,7 +145,12 @@ def make_sources(photos: list[Path], per_kind: int, seed: int) -> dict[str, list
 
 
 def build_shards(
-    work: Path, sources: dict[str, list[dict[str, Any]]], tokenizer: Path, hd_num: int, max_length: int, workers: int
+    work: Path,
+    sources: dict[str, list[dict[str, Any]]],
+    tokenizer: Path,
+    hd_num: int,
+    max_length: int,
+    workers: int,
 ) -> Path:
     """`xc-prep shard` over one JSON file per source; returns the shard folder."""
     lines = []
@@ -231,6 +239,18 @@ def measure_matmul_flops(device: torch.device) -> dict[str, Any]:
     return {"size": size, "dtype": str(dtype).removeprefix("torch."), "flops": 2 * size**3 / seconds}
 
 
+def package_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("torch", "transformers", "peft", "numpy", "pillow"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "missing"
+    return out
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -311,7 +331,9 @@ class Phase:
         return out
 
 
-def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter]) -> float:
+def optimizer_step(
+    loss: torch.Tensor, optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter]
+) -> float:
     loss.backward()
     torch.nn.utils.clip_grad_norm_(params, 1.0)
     optimizer.step()
@@ -423,7 +445,13 @@ def run_official(
         # --- the official dataset's __getitem__, in the training process, every epoch
         record = record_from_json(json.loads(record_json), work, f"{source} record")
         sample = build_sample(
-            record, tokenizer, source_name=source, file=source, index=i, hd_num=args.hd_num, max_length=args.max_length
+            record,
+            tokenizer,
+            source_name=source,
+            file=source,
+            index=i,
+            hd_num=args.hd_num,
+            max_length=args.max_length,
         )
         pixels = torch.from_numpy(normalize_float(sample.tiles))
         batch = collate([sample])  # B = 1: nothing to pad
@@ -546,7 +574,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-length", type=int, default=16384)
     parser.add_argument("--records", type=int, default=16, help="records per kind (single, multi, text)")
     parser.add_argument("--shard-workers", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--tokenizer", default=None, help="tokenizer.model, or 'tiny' (default for --preset tiny)")
+    parser.add_argument(
+        "--tokenizer", default=None, help="tokenizer.model, or 'tiny' (default for --preset tiny)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-official", action="store_true")
     parser.add_argument("--out-json", type=Path, default=None)
@@ -568,6 +598,7 @@ def main(argv: list[str] | None = None) -> int:
         if device.type == "cuda"
         else None,
         "torch": torch.__version__,
+        "versions": package_versions(),
         "cpus": os.cpu_count(),
         "preset": args.preset,
         "dtype": str(dtype).removeprefix("torch."),
@@ -591,14 +622,18 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             photos = make_photos(work / "photos")
             sources = make_sources(photos, args.records, args.seed)
-            out = build_shards(work, sources, tokenizer_path, args.hd_num, args.max_length, args.shard_workers)
+            out = build_shards(
+                work, sources, tokenizer_path, args.hd_num, args.max_length, args.shard_workers
+            )
             results["data_prep_s"] = time.perf_counter() - t0
             return out, sources
 
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             data_future = pool.submit(prepare)
             t0 = time.perf_counter()
-            model, optimizer, params, _ = build_lora_model(args.preset, device, dtype, tokenizer.vocab_size, args.seed)
+            model, optimizer, params, _ = build_lora_model(
+                args.preset, device, dtype, tokenizer.vocab_size, args.seed
+            )
             results["model_build_s"] = time.perf_counter() - t0
             shards, sources = data_future.result()
         results["model"] = {
@@ -610,7 +645,11 @@ def main(argv: list[str] | None = None) -> int:
         index = SampleIndex.load(shards)
         results["data"] = {
             "sources": {
-                s.name: {"records": len(sources[Path(s.path).stem]), "samples": s.samples_written, "rejected": s.rejected}
+                s.name: {
+                    "records": len(sources[Path(s.path).stem]),
+                    "samples": s.samples_written,
+                    "rejected": s.rejected,
+                }
                 for s in index.manifest.sources
             },
             "tokens_per_sample": float(index.num_tokens.mean()),
@@ -650,7 +689,8 @@ def main(argv: list[str] | None = None) -> int:
         if not args.skip_official:
             kept = kept_ids(index)
             by_kind = [
-                [(name, json.dumps(r)) for r in records if str(r["id"]) in kept] for name, records in sources.items()
+                [(name, json.dumps(r)) for r in records if str(r["id"]) in kept]
+                for name, records in sources.items()
             ]
             # single, multi, text, single, ...: every window of three steps sees each kind once
             interleaved = [r for group in itertools.zip_longest(*by_kind) for r in group if r is not None]
@@ -660,7 +700,9 @@ def main(argv: list[str] | None = None) -> int:
                 traceback.print_exc()
                 record(Phase("official", error=traceback.format_exc()))
 
-        ours, official = (next((p for p in results["phases"] if p["name"] == n), {}) for n in ("ours", "official"))
+        ours, official = (
+            next((p for p in results["phases"] if p["name"] == n), {}) for n in ("ours", "official")
+        )
         if ours.get("measured_steps") and official.get("measured_steps"):
             results["ratio"] = {
                 "tokens_per_s": ours["tokens_per_s"] / official["tokens_per_s"],

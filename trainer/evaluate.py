@@ -19,7 +19,7 @@ from schemas.sample import IGNORE_INDEX, Sample
 from schemas.shards import ShardReader
 from trainer.data import SampleIndex, collate
 from trainer.generate import generate
-from trainer.loss import segment_losses, token_losses
+from trainer.loss import segment_losses
 from trainer.modelio import load_for_inference
 
 STOP_PIECES = ("[UNUSED_TOKEN_145]", "</s>")
@@ -49,7 +49,7 @@ def evaluate(model_path: str | Path, shards: Path) -> dict[str, Any]:
         sample = _read(index, g)
         batch = collate([sample]).to(device)
         out = model(**batch.model_inputs())
-        losses = token_losses(out.hidden[0], model.output.weight, batch.targets[0])
+        losses = model.output(out.hidden[0], batch.targets[0], per_token=True)
         sums, counts = segment_losses(losses, batch.targets[0], batch.cu_seqlens)
         loss_sum, count = float(sums[0]), int(counts[0])
         per_sample.append(

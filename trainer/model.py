@@ -38,7 +38,7 @@ from transformers import CLIPVisionConfig, CLIPVisionModel
 from schemas.sample import MERGED_SIDE, TILE_SIZE, image_token_count
 from trainer import images
 from trainer.attention import cached_attention, resolve_backend, varlen_attention
-from trainer.loss import DEFAULT_CHUNK_TOKENS, chunked_cross_entropy
+from trainer.loss import DEFAULT_CHUNK_TOKENS, chunked_cross_entropy, token_losses
 
 END_OF_TURN_ID = 92542
 """`[UNUSED_TOKEN_145]` in the InternLM2 tokenizer: ends every turn, the stop token at inference."""
@@ -615,18 +615,57 @@ def assemble_image_tokens(
 # --------------------------------------------------------------------------- the model
 
 
-@dataclass
-class ModelOutput:
-    """What `IXCModel.forward` returns (B = 1)."""
+class ModelOutput(dict):
+    """What `IXCModel.forward` returns (B = 1), read as attributes.
 
-    hidden: torch.Tensor
-    """[1, T, hidden_size] final-normed hidden states (feed `trainer.loss` for per-sample losses)."""
-    loss_sum: torch.Tensor | None = None
-    """fp32 scalar: sum of the token losses over trained targets (when targets were given)."""
-    num_tokens: int | None = None
-    """Trained tokens behind loss_sum."""
-    logits: torch.Tensor | None = None
-    """[1, T, vocab] in the model dtype, only with return_logits=True (small inputs only)."""
+    A dict (like transformers' ModelOutput) because DeepSpeed ZeRO-3 looks for tensors in a
+    module's outputs to re-gather the module's own parameters (the separators) in backward.
+      hidden [1, T, hidden_size]  final-normed hidden states (feed `output` for per-sample losses)
+      loss_sum  fp32 scalar: sum of the token losses over trained targets (when targets were given)
+      num_tokens  trained tokens behind loss_sum
+      logits [1, T, vocab]  in the model dtype, only with return_logits=True (small inputs only)
+    """
+
+    def __init__(
+        self,
+        hidden: torch.Tensor,
+        loss_sum: torch.Tensor | None = None,
+        num_tokens: int | None = None,
+        logits: torch.Tensor | None = None,
+    ):
+        super().__init__(hidden=hidden, loss_sum=loss_sum, num_tokens=num_tokens, logits=logits)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        self[name] = value
+
+
+class LMHead(nn.Linear):
+    """The untied `output` projection. It computes the loss itself, inside its own forward, so that
+    ZeRO-3 (which gathers a module's weights only around that module's forward and backward) holds
+    the full weight while the chunked loss reads it.
+
+    forward(hidden [T, D]) -> logits [T, V]; with targets int64[T]: (loss sum fp32, trained tokens),
+    or with per_token=True the fp32[T] token losses (for evaluation, under no_grad).
+    """
+
+    def forward(  # type: ignore[override]
+        self,
+        hidden: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+        per_token: bool = False,
+    ) -> Any:
+        if targets is None:
+            return F.linear(hidden, self.weight)
+        if per_token:
+            return token_losses(hidden, self.weight, targets, chunk_tokens)
+        return chunked_cross_entropy(hidden, self.weight, targets, chunk_tokens)
 
 
 class IXCModel(nn.Module):
@@ -643,7 +682,7 @@ class IXCModel(nn.Module):
         super().__init__()
         self.config = config
         self.model = InternLM2Model(config)
-        self.output = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.output = LMHead(config.hidden_size, config.vocab_size, bias=False)
         self.vit = VisionTower(config)
         feat = config.image_feature_size
         self.vision_proj = nn.Sequential(
@@ -838,8 +877,8 @@ class IXCModel(nn.Module):
         hidden = self.decode(embeds, position_ids, cu_seqlens, max_seqlen, image_index)
         out = ModelOutput(hidden=hidden[None])
         if targets is not None:
-            out.loss_sum, out.num_tokens = chunked_cross_entropy(
-                hidden, self.output.weight, targets[0].to(hidden.device), self.chunk_tokens
+            out.loss_sum, out.num_tokens = self.output(
+                hidden, targets[0].to(hidden.device), self.chunk_tokens
             )
         if return_logits:
             out.logits = self.output(hidden)[None]

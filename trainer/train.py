@@ -33,7 +33,7 @@ from trainer import checkpoint as ckpt
 from trainer.config import TrainConfig, batch_layout, deepspeed_config, warmup_cosine
 from trainer.data import LoaderConfig, PackedBatch, PackedLoader, SampleIndex, TimedIterator
 from trainer.flops import peak_bf16_flops, step_flops
-from trainer.loss import segment_losses, token_losses
+from trainer.loss import segment_losses
 from trainer.model import IXCModel
 from trainer.modelio import load_for_training
 
@@ -184,7 +184,7 @@ def train_step(
         if per_source:
             with torch.no_grad():
                 unwrapped = engine.module
-                losses = token_losses(out.hidden[0].detach(), unwrapped.output.weight, batch.targets[0])
+                losses = unwrapped.output(out.hidden[0].detach(), batch.targets[0], per_token=True)
                 sums, counts = segment_losses(losses, batch.targets[0], batch.cu_seqlens)
             for (source, _, _), s, c in zip(batch.sample_keys, sums.tolist(), counts.tolist(), strict=True):
                 acc = source_sums.setdefault(source, [0.0, 0])
