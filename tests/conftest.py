@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -35,3 +36,38 @@ def ixc_dir(shared_dir: Path) -> Path:
 @pytest.fixture(scope="session")
 def real_tokenizer_path(ixc_dir: Path) -> Path:
     return ixc_dir / "tokenizer.model"
+
+
+TEXT_ANSWERS = [
+    "A packed row holds several samples, and attention never crosses from one to the next.",
+    "The loss is the mean over every trained token of the global batch.",
+    "Shards store uint8 tiles, so the GPU normalizes them and the loader never decodes images.",
+    "Every record ends in a shard or in the rejects report, never in between.",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_text_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Shards of 4 short text-only records (tiny tokenizer, max_length 128): 8 samples per epoch
+    at k 0.008, one per packed row, so a global batch of 2 gives 4 fast optimizer steps."""
+    from pipeline.cli import main as prep_main
+    from pipeline.tokenization import build_tiny_tokenizer
+
+    root = tmp_path_factory.mktemp("reliability_trainer")
+    records = [
+        {
+            "id": i,
+            "conversations": [
+                {"from": "human", "value": f"Question {i}: what holds?"},
+                {"from": "gpt", "value": a},
+            ],
+        }
+        for i, a in enumerate(TEXT_ANSWERS)
+    ]
+    (root / "text.json").write_text(json.dumps(records))
+    (root / "data.txt").write_text("text.json 0.008\n")
+    tokenizer = build_tiny_tokenizer(root / "tokenizer.model")
+    out = root / "shards"
+    argv = ["shard", str(root / "data.txt"), "--tokenizer", str(tokenizer), "--out", str(out)]
+    assert prep_main(argv + ["--max-length", "128", "--workers", "1"]) == 0
+    return out

@@ -14,42 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.cli import main as prep_main
-from pipeline.tokenization import build_tiny_tokenizer
 from trainer import checkpoint as ckpt
 from trainer.cli import main as train_main
 from trainer.model import IXCModel
 
 pytestmark = pytest.mark.slow
-
-ANSWERS = [
-    "A packed row holds several samples, and attention never crosses from one to the next.",
-    "The loss is the mean over every trained token of the global batch.",
-    "Shards store uint8 tiles, so the GPU normalizes them and the loader never decodes images.",
-    "Every record ends in a shard or in the rejects report, never in between.",
-]
-
-
-@pytest.fixture(scope="module")
-def text_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("reliability_trainer")
-    records = [
-        {
-            "id": i,
-            "conversations": [
-                {"from": "human", "value": f"Question {i}: what holds?"},
-                {"from": "gpt", "value": a},
-            ],
-        }
-        for i, a in enumerate(ANSWERS)
-    ]
-    (root / "text.json").write_text(json.dumps(records))
-    (root / "data.txt").write_text("text.json 0.008\n")
-    tokenizer = build_tiny_tokenizer(root / "tokenizer.model")
-    out = root / "shards"
-    argv = ["shard", str(root / "data.txt"), "--tokenizer", str(tokenizer), "--out", str(out)]
-    assert prep_main(argv + ["--max-length", "128", "--workers", "1"]) == 0
-    return out
 
 
 def run_args(shards: Path, out: Path, *extra: str) -> list[str]:
@@ -61,7 +30,7 @@ def run_args(shards: Path, out: Path, *extra: str) -> list[str]:
 
 
 def test_nan_loss_stops_naming_the_samples_and_keeps_the_last_checkpoint(
-    text_shards: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+    tiny_text_shards: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
     real_forward = IXCModel.forward
     calls = {"n": 0}
@@ -75,7 +44,7 @@ def test_nan_loss_stops_naming_the_samples_and_keeps_the_last_checkpoint(
 
     monkeypatch.setattr(IXCModel, "forward", forward)
     out = tmp_path / "run"
-    assert train_main(run_args(text_shards, out, "--epochs", "1")) == 1
+    assert train_main(run_args(tiny_text_shards, out, "--epochs", "1")) == 1
     err = capsys.readouterr().err
     assert "non-finite loss at epoch 0 step 2" in err and "samples (source, index, id)" in err
     assert "001-text" in err and "is intact" in err
@@ -83,13 +52,13 @@ def test_nan_loss_stops_naming_the_samples_and_keeps_the_last_checkpoint(
     assert [p.name for p in done][-1] == "step-00000002"
     # the last good checkpoint is usable: a rerun without the fault resumes from it and finishes
     monkeypatch.setattr(IXCModel, "forward", real_forward)
-    assert train_main(run_args(text_shards, out, "--epochs", "1", "--resume", "auto")) == 0
+    assert train_main(run_args(tiny_text_shards, out, "--epochs", "1", "--resume", "auto")) == 0
     err = capsys.readouterr().err
     assert "resumed from" in err and "at step 2" in err
 
 
 def test_nan_policy_skip_finishes_and_lists_the_skipped_samples(
-    text_shards: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_text_shards: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     real_forward = IXCModel.forward
     calls = {"n": 0}
@@ -103,14 +72,14 @@ def test_nan_policy_skip_finishes_and_lists_the_skipped_samples(
 
     monkeypatch.setattr(IXCModel, "forward", forward)
     out = tmp_path / "run"
-    assert train_main(run_args(text_shards, out, "--nan-policy", "skip", "--no-save-final")) == 0
+    assert train_main(run_args(tiny_text_shards, out, "--nan-policy", "skip", "--no-save-final")) == 0
     summary = json.loads((out / "train_summary.json").read_text())
     assert summary["skipped_samples"] and all(k[0] == "001-text" for k in summary["skipped_samples"])
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in summary["history"])
 
 
 def test_full_disk_during_a_checkpoint_is_a_clear_error_and_keeps_the_previous_one(
-    text_shards: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+    tiny_text_shards: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
     import deepspeed
 
@@ -127,7 +96,7 @@ def test_full_disk_during_a_checkpoint_is_a_clear_error_and_keeps_the_previous_o
 
     monkeypatch.setattr(deepspeed.DeepSpeedEngine, "save_checkpoint", save_checkpoint)
     out = tmp_path / "run"
-    assert train_main(run_args(text_shards, out, "--epochs", "2")) == 1
+    assert train_main(run_args(tiny_text_shards, out, "--epochs", "2")) == 1
     err = capsys.readouterr().err
     assert "No space left on device" in err and "step-00000001" in err and "is intact" in err
     assert [p.name for p in ckpt.complete_checkpoints(out)] == ["step-00000001"]
@@ -137,27 +106,27 @@ def test_full_disk_during_a_checkpoint_is_a_clear_error_and_keeps_the_previous_o
 
 
 def test_truncated_checkpoint_is_detected_naming_the_file(
-    text_shards: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+    tiny_text_shards: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     out = tmp_path / "run"
-    assert train_main(run_args(text_shards, out, "--no-save-final")) == 0
+    assert train_main(run_args(tiny_text_shards, out, "--no-save-final")) == 0
     latest = ckpt.complete_checkpoints(out)[-1]
     victim = max((p for p in (latest / "ds").rglob("*.pt")), key=lambda p: p.stat().st_size)
     victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
     with pytest.raises(ckpt.CheckpointError, match="truncated or damaged checkpoint") as e:
         ckpt.verify_checkpoint(latest)
     assert str(victim) in str(e.value)
-    assert train_main(run_args(text_shards, out, "--resume", str(latest))) == 1
+    assert train_main(run_args(tiny_text_shards, out, "--resume", str(latest))) == 1
     assert str(victim) in capsys.readouterr().err
 
 
 def test_corrupted_shard_stops_before_any_step(
-    text_shards: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+    tiny_text_shards: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     import shutil
 
     shards = tmp_path / "shards"
-    shutil.copytree(text_shards, shards)
+    shutil.copytree(tiny_text_shards, shards)
     victim = next(shards.rglob("*.arrow"))
     data = bytearray(victim.read_bytes())
     data[len(data) // 2] ^= 0xFF
