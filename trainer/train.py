@@ -34,8 +34,8 @@ from trainer.config import TrainConfig, batch_layout, deepspeed_config, warmup_c
 from trainer.data import LoaderConfig, PackedBatch, PackedLoader, SampleIndex, TimedIterator
 from trainer.flops import peak_bf16_flops, step_flops
 from trainer.loss import segment_losses
-from trainer.model import IXCModel
-from trainer.modelio import load_for_training
+from trainer.model import PRESETS, IXCModel
+from trainer.modelio import load_for_training, resolve_model_dir
 
 SUMMARY_FILE = "train_summary.json"
 
@@ -254,12 +254,13 @@ def train(cfg: TrainConfig, argv: list[str] | None = None) -> dict[str, Any]:
     index = SampleIndex.load(Path(cfg.shards), checksums=cfg.verify_checksums)
     manifest = index.manifest
 
-    # --- model (+ LoRA), frozen parts per recipe
+    # --- model (+ LoRA), frozen parts per recipe; the tokenizer is checked before the weights load
+    # (presets are built from the shards' own tokenizer)
+    check_fingerprint(manifest, None if cfg.model in PRESETS else resolve_model_dir(cfg.model), cfg)
     if d.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
         ckpt.remove_partials(output_dir)
     loaded = load_for_training(cfg, manifest_dir=Path(cfg.shards), output_dir=output_dir, dtype=dtype, d=d)
-    check_fingerprint(manifest, loaded.base_dir, cfg)
     model: IXCModel = loaded.model
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
