@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -474,8 +473,3 @@ def _plot_loss(history: list[dict[str, Any]], path: Path) -> None:
     fig.savefig(tmp)
     plt.close(fig)
     os.replace(tmp, path)
-
-
-def copy_tokenizer(src_dir: Path, dst_dir: Path) -> None:
-    if (src_dir / TOKENIZER_NAME).is_file() and not (dst_dir / TOKENIZER_NAME).is_file():
-        shutil.copy2(src_dir / TOKENIZER_NAME, dst_dir / TOKENIZER_NAME)
