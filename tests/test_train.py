@@ -342,7 +342,7 @@ def test_full_finetune_overfits_and_generate_reproduces_answers(overfit_shards: 
     argv += ["--learning-rate", "2e-2", "--weight-decay", "0", "--global-batch-size", "1"]
     summary, _ = run_train(argv + ["--no-gradient-checkpointing"])
     assert summary["steps"] == 60
-    print(f"overfit: loss {losses(summary)[0]:.3f} -> {summary['final_loss']:.4f} in 60 steps"); print([round(h["step_s"], 2) for h in summary["history"]])
+    print(f"overfit: loss {losses(summary)[0]:.3f} -> {summary['final_loss']:.4f} in 60 steps")
     assert summary["final_loss"] < 0.05, losses(summary)
     final = out / "final"
     assert safetensors_dict(final).keys() == safetensors_dict(base).keys()  # every official key
@@ -526,6 +526,7 @@ def test_cli_refuses_conflicting_deepspeed_json_and_foreign_tokenizer(
     assert xc_train(argv) == 2
     err = capsys.readouterr().err
     assert f"{user}: gradient_accumulation_steps is 4 but the config derives 2" in err
+    assert not (tmp_path / "a").exists(), "refused only after loading"
 
     # A model folder whose tokenizer is not the one the shards were made with.
     model_dir = tmp_path / "model"
@@ -537,3 +538,8 @@ def test_cli_refuses_conflicting_deepspeed_json_and_foreign_tokenizer(
     err = capsys.readouterr().err
     assert "were tokenized with another tokenizer" in err and f"--tokenizer {model_dir}" in err
     assert not (tmp_path / "b" / "checkpoints").exists()
+
+    # `--model tiny` reuses the base an earlier run left in output-dir: it is checked the same way.
+    shutil.copytree(model_dir, tmp_path / "c" / "base")
+    assert xc_train(train_argv(shards, tmp_path / "c")) == 2
+    assert "were tokenized with another tokenizer" in capsys.readouterr().err

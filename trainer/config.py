@@ -172,7 +172,10 @@ def deepspeed_config(cfg: TrainConfig, *, world_size: int, bf16: bool) -> dict[s
         "gradient_clipping": cfg.max_grad_norm,
     }
     if cfg.deepspeed is not None:
-        user = json.loads(Path(cfg.deepspeed).read_text())
+        try:
+            user = json.loads(Path(cfg.deepspeed).read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--deepspeed {cfg.deepspeed}: not a JSON file ({e})") from e
         for key, value in derived.items():
             if user.get(key, "auto") not in ("auto", value):
                 raise ValueError(

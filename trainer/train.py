@@ -34,7 +34,7 @@ from trainer.data import LoaderConfig, PackedBatch, PackedLoader, SampleIndex, T
 from trainer.flops import peak_bf16_flops, step_flops
 from trainer.loss import segment_losses
 from trainer.model import PRESETS, IXCModel
-from trainer.modelio import load_for_training, resolve_model_dir
+from trainer.modelio import BASE_DIR_NAME, load_for_training, resolve_model_dir
 
 SUMMARY_FILE = "train_summary.json"
 
@@ -66,6 +66,11 @@ def setup_distributed() -> Dist:
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if "MASTER_ADDR" not in os.environ:  # no launcher: a group of one on this machine
+        if world_size != 1:
+            raise ValueError(
+                f"WORLD_SIZE is {world_size} but MASTER_ADDR is not set: start the ranks with `deepspeed` "
+                "or `torchrun`, or set MASTER_ADDR/MASTER_PORT/RANK/LOCAL_RANK for every rank"
+            )
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     cuda = torch.cuda.is_available()
@@ -248,14 +253,20 @@ def train(cfg: TrainConfig, argv: list[str] | None = None) -> dict[str, Any]:
     global_batch, accumulation = batch_layout(cfg.global_batch_size, d.world_size)
     bf16 = d.device.type == "cuda"
     dtype = torch.bfloat16 if bf16 else torch.float32
+    # Derived now, so that a conflicting --deepspeed file is refused before anything loads.
+    ds_config = deepspeed_config(cfg, world_size=d.world_size, bf16=bf16)
 
     # --- shards: verified against the manifest before any step uses them
     index = SampleIndex.load(Path(cfg.shards), checksums=cfg.verify_checksums)
     manifest = index.manifest
 
     # --- model (+ LoRA), frozen parts per recipe; the tokenizer is checked before the weights load
-    # (presets are built from the shards' own tokenizer)
-    check_fingerprint(manifest, None if cfg.model in PRESETS else resolve_model_dir(cfg.model), cfg)
+    # (presets are built from the shards' own tokenizer, but a tiny base that an earlier run left in
+    # output-dir is reused: it is checked like a folder)
+    model_dir = None if cfg.model in PRESETS else resolve_model_dir(cfg.model)
+    if cfg.model == "tiny":
+        model_dir = output_dir / BASE_DIR_NAME
+    check_fingerprint(manifest, model_dir, cfg)
     if d.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
         ckpt.remove_partials(output_dir)
@@ -278,7 +289,6 @@ def train(cfg: TrainConfig, argv: list[str] | None = None) -> dict[str, Any]:
         betas=(cfg.adam_beta1, cfg.adam_beta2),
         fused=d.device.type == "cuda",
     )
-    ds_config = deepspeed_config(cfg, world_size=d.world_size, bf16=bf16)
     ds_config["zero_allow_untested_optimizer"] = True  # torch's (fused) AdamW under ZeRO
     resume_from = ckpt.resolve_resume(output_dir, cfg.resume)
     if resume_from is not None and ckpt.needs_universal(ckpt.verify_checkpoint(resume_from), d.world_size):
