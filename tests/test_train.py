@@ -44,8 +44,10 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 MAX_LENGTH = 2048
 HD_NUM = 1
 DIST_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
-LOSS_RTOL = 1e-4
-"""Relative tolerance between fp32 runs that should follow the same path (1 vs 2 ranks, resume)."""
+LOSS_RTOL = 1e-5
+"""Relative tolerance between fp32 runs that follow the same path (1 vs 2 ranks, resume): only the
+order of float sums may differ. Dropout masks drawn per rank (not per micro-batch) already differ
+by ~1e-4 after three LoRA steps on this data."""
 FIVE_LINEAR_WEIGHT = re.compile(r"^model\.layers\.\d+\.(attention\.(wqkv|wo)|feed_forward\.w[123])\.weight$")
 ADAPTER_KEY = re.compile(
     r"^base_model\.model\.model\.layers\.(\d+)\.(attention\.(wqkv|wo)|feed_forward\.w[123])\.lora_[AB]\.weight$"
@@ -187,7 +189,7 @@ def losses(summary: dict) -> np.ndarray:
 
 
 def assert_same_losses(actual: dict, expected: dict) -> float:
-    """Same steps, losses within LOSS_RTOL; returns the largest relative difference."""
+    """Same steps, losses within LOSS_RTOL; returns the largest relative difference (measured: 0)."""
     assert [h["step"] for h in actual["history"]] == [h["step"] for h in expected["history"]]
     a, e = losses(actual), losses(expected)
     rel = float(np.max(np.abs(a - e) / np.abs(e)))
@@ -293,12 +295,15 @@ def test_lora_adapter_loads_with_peft_and_merges_exactly(
     from_peft = logits(PeftModel.from_pretrained(load_model(base), str(adapter)), batch)
     for got in (from_ours, from_auto, from_peft):
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    diffs = [f"{(g - expected).abs().max():.1e}" for g in (from_ours, from_auto, from_peft)]
     assert (expected - logits(load_model(base), batch)).abs().max() > 1e-4, "LoRA changed nothing"
 
     # --- xc-merge: the adapter model's outputs; untouched tensors bit-identical
     merged = tmp_path / "merged"
     assert xc_merge(["--adapter", str(adapter), "--out", str(merged)]) == 0
-    torch.testing.assert_close(logits(load_model(merged), batch), expected, atol=1e-5, rtol=1e-5)
+    from_merged = logits(load_model(merged), batch)
+    torch.testing.assert_close(from_merged, expected, atol=1e-5, rtol=1e-5)
+    diffs.append(f"{(from_merged - from_auto).abs().max():.1e}")
     merged_tensors = safetensors_dict(merged)
     assert merged_tensors.keys() == base_tensors.keys()
     changed = sorted(k for k in base_tensors if FIVE_LINEAR_WEIGHT.match(k))
@@ -310,16 +315,14 @@ def test_lora_adapter_loads_with_peft_and_merges_exactly(
 
     # --- eval and generate run on the adapter folder
     capsys.readouterr()
-    assert (
-        xc_train(
-            ["eval", "--model", str(adapter), "--shards", str(shards), "--json", str(tmp_path / "e.json")]
-        )
-        == 0
-    )
-    result = json.loads((tmp_path / "e.json").read_text())
+    eval_json = tmp_path / "eval.json"
+    assert xc_train(["eval", "--model", str(adapter), "--shards", str(shards), "--json", str(eval_json)]) == 0
+    result = json.loads(eval_json.read_text())
     assert result["samples"] == 6 and np.isfinite(result["mean_loss"])
     assert xc_train(["generate", "--model", str(adapter), "--shards", str(shards), "--sample", "4"]) == 0
     assert "generated:" in capsys.readouterr().out
+    with capsys.disabled():
+        print(f"\nlogits max |diff| vs in-memory (ours, Auto, PEFT), merged vs adapter: {diffs}")
 
 
 # --------------------------------------------------------------------------- overfit
