@@ -380,13 +380,7 @@ def run_ours(
                 reset_peak(device)
             batch = next(timed).to(device)
             out = model(
-                input_ids=batch.input_ids,
-                position_ids=batch.position_ids,
-                cu_seqlens=batch.cu_seqlens,
-                max_seqlen=batch.max_seqlen,
-                tiles=batch.tiles,
-                image_grids=batch.image_grids,
-                image_starts=batch.image_starts,
+                **batch.model_inputs(),
                 targets=batch.targets,
             )
             loss = optimizer_step(out.loss_sum / max(1, out.num_tokens or 0), optimizer, params)
@@ -459,13 +453,7 @@ def run_official(
         pixels = pixels.to(device)  # the float copy the official code makes (the model reads the uint8 tiles)
         batch = batch.to(device)
         out = model(
-            input_ids=batch.input_ids,
-            position_ids=batch.position_ids,
-            cu_seqlens=batch.cu_seqlens,
-            max_seqlen=batch.max_seqlen,
-            tiles=batch.tiles,
-            image_grids=batch.image_grids,
-            image_starts=batch.image_starts,
+            **batch.model_inputs(),
             return_logits=True,
         )
         logits = out.logits[0].float()  # [T, V] fp32, as the official model's forward

@@ -210,13 +210,7 @@ def logits(model: Any, batch: PackedBatch) -> torch.Tensor:
     model.eval()
     with torch.no_grad():
         out = model(
-            input_ids=batch.input_ids,
-            position_ids=batch.position_ids,
-            cu_seqlens=batch.cu_seqlens,
-            max_seqlen=batch.max_seqlen,
-            tiles=batch.tiles,
-            image_grids=batch.image_grids,
-            image_starts=batch.image_starts,
+            **batch.model_inputs(),
             return_logits=True,
         )
     return out.logits
