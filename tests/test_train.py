@@ -393,8 +393,9 @@ def test_two_ranks_match_one_rank(shards: Path, tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("kill_at", ["after_checkpoint", "during_checkpoint_write"])
 def test_sigkill_then_resume_gives_the_uninterrupted_loss_curve(
-    shards: Path, tmp_path: Path, capfd: pytest.CaptureFixture
+    shards: Path, tmp_path: Path, capfd: pytest.CaptureFixture, kill_at: str
 ) -> None:
     common = ["--recipe", "lora", "--learning-rate", "2e-3", "--epochs", "8"]
     out = tmp_path / "run"
@@ -407,11 +408,13 @@ def test_sigkill_then_resume_gives_the_uninterrupted_loss_curve(
         stderr=subprocess.PIPE,
     )
     target = ckpt.checkpoint_root(out) / "step-00000002"
+    if kill_at == "during_checkpoint_write":  # the moment the step-3 checkpoint starts being written
+        target = ckpt.checkpoint_root(out) / f"step-00000003{ckpt.PARTIAL_SUFFIX}"
     deadline = time.monotonic() + 180
     try:
         while not target.is_dir() and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert target.is_dir(), f"no checkpoint at step 2: {proc.poll()=}"
+            time.sleep(0.005)
+        assert target.is_dir(), f"never saw {target.name}: {proc.poll()=}"
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
     finally:
@@ -422,7 +425,8 @@ def test_sigkill_then_resume_gives_the_uninterrupted_loss_curve(
 
     # A half-written checkpoint (even one holding a state file) is never resumed from.
     done = ckpt.complete_checkpoints(out)
-    assert done and target in done and all(not p.name.endswith(ckpt.PARTIAL_SUFFIX) for p in done)
+    assert done and all(not p.name.endswith(ckpt.PARTIAL_SUFFIX) for p in done)
+    assert ckpt.checkpoint_root(out) / "step-00000002" in done
     partial = ckpt.checkpoint_root(out) / f"step-00000007{ckpt.PARTIAL_SUFFIX}"
     partial.mkdir(exist_ok=True)
     (partial / ckpt.STATE_FILE).write_text(json.dumps({"step": 7}))
