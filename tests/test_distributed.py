@@ -83,3 +83,18 @@ def test_zero3_on_two_ranks_trains_like_zero2_and_saves_a_full_checkpoint(
     assert losses(out) == pytest.approx(reference, rel=1e-4)
     model = load_model(out / "final")  # every key gathered from the partitions, official layout
     assert model.output.weight.shape[0] > 0
+
+
+def test_deepspeed_launcher_runs_the_same_training(
+    tiny_text_shards: Path, tmp_path: Path, reference: list[float]
+) -> None:
+    """`deepspeed --num_gpus 2 --module trainer.cli ...` (it appends --local_rank) gives the same run."""
+    out = tmp_path / "run"
+    cmd = [
+        sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
+        "--module", "trainer.cli", *args(tiny_text_shards, out, "--no-save-final"),
+    ]  # fmt: skip
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    assert losses(out) == pytest.approx(reference, rel=1e-4)
