@@ -190,7 +190,8 @@ def test_rerun_of_finished_folder_is_a_noop(dataset: Dataset, clean: Path, tmp_p
     assert tree_bytes(out) == tree_bytes(clean)
 
 
-def test_kill_9_then_rerun_equals_a_clean_run(dataset: Dataset, tmp_path: Path, capsys) -> None:
+@pytest.mark.parametrize("kill_at", ["first_sidecar", "random_0", "random_1", "random_2"])
+def test_kill_9_then_rerun_equals_a_clean_run(dataset: Dataset, tmp_path: Path, capsys, kill_at: str) -> None:
     # Larger photos at a higher hd_num, one unit per 2 records: long enough to be killed mid-run.
     photo = np.asarray(Image.open(dataset.dir / "images" / "coffee.jpg"))
     big = tmp_path / "big"
@@ -204,25 +205,37 @@ def test_kill_9_then_rerun_equals_a_clean_run(dataset: Dataset, tmp_path: Path, 
     ds = Dataset(big, dataset.tokenizer)
     extra = ("--hd-num", "6", "--samples-per-shard", "2")
 
+    started = time.monotonic()
     assert run_shard(ds, tmp_path / "clean", *extra) == 0
+    clean_s = time.monotonic() - started
     killed = tmp_path / "killed"
     argv = [sys.executable, "-m", "pipeline.cli", *shard_argv(ds, killed), *extra]
     proc = subprocess.Popen(
         argv, cwd=big, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     first_sidecar = killed / ".work" / "001-big" / "shard-00000.json"
-    deadline = time.monotonic() + KILL_TIMEOUT_S
-    while not first_sidecar.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.002)
+    if kill_at == "first_sidecar":
+        deadline = time.monotonic() + KILL_TIMEOUT_S
+        while not first_sidecar.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.002)
+    else:  # a seeded random moment: start-up, mid-unit, between units or while finishing
+        seed = int(kill_at.removeprefix("random_"))
+        time.sleep(float(np.random.default_rng(seed).uniform(0.5, 1.5 + clean_s)))
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert first_sidecar.exists(), "the run never finished its first unit"
-    assert not (killed / "manifest.json").exists(), "the run finished before it could be killed"
+    if kill_at == "first_sidecar":
+        assert first_sidecar.exists(), "the run never finished its first unit"
+        assert not (killed / "manifest.json").exists(), "the run finished before it could be killed"
+    if not (killed / "manifest.json").exists():
+        assert verify_shards(killed) != [], "an interrupted folder must never pass for a complete one"
 
     capsys.readouterr()
     assert run_shard(ds, killed, *extra) == 0
-    assert "work units reused" in capsys.readouterr().out
+    if kill_at == "first_sidecar":
+        assert "work units reused" in capsys.readouterr().out
     assert tree_bytes(killed) == tree_bytes(tmp_path / "clean")
+    source = json.loads((killed / "manifest.json").read_text())["sources"][0]
+    assert source["records_read"] == source["samples_written"] + source["rejected"] == 12
 
 
 def test_damaged_shard_is_rebuilt_on_rerun(dataset: Dataset, clean: Path, tmp_path: Path) -> None:
