@@ -243,9 +243,9 @@ class SourceInput:
 def validate_options(config: ShardConfig) -> ValidateOptions:
     """The options `xc-prep validate` would get for these settings.
 
-    Images are not decoded during the checks (decode_images=False) because build_sample decodes
-    every one anyway with the same `load_rgb`, so a damaged image is still rejected as
-    `image_corrupt`, at half the decoding cost.
+    Media are not decoded during the checks (decode_images=False) because build_sample decodes
+    every one anyway with the same `load_rgb` / `read_frames`, so a damaged image or video is
+    still rejected (`image_corrupt`, `video_unreadable`), at half the decoding cost.
     """
     return ValidateOptions(
         hd_num=config.hd_num,

@@ -206,7 +206,8 @@ class ValidateOptions:
     layout: Layout = "official"
     """Token layout: official (training; <s> after a leading image) or inference (<s> first)."""
     decode_images: bool = True
-    """Decode every image fully (finds truncated files); False reads headers only."""
+    """Decode every image and the sampled video frames (finds truncated files); False reads
+    headers and metadata only."""
     allow_path: tuple[Path, ...] = ()
     """Extra folders media files may lie in, besides the current directory and the JSON file's folder."""
     allow_any_path: bool = False
@@ -386,8 +387,7 @@ def dumps_json(obj: Any, **kwargs: Any) -> str:
     JSON input may hold lone UTF-16 surrogates ("\\ud800" escapes); a record id carries them into
     findings. They are written back as the same escapes, which every JSON reader decodes again.
     """
-    text = json.dumps(obj, ensure_ascii=False, **kwargs)
-    return _LONE_SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+    return _escape_surrogates(json.dumps(obj, ensure_ascii=False, **kwargs))
 
 
 def _json_type(value: Any) -> str:
@@ -580,7 +580,7 @@ def _check_conversations(raw: dict[str, Any], add: AddFinding) -> list[tuple[Rol
             if actual != expected:
                 add(
                     "turn_order",
-                    f"conversations[{t}] is {'a user' if role == 'user' else 'an assistant'} turn where "
+                    f"conversations[{t}] is {'a user' if actual == 'user' else 'an assistant'} turn where "
                     f"{'a user' if expected == 'user' else 'an assistant'} turn is expected",
                 )
                 break
@@ -715,7 +715,7 @@ def probe_media(
         return cached
     try:
         if is_video:
-            probe = _probe_video(path, max_image_pixels, max_video_seconds)
+            probe = _probe_video(path, max_image_pixels, max_video_seconds, decode)
         else:
             size = probe_image_size(path, max_image_pixels)
             if decode:
@@ -729,9 +729,9 @@ def probe_media(
     return probe
 
 
-def _probe_video(path: Path, max_image_pixels: int, max_video_seconds: float) -> MediaProbe:
-    """Check length and frame size from the metadata, then decode the frames training would use
-    (1 fps, at most 32) and compute the strip's grid."""
+def _probe_video(path: Path, max_image_pixels: int, max_video_seconds: float, decode: bool) -> MediaProbe:
+    """Check length and frame size from the metadata, then (with `decode`) decode the frames
+    training would use (1 fps, at most 32); the strip's grid comes from the metadata."""
     from pipeline import video  # decord is slow to import: only records with videos pay for it
 
     info = video.probe_video(path)  # frame count and fps from the container; decodes frame 0 only
@@ -748,8 +748,9 @@ def _probe_video(path: Path, max_image_pixels: int, max_video_seconds: float) ->
             f"its {info.width}×{info.height} frames have more than --max-image-pixels "
             f"{max_image_pixels:,} pixels each (refused before decoding the sampled frames)",
         )
-    video.read_frames(path)
-    return MediaProbe("video", grid=video.video_grid(path))
+    if decode:  # `xc-prep shard` skips this: building the sample decodes the same frames
+        video.read_frames(path)
+    return MediaProbe("video", grid=video.strip_grid(info))
 
 
 def _check_media(

@@ -145,7 +145,11 @@ def _strip_size(canvas_w: int, canvas_h: int) -> tuple[tuple[int, int], tuple[in
 
 def video_grid(path: Path) -> tuple[int, int]:
     """(rows, cols) of the video's strip, from its metadata (one frame decoded)."""
-    info = probe_video(path)
+    return strip_grid(probe_video(path))
+
+
+def strip_grid(info: VideoInfo) -> tuple[int, int]:
+    """(rows, cols) of the strip of a video with this metadata."""
     num_frames = len(sample_frame_indices(info.frames, info.fps))
     _, (padded_w, padded_h) = _strip_size(*_canvas_size(num_frames, info.width, info.height))
     return padded_h // TILE_SIZE, padded_w // TILE_SIZE

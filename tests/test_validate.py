@@ -433,6 +433,14 @@ def test_special_strings_each_flagged(tmp_path: Path):
     assert [[f.code for f in r.findings] for r in check.records] == [["special_token"]] * len(SPECIAL_STRINGS)
 
 
+def test_turn_order_message_names_the_actual_role(tmp_path: Path):
+    turns = [{"from": "human", "value": "a"}, {"from": "human", "value": "b"}, {"from": "gpt", "value": "c"}]
+    check = check_source(_source(tmp_path, [{"id": 0, "conversations": turns}]), ValidateOptions())
+    (finding,) = check.records[0].findings
+    assert finding.code == "turn_order"
+    assert finding.message == "conversations[1] is a user turn where an assistant turn is expected"
+
+
 def _source(tmp_path: Path, records: list[Any], name: str = "s.json") -> Source:
     path = tmp_path / name
     path.write_text(json.dumps(records))

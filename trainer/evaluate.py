@@ -32,21 +32,26 @@ def _device_dtype() -> tuple[torch.device, torch.dtype]:
     return torch.device("cpu"), torch.float32
 
 
-def _read(index: SampleIndex, g: int) -> Sample:
+def _read(index: SampleIndex, g: int, readers: dict[int, ShardReader] | None = None) -> Sample:
+    """Stored sample g; `readers` (shard number -> open reader) keeps each shard mapped once."""
     if not 0 <= g < len(index):
         raise IndexError(f"sample {g} is out of range: {index.shards_dir} holds {len(index)} samples")
-    path = index.shards_dir / index.shard_files[int(index.sample_shard[g])]
-    return ShardReader(path).read(int(index.sample_row[g]))
+    shard = int(index.sample_shard[g])
+    readers = {} if readers is None else readers
+    if shard not in readers:
+        readers[shard] = ShardReader(index.shards_dir / index.shard_files[shard])
+    return readers[shard].read(int(index.sample_row[g]))
 
 
 @torch.no_grad()
 def evaluate(model_path: str | Path, shards: Path) -> dict[str, Any]:
     device, dtype = _device_dtype()
+    index = SampleIndex.load(Path(shards), checksums=False)  # before the model: bad shards fail fast
     model = load_for_inference(model_path, dtype=dtype, device=device)
-    index = SampleIndex.load(Path(shards), checksums=False)
+    readers: dict[int, ShardReader] = {}
     per_sample = []
     for g in range(len(index)):
-        sample = _read(index, g)
+        sample = _read(index, g, readers)
         batch = collate([sample]).to(device)
         out = model(**batch.model_inputs())
         losses = model.output(out.hidden[0], batch.targets[0], per_token=True)
@@ -90,9 +95,10 @@ def format_eval(result: dict[str, Any]) -> str:
         )
     for source, loss in result["per_source"].items():
         lines.append(f"source {source}: mean loss {loss:.4f}")
+    mean_sample = result["mean_sample_loss"]
     lines.append(
         f"{result['samples']} samples | mean loss (token-weighted) {result['mean_loss']:.4f} | "
-        f"mean per-sample loss {result['mean_sample_loss']:.4f}"
+        f"mean per-sample loss {'n/a' if mean_sample is None else f'{mean_sample:.4f}'}"
     )
     return "\n".join(lines)
 
@@ -117,12 +123,12 @@ def generate_for_sample(
     import sentencepiece as spm
 
     device, dtype = _device_dtype()
-    model = load_for_inference(model_path, dtype=dtype, device=device)
     index = SampleIndex.load(Path(shards), checksums=False)
+    sample = _read(index, g)  # before the model: an out-of-range --sample fails fast
+    model = load_for_inference(model_path, dtype=dtype, device=device)
     sp = spm.SentencePieceProcessor(model_file=str(Path(shards) / TOKENIZER_NAME))
     if stop_ids is None:
         stop_ids = [i for i in map(sp.piece_to_id, STOP_PIECES) if i != sp.unk_id()]
-    sample = _read(index, g)
     trained = np.flatnonzero(sample.labels != IGNORE_INDEX)
     cut = int(trained[0])
     answer_end = cut
