@@ -63,7 +63,11 @@ from typing import Any
 from pipeline.media import DEFAULT_MAX_IMAGE_PIXELS
 from pipeline.sources import DataTxtError, parse_data_txt
 from pipeline.validate import (
+    DEFAULT_HD_NUM,
+    DEFAULT_MAX_LENGTH,
     DEFAULT_MAX_VIDEO_SECONDS,
+    LAYOUTS,
+    STYLES,
     RecordCheck,
     ValidateOptions,
     add_media_policy_arguments,
@@ -90,14 +94,10 @@ from schemas.sample import Layout, Style
 
 DEFAULT_DATA_TXT = Path("data.txt")
 DEFAULT_OUT = Path("shards")
-DEFAULT_HD_NUM = 18
-DEFAULT_MAX_LENGTH = 16384
 DEFAULT_SAMPLES_PER_SHARD = 256
 DEFAULT_TILE_CODEC = "raw"
 TILE_CODEC_CHOICES = ("raw", "png")
 """Mirrors schemas.shards.TILE_CODECS (not imported here: pyarrow would slow every `xc-prep` start)."""
-STYLES = ("train", "infer")
-LAYOUTS = ("official", "inference")
 
 WORK_DIR = ".work"
 PLAN_NAME = "plan.json"

@@ -65,6 +65,8 @@ from pipeline.media import (
     within_roots,
 )
 from pipeline.sources import DataTxtError, parse_data_txt
+from pipeline.template import DEFAULT_MAX_LENGTH, LAYOUTS
+from pipeline.tiling import DEFAULT_HD_NUM, STYLES
 from schemas.record import (
     IMAGE_PLACEHOLDER,
     Record,
@@ -77,13 +79,9 @@ from schemas.record import (
 from schemas.report import Finding, Report, Severity, SourceSummary
 from schemas.sample import IGNORE_INDEX, Layout, Style
 
-DEFAULT_HD_NUM = 18
-DEFAULT_MAX_LENGTH = 16384
 DEFAULT_MAX_VIDEO_SECONDS = 7200.0
 """Two hours: longer is almost surely a mistake; only 32 frames are ever decoded, but the frame
 index and the 1-fps sampling list grow with the length."""
-STYLES = ("train", "infer")
-LAYOUTS = ("official", "inference")
 
 RECORD_KEYS = frozenset({"id", "conversations", "image"})
 TURN_KEYS = frozenset({"from", "value"})

@@ -490,6 +490,13 @@ def test_config_file_then_flags(tmp_path: Path) -> None:
         parse("--config", str(json_file))
 
 
+def test_malformed_config_file_is_a_usage_error_not_a_traceback(tmp_path: Path, capsys) -> None:
+    yaml_file = tmp_path / "c.yaml"
+    yaml_file.write_text("shards: [s\n")
+    assert xc_train(["--config", str(yaml_file)]) == 2
+    assert f"{yaml_file}: not valid YAML" in capsys.readouterr().err
+
+
 def test_deepspeed_config_derives_batch_fields_and_refuses_conflicts(tmp_path: Path) -> None:
     cfg = TrainConfig(shards=Path("s"), global_batch_size=16, zero_stage=3).resolve()
     ds = deepspeed_config(cfg, world_size=2, bf16=False)

@@ -175,6 +175,7 @@ def _universal_dir(path: Path) -> Path:
 def convert_to_universal(path: Path) -> Path:
     """Rank 0: DeepSpeed's ds_to_universal of the checkpoint's ZeRO state, written atomically once."""
     target = _universal_dir(path)
+    failed = None
     if _rank() == 0 and not target.is_dir():
         partial = target.with_name(target.name + PARTIAL_SUFFIX)
         shutil.rmtree(partial, ignore_errors=True)
@@ -185,12 +186,16 @@ def convert_to_universal(path: Path) -> Path:
         ]  # fmt: skip
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
-            raise CheckpointError(
-                f"{path}: converting to DeepSpeed's universal format for a resume on another number "
-                f"of ranks failed:\n{done.stderr[-2000:]}"
-            )
-        os.replace(partial, target)
+            failed = done.stderr[-2000:]
+        else:
+            os.replace(partial, target)
+    # Every rank reaches the barrier, then every rank fails (no rank waits for one that raised).
     _barrier()
+    if failed is not None or not target.is_dir():
+        raise CheckpointError(
+            f"{path}: converting to DeepSpeed's universal format for a resume on another number "
+            f"of ranks failed" + (f":\n{failed}" if failed is not None else " (see rank 0's message)")
+        )
     return target
 
 

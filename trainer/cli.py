@@ -61,7 +61,7 @@ def run_train(args: argparse.Namespace, argv: list[str] | None) -> int:
         except (LoaderConfigError, ValueError) as e:
             print(f"xc-train: error: {e}", file=sys.stderr)
             return 1 if isinstance(e, ShardDataError) else 2
-        except FileNotFoundError as e:
+        except OSError as e:
             print(f"xc-train: error: {e}", file=sys.stderr)
             return 1
         return 0
@@ -70,7 +70,7 @@ def run_train(args: argparse.Namespace, argv: list[str] | None) -> int:
     except (TrainingHalted, CheckpointError) as e:
         print(f"xc-train: stopped: {e}", file=sys.stderr)
         return 1
-    except (ShardDataError, FileNotFoundError) as e:
+    except (ShardDataError, OSError) as e:  # OSError: a missing file, a full disk, no permission
         print(f"xc-train: error: {e}", file=sys.stderr)
         return 1
     except (LoaderConfigError, ValueError) as e:
@@ -99,12 +99,12 @@ def run_eval(argv: list[str]) -> int:
         return int(e.code or 0)
     try:
         result = evaluate(args.model, args.shards)
-    except (ShardDataError, FileNotFoundError, ValueError) as e:
+        print(format_eval(result))
+        if args.json:
+            args.json.write_text(json.dumps(result, indent=2) + "\n")
+    except (ShardDataError, OSError, ValueError) as e:
         print(f"xc-train eval: error: {e}", file=sys.stderr)
         return 1
-    print(format_eval(result))
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
     return 0
 
 
@@ -140,7 +140,7 @@ def run_generate(argv: list[str]) -> int:
             top_p=args.top_p,
             seed=args.seed,
         )
-    except (ShardDataError, FileNotFoundError, ValueError, IndexError) as e:
+    except (ShardDataError, OSError, ValueError, IndexError) as e:
         print(f"xc-train generate: error: {e}", file=sys.stderr)
         return 1
     print(f"sample {args.sample} ({result['source']} #{result['index']}, id {result['id']!r})")

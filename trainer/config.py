@@ -272,9 +272,15 @@ def load_config_file(path: Path) -> dict[str, Any]:
     if Path(path).suffix.lower() in (".yaml", ".yml"):
         import yaml
 
-        data = yaml.safe_load(text) or {}
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:  # not a ValueError: the CLI would print a traceback
+            raise ValueError(f"{path}: not valid YAML ({e})") from e
     else:
-        data = json.loads(text)
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from e
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a mapping of TrainConfig fields, got {type(data).__name__}")
     return {k.replace("-", "_"): v for k, v in data.items()}

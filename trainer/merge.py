@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with torch.no_grad():
             merge(args.adapter, args.base, args.out, overwrite=args.overwrite)
-    except (FileNotFoundError, CheckpointError, ValueError) as e:
+    except (OSError, CheckpointError, ValueError) as e:  # OSError: missing folder, full disk, ...
         print(f"xc-merge: error: {e}", file=sys.stderr)
         return 1
     print(f"merged {args.adapter} into {args.out}")

@@ -234,7 +234,8 @@ def save_model(
     ]
     if old and not overwrite:
         raise CheckpointError(
-            f"{folder} already holds weights ({old[0].name}, ...): choose an empty folder or pass overwrite=True"
+            f"{folder} already holds weights ({old[0].name}, ...): choose an empty folder or pass overwrite=True "
+            "(`xc-merge --overwrite`)"
         )
     for path in old:
         path.unlink()
