@@ -27,10 +27,10 @@ import torch
 import torch.distributed as dist
 
 from schemas.manifest import TOKENIZER_NAME, Manifest
-from schemas.shards import file_sha256
+from schemas.shards import file_sha256, verify_shards
 from trainer import checkpoint as ckpt
 from trainer.config import TrainConfig, batch_layout, deepspeed_config, warmup_cosine
-from trainer.data import LoaderConfig, PackedBatch, PackedLoader, SampleIndex, TimedIterator
+from trainer.data import LoaderConfig, PackedBatch, PackedLoader, SampleIndex, ShardDataError, TimedIterator
 from trainer.flops import peak_bf16_flops, step_flops
 from trainer.loss import segment_losses
 from trainer.model import PRESETS, IXCModel
@@ -103,6 +103,22 @@ def loader_config(cfg: TrainConfig, world_size: int) -> LoaderConfig:
         source_samples=cfg.source_sample_overrides(),
         num_workers=cfg.num_workers,
     )
+
+
+def verify_on_all_ranks(shards: Path, checksums: bool, d: Dist) -> None:
+    """`verify_shards` with the sha256 work split over the ranks; every rank raises if any found a
+    problem (so no rank is left waiting in a collective)."""
+    problems = verify_shards(shards, checksums=checksums, part=(d.rank, d.world_size))
+    if d.world_size > 1:
+        parts: list[list[str]] = [[] for _ in range(d.world_size)]
+        dist.all_gather_object(parts, problems)
+        problems = sorted({p for part in parts for p in part})
+    if problems:
+        raise ShardDataError(
+            f"{shards}: the shards do not match their manifest:\n  "
+            + "\n  ".join(problems)
+            + "\nre-run `xc-prep shard` (or `xc-prep info --verify` for details)"
+        )
 
 
 def check_fingerprint(manifest: Manifest, model_dir: Path | None, cfg: TrainConfig) -> None:
@@ -257,7 +273,8 @@ def train(cfg: TrainConfig, argv: list[str] | None = None) -> dict[str, Any]:
     ds_config = deepspeed_config(cfg, world_size=d.world_size, bf16=bf16)
 
     # --- shards: verified against the manifest before any step uses them
-    index = SampleIndex.load(Path(cfg.shards), checksums=cfg.verify_checksums)
+    verify_on_all_ranks(Path(cfg.shards), cfg.verify_checksums, d)
+    index = SampleIndex.load(Path(cfg.shards), checksums=False)  # hashed just above
     manifest = index.manifest
 
     # --- model (+ LoRA), frozen parts per recipe; the tokenizer is checked before the weights load
