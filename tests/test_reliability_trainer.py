@@ -29,20 +29,26 @@ def run_args(shards: Path, out: Path, *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
+def poison_forward(monkeypatch: pytest.MonkeyPatch, *, call: int, factor: float) -> None:
+    """Make the `call`-th model forward return a non-finite loss (loss × factor)."""
+    real_forward = IXCModel.forward
+    calls = {"n": 0}
+
+    def forward(self: IXCModel, *args, **kwargs):
+        out = real_forward(self, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == call and out.loss_sum is not None:
+            out.loss_sum = out.loss_sum * factor
+        return out
+
+    monkeypatch.setattr(IXCModel, "forward", forward)
+
+
 def test_nan_loss_stops_naming_the_samples_and_keeps_the_last_checkpoint(
     tiny_text_shards: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
     real_forward = IXCModel.forward
-    calls = {"n": 0}
-
-    def forward(self: IXCModel, *args, **kwargs):  # the 5th micro-batch (step 3) turns NaN
-        out = real_forward(self, *args, **kwargs)
-        calls["n"] += 1
-        if calls["n"] == 5 and out.loss_sum is not None:
-            out.loss_sum = out.loss_sum * float("nan")
-        return out
-
-    monkeypatch.setattr(IXCModel, "forward", forward)
+    poison_forward(monkeypatch, call=5, factor=float("nan"))  # the 5th micro-batch (step 3)
     out = tmp_path / "run"
     assert train_main(run_args(tiny_text_shards, out, "--epochs", "1")) == 1
     err = capsys.readouterr().err
@@ -60,17 +66,7 @@ def test_nan_loss_stops_naming_the_samples_and_keeps_the_last_checkpoint(
 def test_nan_policy_skip_finishes_and_lists_the_skipped_samples(
     tiny_text_shards: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real_forward = IXCModel.forward
-    calls = {"n": 0}
-
-    def forward(self: IXCModel, *args, **kwargs):
-        out = real_forward(self, *args, **kwargs)
-        calls["n"] += 1
-        if calls["n"] == 2 and out.loss_sum is not None:
-            out.loss_sum = out.loss_sum * float("inf")
-        return out
-
-    monkeypatch.setattr(IXCModel, "forward", forward)
+    poison_forward(monkeypatch, call=2, factor=float("inf"))
     out = tmp_path / "run"
     assert train_main(run_args(tiny_text_shards, out, "--nan-policy", "skip", "--no-save-final")) == 0
     summary = json.loads((out / "train_summary.json").read_text())
