@@ -62,14 +62,17 @@ TRAINED_FRACTION = 0.4
 TILE_BANK = 16
 
 
-def synthetic_row(length: int, hd_num: int, vocab_size: int, seed: int = 0) -> dict[str, Any]:
-    """One packed row of exactly `length` tokens from SAMPLE_CYCLE (CPU tensors, model kwargs)."""
+def synthetic_row(
+    length: int, hd_num: int, vocab_size: int, seed: int = 0, offset: int = 0
+) -> dict[str, Any]:
+    """One packed row of exactly `length` tokens from SAMPLE_CYCLE, starting at its `offset`-th entry
+    (CPU tensors, model kwargs)."""
     gen = torch.Generator().manual_seed(seed)
     lengths: list[int] = []
     grids: list[tuple[int, int]] = []
     starts: list[int] = []
     trained = np.zeros(length, dtype=bool)
-    at, k = 0, 0
+    at, k = 0, offset
     while at < length:
         sizes, text = SAMPLE_CYCLE[k % len(SAMPLE_CYCLE)]
         k += 1

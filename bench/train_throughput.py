@@ -3,7 +3,7 @@
 Both modes train the same model on the same records, in one process, on one GPU:
   model     the `7b` preset (full IXC2.5-7B architecture, random init, bf16) with the LoRA recipe
             exactly as `trainer.modelio.apply_recipe` builds it (PEFT LoRA r64 on the five linears,
-            fix_vit, fix_sampler), gradient checkpointing on, torch AdamW (fused) on the trainable
+            fix_vit, fix_sampler), gradient checkpointing, torch AdamW (fused) on the trainable
             parameters, gradient clipping 1.0, one optimizer step per micro-batch. DeepSpeed is not
             used (not installed on the GPU machine): on one GPU ZeRO-2 partitions nothing and adds
             only a wrapper, plus fp32 master copies of the 0.15 B LoRA weights, not emulated here.
@@ -11,6 +11,9 @@ Both modes train the same model on the same records, in one process, on one GPU:
   data      real photos (scikit-image's bundled images at 0.3–2 MP, JPEG) in three sources:
             single-image (1–2 turns), multi-image multi-turn (2–3 images) and text-only records
             with answers of 40–400 words, sharded with `xc-prep shard` (real tokenizer, hd 18).
+  levers    the official mode runs first, eager, every decoder layer recomputed (the official
+            recipe's gradient checkpointing); then ours with --checkpoint-layers N (default all)
+            and --compile (torch.compile of each decoder layer), if given.
   ours      `trainer.data.PackedLoader` (≤ 4 workers) → packed rows of ≤ max_length tokens →
             `model(...)` with the chunked loss (no full logits); data wait = the time the loop
             blocks in `next()` (`trainer.data.TimedIterator`).
@@ -69,7 +72,7 @@ from schemas.shards import ShardReader  # noqa: E402
 from trainer.config import TrainConfig  # noqa: E402
 from trainer.data import LoaderConfig, PackedBatch, PackedLoader, SampleIndex, TimedIterator, collate  # noqa: E402
 from trainer.flops import llm_matmul_params, peak_bf16_flops, step_flops, vit_flops  # noqa: E402
-from trainer.model import IXCModel, build_model  # noqa: E402
+from trainer.model import IXCModel, build_model, compile_decoder_layers  # noqa: E402
 from trainer.modelio import Loaded, apply_recipe  # noqa: E402
 from trainer.train import trainable_groups  # noqa: E402
 
@@ -567,6 +570,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-official", action="store_true")
+    parser.add_argument(
+        "--checkpoint-layers", type=int, default=None,
+        help="ours: decoder layers recomputed in backward (default all, as the official mode always)",
+    )
+    parser.add_argument("--compile", action="store_true", help="ours: torch.compile each decoder layer")
     parser.add_argument("--out-json", type=Path, default=None)
     parser.add_argument("--keep", type=Path, default=None, help="work in this folder and keep it")
     args = parser.parse_args(argv)
@@ -595,6 +603,7 @@ def main(argv: list[str] | None = None) -> int:
         "flops_formula": "LoRA step = 2*F, F = 2*N*sum(s_i) + 2*L*d*sum(s_i^2) (trainer/flops.py); ViT apart",
         "optimizer": "torch AdamW(fused on CUDA) driven directly, grad clip 1.0, one step per micro-batch; "
         "no DeepSpeed (ZeRO-2 on one GPU adds only a wrapper and fp32 LoRA master weights)",
+        "ours_levers": {"checkpoint_layers": args.checkpoint_layers, "compile": args.compile},
         "phases": [],
     }
 
@@ -667,13 +676,8 @@ def main(argv: list[str] | None = None) -> int:
             results["elapsed_s"] = time.perf_counter() - started
             write_json(args.out_json, results)
 
-        try:
-            record(run_ours(model, optimizer, params, shards, args, device))
-        except Exception:  # keep going: the other mode's numbers are still worth having
-            traceback.print_exc()
-            record(Phase("ours", error=traceback.format_exc()))
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        # The official mode first: it runs as the official recipe does (eager, every decoder layer
+        # recomputed), and compiling our layers (--compile) cannot be undone.
         if not args.skip_official:
             kept = kept_ids(index)
             by_kind = [
@@ -684,9 +688,19 @@ def main(argv: list[str] | None = None) -> int:
             interleaved = [r for group in itertools.zip_longest(*by_kind) for r in group if r is not None]
             try:
                 record(run_official(model, optimizer, params, interleaved, work, tokenizer, args, device))
-            except Exception:
+            except Exception:  # keep going: the other mode's numbers are still worth having
                 traceback.print_exc()
                 record(Phase("official", error=traceback.format_exc()))
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        model.checkpoint_layers = args.checkpoint_layers
+        if args.compile:
+            compile_decoder_layers(model)
+        try:
+            record(run_ours(model, optimizer, params, shards, args, device))
+        except Exception:
+            traceback.print_exc()
+            record(Phase("ours", error=traceback.format_exc()))
 
         ours, official = (
             next((p for p in results["phases"] if p["name"] == n), {}) for n in ("ours", "official")

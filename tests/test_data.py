@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import io
+import threading
+import time
 from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -401,6 +404,45 @@ def test_delivered_batches_match_stored_samples(index: SampleIndex):
             n = image_token_count(rows, cols)
             assert (batch.input_ids[0, start : start + n] == 0).all()
     assert timed.count == loader.plan(0).num_packs and timed.total_wait_s >= 0
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_next_epoch_starts_loading_before_the_last_batch_trains(
+    index: SampleIndex, workers: int, monkeypatch: pytest.MonkeyPatch
+):
+    """No worker start-up wait at epoch boundaries: epoch e+1's delivery is started when epoch e's
+    last micro-batch is handed out; stopping early ends every started stream."""
+    cfg = config(micro_batches_per_step=1, num_workers=workers, prefetch=2, epochs=3)
+    loader = PackedLoader(index, cfg)
+    opened: list[int] = []
+    original = PackedLoader._stream
+
+    def recording(self: PackedLoader, work: list) -> Any:
+        opened.append(work[0].epoch)
+        return original(self, work)
+
+    monkeypatch.setattr(PackedLoader, "_stream", recording)
+    per_epoch = [loader.steps_in_epoch(e) for e in range(3)]
+    threads_before = threading.active_count()
+    seen = []
+    stream = iter(loader)
+    for batch in stream:
+        seen.append(batch.epoch)
+        if len(seen) == per_epoch[0]:  # epoch 0's last batch: epoch 1 is already loading
+            assert opened == [0, 1]
+        if len(seen) == per_epoch[0] + 1:
+            assert opened == [0, 1]
+            break
+    stream.close()  # stopped early, with epoch 1 in flight
+    assert seen == [0] * per_epoch[0] + [1]
+    deadline = time.monotonic() + 5
+    while threading.active_count() > threads_before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert threading.active_count() <= threads_before
+    # a full run still delivers every epoch's batches once, in order
+    monkeypatch.setattr(PackedLoader, "_stream", original)
+    full = [b.epoch for b in PackedLoader(index, cfg)]
+    assert full == [e for e in range(3) for _ in range(per_epoch[e])]
 
 
 # --------------------------------------------------------------------------- dry run

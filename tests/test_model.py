@@ -13,11 +13,14 @@ from trainer.generate import generate
 from trainer.model import (
     PLORA_TARGETS,
     IXCModel,
+    PLoRALinear,
     apply_rotary,
     assemble_image_tokens,
     build_model,
+    compile_decoder_layers,
     merge_patches,
     num_parameters,
+    plora_selector,
     preset_config,
     rotary_cos_sin,
 )
@@ -143,22 +146,50 @@ def test_wqkv_layout_matches_per_head_reference(model: IXCModel) -> None:
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
 
 
-def test_gradient_checkpointing_gives_same_gradients(samples: list[dict]) -> None:
+def test_checkpointing_and_compiled_layers_give_same_gradients(samples: list[dict]) -> None:
     inputs = row_inputs(samples[:2])  # one image: the ViT is most of the CPU time
     targets = torch.randint(0, 500, inputs["input_ids"].shape, generator=torch.Generator().manual_seed(3))
     grads = []
-    for enabled in (False, True):
+    # (checkpointing, layers recomputed, compiled): plain, all layers, the first only, compiled
+    # (aot_eager: dynamo + AOTAutograd as in training, without needing a C++ compiler)
+    for enabled, layers, compiled in ((False, None, False), (True, None, False), (True, 1, False), (True, 1, True)):
         m = build_model("tiny", seed=0).train()  # train: PLoRA dropout is on, its RNG must replay
         if enabled:
             m.gradient_checkpointing_enable()
+            m.checkpoint_layers = layers
+        if compiled:
+            assert compile_decoder_layers(m, backend="aot_eager") == m.config.num_hidden_layers
         torch.manual_seed(4)
         out = m(**inputs, targets=targets)
         (out.loss_sum / out.num_tokens).backward()
         grads.append({n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None})
-    assert grads[0].keys() == grads[1].keys()
     assert any("Plora_A" in n for n in grads[0]) and any("vit." in n for n in grads[0])
-    for name in grads[0]:
-        torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-7, rtol=1e-5, msg=name)
+    for other in grads[1:]:
+        assert other.keys() == grads[0].keys()
+        for name in grads[0]:
+            torch.testing.assert_close(other[name], grads[0][name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_plora_mask_and_index_forms_agree() -> None:
+    gen = torch.Generator().manual_seed(5)
+    layer = PLoRALinear(16, 24, plora_r=4, dropout=0.0, unused_ranks={})
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen))
+    x = torch.randn(10, 16, generator=gen)
+    index = torch.tensor([1, 2, 3, 7, 8])
+    results = []
+    for selector in (index, plora_selector(index, 10, x.dtype)):
+        xi = x.clone().requires_grad_(True)
+        out = layer(xi, selector)
+        out.backward(torch.ones_like(out))
+        results.append((out.detach(), xi.grad, layer.Plora_A.weight.grad.clone(), layer.Plora_B.weight.grad.clone()))
+        layer.zero_grad()
+    assert plora_selector(index, 10, x.dtype).squeeze(1).nonzero().squeeze(1).tolist() == index.tolist()
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    empty = torch.zeros(0, dtype=torch.long)
+    assert plora_selector(empty, 10, x.dtype) is empty and plora_selector(None, 10, x.dtype) is None
 
 
 def test_frozen_vit_builds_no_graph_and_trains_the_rest(samples: list[dict]) -> None:

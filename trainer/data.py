@@ -1017,7 +1017,11 @@ class _ThreadPrefetcher:
                     raise item
                 yield item
         finally:
-            self._stop.set()
+            self.close()
+
+    def close(self) -> None:
+        """Stop the background thread (also when never iterated)."""
+        self._stop.set()
 
 
 T = TypeVar("T")
@@ -1214,20 +1218,67 @@ class PackedLoader:
             persistent_workers=False,
         )
 
+    def _open(self, epoch: int, start_step: int) -> _OpenEpoch | None:
+        """The first epoch from `epoch` (at `start_step`, later ones from 0) with micro-batches for
+        this rank, its delivery already started; None when training is over."""
+        while epoch < self.config.epochs:
+            plan = self.plan(epoch)
+            work = self._work(plan, start_step)
+            if work:
+                stream = self._stream(work)
+                return _OpenEpoch(epoch, plan, stream, iter(stream), len(work))
+            epoch, start_step = epoch + 1, 0
+        return None
+
     def __iter__(self) -> Iterator[PackedBatch]:
         last_micro = self.config.micro_batches_per_step - 1
-        while self._epoch < self.config.epochs:
-            epoch, plan = self._epoch, self.plan(self._epoch)
-            work = self._work(plan, self._step)
-            if work:
-                for batch in self._stream(work):
+        current = self._open(self._epoch, self._step)
+        upcoming = None
+        try:
+            while current is not None:
+                epoch, plan, count = current.epoch, current.plan, current.count
+                for i, batch in enumerate(current.batches):
+                    if i == count - 1:
+                        # The epoch's last micro-batch is here: start the next epoch's workers now, so
+                        # that they load while this one trains instead of after it (a worker start-up
+                        # wait at every epoch otherwise: 0.4 s, measured on an H200 host).
+                        upcoming = self._open(epoch + 1, 0)
                     if batch.micro_step == last_micro:
                         self._epoch, self._step = (
                             (epoch + 1, 0) if batch.step + 1 == plan.steps else (epoch, batch.step + 1)
                         )
                     yield batch
-            if self._epoch == epoch:
-                self._epoch, self._step = epoch + 1, 0
+                if self._epoch == epoch:
+                    self._epoch, self._step = epoch + 1, 0
+                current.close()
+                current, upcoming = upcoming, None
+        finally:  # stopped early (max_steps, an error): end the streams' workers and threads
+            for pending in (current, upcoming):
+                if pending is not None:
+                    pending.close()
+
+
+@dataclass
+class _OpenEpoch:
+    """One epoch's delivery in progress (PackedLoader.__iter__)."""
+
+    epoch: int
+    plan: EpochPlan
+    stream: Iterable[PackedBatch]
+    batches: Iterator[PackedBatch]
+    count: int
+    """Micro-batches this rank gets in this epoch (from the starting step)."""
+
+    def close(self) -> None:
+        """Shut down DataLoader workers / stop the prefetch thread, also when never iterated."""
+        shutdown = getattr(self.batches, "_shutdown_workers", None)  # torch's multi-process iterator
+        if shutdown is not None:
+            shutdown()
+        close = getattr(self.batches, "close", None)  # a generator
+        if close is not None:
+            close()
+        if isinstance(self.stream, _ThreadPrefetcher):
+            self.stream.close()
 
 
 # --------------------------------------------------------------------------- dry run

@@ -1,0 +1,337 @@
+"""GPU levers of the LoRA step, measured one against another in one process (issue 8, item 4).
+
+Same model, recipe and step as bench/train_throughput.py (the `7b` preset, random init, bf16, PEFT
+LoRA r64 on the five linears, fix_vit, fix_sampler, chunked loss, fused AdamW with clipping) on
+synthetic packed rows of real-sized samples (bench/max_length.py's SAMPLE_CYCLE: photos at hd 18
+with their exact token counts, multi-turn and text-only samples; each row starts at another
+point of the cycle). A variant is `MODE:N`: MODE `eager` or `compiled` (torch.compile of each
+decoder layer, `trainer.model.compile_decoder_layers`), N = decoder layers recomputed in
+backward (32 = full checkpointing, as the official recipe; 0 = none). Compiling is one-way, so
+the eager variants run first. Each variant: --warmup steps, then --steps timed steps (host
+clock after a device sync); an out-of-memory step fails the variant and the next one goes on.
+
+Also, optionally: a torch.profiler breakdown of one step of the first variant (kernel time by
+category and the top kernels), the frozen ViT's forward time on a row's tiles, and whether this
+torch's varlen_attn accepts grouped K/V heads without repeating them (and how long each takes).
+
+MFU = trainer/flops.py's LoRA step FLOPs (4·N·tokens + attention; recomputation, LoRA/PLoRA and
+the ViT not counted) / step time / the bf16 8192³ matmul rate measured in the same run.
+
+    python bench/levers.py --out-json levers.json --profile --probe-gqa
+    python bench/levers.py --preset tiny --length 2048 --hd-num 2 --variants eager:2,eager:0 --steps 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import re
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+BENCH_DIR = Path(__file__).resolve().parent
+sys.path[:0] = [str(BENCH_DIR), str(BENCH_DIR.parent)]
+from max_length import REAL_VOCAB_SIZE, synthetic_row  # noqa: E402
+from train_throughput import build_lora_model, measure_matmul_flops, package_versions, sync  # noqa: E402
+
+from trainer.flops import step_flops, vit_flops  # noqa: E402
+from trainer.model import TINY_VOCAB_SIZE, compile_decoder_layers  # noqa: E402
+
+KERNEL_CATEGORIES = (
+    ("attention (flash/varlen)", r"flash|fmha|attn"),
+    ("matmul (gemm)", r"gemm|cutlass|xmma|nvjet|sm90|cublas|matmul"),
+    ("cross-entropy / softmax", r"softmax|cross_entropy|log_softmax|nll"),
+    ("index gather/scatter", r"index|scatter|gather"),
+    ("optimizer (AdamW, clip)", r"adam|multi_tensor|foreach|norm_kernel"),
+    ("copies / casts", r"copy|cat|convert|contiguous"),
+    ("compiled (triton) fused", r"triton"),
+    ("elementwise / reduce (eager)", r"elementwise|reduce|vectorized|unrolled|dropout|fused"),
+)
+
+
+def parse_variants(text: str) -> list[tuple[str, int]]:
+    out = []
+    for item in text.split(","):
+        mode, _, layers = item.strip().partition(":")
+        if mode not in ("eager", "compiled") or not layers.isdigit():
+            raise SystemExit(f"--variants: {item!r} is not MODE:N with MODE eager|compiled")
+        out.append((mode, int(layers)))
+    # compiling is one-way: eager first, original order kept within each mode
+    return [v for v in out if v[0] == "eager"] + [v for v in out if v[0] == "compiled"]
+
+
+def to_device(row: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    # tiles stay on the host (pinned by the loader in training): the model copies them
+    return {k: (v.to(device) if isinstance(v, torch.Tensor) and k != "tiles" else v) for k, v in row.items()}
+
+
+def one_step(model: Any, optimizer: Any, params: list[Any], row: dict[str, Any], device: torch.device) -> float:
+    out = model(**to_device(row, device))
+    loss = out.loss_sum / max(1, out.num_tokens or 0)
+    del out
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(loss.detach())
+
+
+def row_flops(model: Any, row: dict[str, Any]) -> tuple[float, float]:
+    lengths = row["cu_seqlens"].diff().tolist()
+    views = int(row["tiles"].shape[0]) + int(row["image_grids"].shape[0])
+    return step_flops(model.config, [lengths], lora=True), vit_flops(model.config, views, trains=False)
+
+
+def run_variant(
+    model: Any, optimizer: Any, params: list[Any], rows: list[dict[str, Any]], args: argparse.Namespace,
+    device: torch.device, mode: str, layers: int, matmul_flops: float,
+) -> dict[str, Any]:
+    info: dict[str, Any] = {"variant": f"{mode}:{layers}", "mode": mode, "checkpoint_layers": layers}
+    model.checkpoint_layers = layers
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times, losses, flops = [], [], []
+    try:
+        for i in range(args.warmup + args.steps):
+            row = rows[i % len(rows)]
+            sync(device)
+            t0 = time.perf_counter()
+            loss = one_step(model, optimizer, params, row, device)
+            sync(device)
+            seconds = time.perf_counter() - t0
+            if i < args.warmup:
+                info.setdefault("warmup_s", []).append(seconds)
+                continue
+            times.append(seconds)
+            losses.append(loss)
+            flops.append(row_flops(model, row)[0])
+    except torch.cuda.OutOfMemoryError as e:
+        info["error"] = "out of memory: " + str(e).splitlines()[0][:200]
+    except Exception:  # noqa: BLE001 - a broken variant must not lose the others' numbers
+        info["error"] = traceback.format_exc()[-2000:]
+    optimizer.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        info["peak_allocated_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        info["peak_reserved_gib"] = torch.cuda.max_memory_reserved(device) / 2**30
+        gc.collect()
+        torch.cuda.empty_cache()
+    if times:
+        tokens = sum(int(rows[(args.warmup + j) % len(rows)]["input_ids"].shape[1]) for j in range(len(times)))
+        info.update(
+            steps=len(times),
+            step_s_p50=float(np.median(times)),
+            step_s_mean=float(np.mean(times)),
+            tokens_per_s=tokens / sum(times),
+            mfu=sum(flops) / sum(times) / matmul_flops,
+            losses=losses,
+        )
+    return info
+
+
+def profile_step(
+    model: Any, optimizer: Any, params: list[Any], row: dict[str, Any], device: torch.device, out_dir: Path | None
+) -> dict[str, Any]:
+    """Kernel time of one step by category, and the top kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    sync(device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        one_step(model, optimizer, params, row, device)
+        sync(device)
+    kernels: dict[str, float] = {}
+    for evt in prof.key_averages():
+        if evt.device_type == torch.autograd.DeviceType.CUDA:
+            us = getattr(evt, "self_device_time_total", None)
+            if us is None:
+                us = evt.self_cuda_time_total
+            kernels[evt.key] = kernels.get(evt.key, 0.0) + us / 1e6
+    total = sum(kernels.values())
+    categories: dict[str, float] = {}
+    for name, seconds in kernels.items():
+        label = next((c for c, pat in KERNEL_CATEGORIES if re.search(pat, name, re.I)), "other")
+        categories[label] = categories.get(label, 0.0) + seconds
+    top = sorted(kernels.items(), key=lambda kv: -kv[1])[:30]
+    if out_dir is not None:
+        table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=60, max_name_column_width=90)
+        (out_dir / "profile_table.txt").write_text(table)
+    return {
+        "kernel_s": total,
+        "categories": dict(sorted(categories.items(), key=lambda kv: -kv[1])),
+        "top": [{"kernel": k[:160], "s": s} for k, s in top],
+    }
+
+
+def vit_time(model: Any, row: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    grids = [tuple(g) for g in row["image_grids"].tolist()]
+    with torch.no_grad():
+        for _ in range(2):
+            base.encode_images(row["tiles"], grids)
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(3):
+            base.encode_images(row["tiles"], grids)
+        sync(device)
+    return {"views": int(row["tiles"].shape[0]) + len(grids), "s": (time.perf_counter() - t0) / 3}
+
+
+def probe_gqa(device: torch.device, tokens: int = 16384, samples: int = 3) -> dict[str, Any]:
+    """Does varlen_attn take 8 K/V heads for 32 query heads as is? Same output as repeated K/V, and times."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    from trainer.attention import _VARLEN_PARAMS
+
+    causal: dict[str, Any] = {"is_causal": True} if "is_causal" in _VARLEN_PARAMS else {"window_size": (-1, 0)}
+    gen = torch.Generator(device=device).manual_seed(0)
+    q = torch.randn(tokens, 32, 128, device=device, dtype=torch.bfloat16, generator=gen, requires_grad=True)
+    k = torch.randn(tokens, 8, 128, device=device, dtype=torch.bfloat16, generator=gen, requires_grad=True)
+    v = torch.randn(tokens, 8, 128, device=device, dtype=torch.bfloat16, generator=gen, requires_grad=True)
+    bounds = np.linspace(0, tokens, samples + 1).astype(int).tolist()
+    cu = torch.tensor(bounds, device=device, dtype=torch.int32)
+    longest = int(np.diff(bounds).max())
+
+    def repeated() -> torch.Tensor:
+        kr, vr = k.repeat_interleave(4, dim=1), v.repeat_interleave(4, dim=1)
+        return varlen_attn(q, kr, vr, cu, cu, longest, longest, **causal)
+
+    def grouped() -> torch.Tensor:
+        return varlen_attn(q, k, v, cu, cu, longest, longest, **causal)
+
+    def timed(fn: Any) -> float:
+        grad = torch.ones(tokens, 32, 128, device=device, dtype=torch.bfloat16)
+        for _ in range(2):
+            fn().backward(grad)
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(5):
+            fn().backward(grad)
+        sync(device)
+        return (time.perf_counter() - t0) / 5
+
+    out: dict[str, Any] = {"tokens": tokens, "samples": samples}
+    reference = repeated().detach()
+    out["repeated_fwd_bwd_s"] = timed(repeated)
+    try:
+        got = grouped().detach()
+        out["grouped_rel_err"] = float((got.float() - reference.float()).norm() / reference.float().norm())
+        out["grouped_fwd_bwd_s"] = timed(grouped)
+    except Exception as e:  # noqa: BLE001
+        out["grouped_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", default="7b", choices=("7b", "tiny"))
+    parser.add_argument("--hd-num", type=int, default=18)
+    parser.add_argument("--length", type=int, default=16384, help="tokens per packed row")
+    parser.add_argument("--rows", type=int, default=3, help="distinct rows, cycled")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--variants", default="eager:32,eager:16,eager:0,compiled:32,compiled:0")
+    parser.add_argument("--profile", action="store_true", help="profile one step of the first variant")
+    parser.add_argument("--probe-gqa", action="store_true")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out-json", type=Path, default=None)
+    args = parser.parse_args(argv)
+    variants = parse_variants(args.variants)
+
+    started = time.perf_counter()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    vocab = REAL_VOCAB_SIZE if args.preset == "7b" else TINY_VOCAB_SIZE
+    card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    results: dict[str, Any] = {
+        "bench": "levers",
+        "command": ["python", "bench/levers.py", *(sys.argv[1:] if argv is None else argv)],
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "device": card,
+        "versions": package_versions(),
+        "preset": args.preset,
+        "length": args.length,
+        "hd_num": args.hd_num,
+        "variants": [],
+    }
+    out_dir = args.out_json.parent if args.out_json is not None else None
+
+    def save() -> None:
+        results["elapsed_s"] = time.perf_counter() - started
+        if args.out_json is not None:
+            args.out_json.parent.mkdir(parents=True, exist_ok=True)
+            args.out_json.write_text(json.dumps(results, indent=2) + "\n")
+
+    if args.probe_gqa and device.type == "cuda":
+        try:
+            results["gqa_probe"] = probe_gqa(device)
+        except Exception:  # noqa: BLE001
+            results["gqa_probe"] = {"error": traceback.format_exc()[-1500:]}
+        print(f"gqa probe: {results['gqa_probe']}", file=sys.stderr, flush=True)
+    results["matmul"] = measure_matmul_flops(device)
+    matmul = results["matmul"]["flops"]
+    model, optimizer, params, _ = build_lora_model(args.preset, device, dtype, vocab, args.seed)
+    rows = [synthetic_row(args.length, args.hd_num, vocab, args.seed + i, offset=i) for i in range(args.rows)]
+    if device.type == "cuda":
+        for row in rows:
+            row["tiles"] = row["tiles"].pin_memory()
+    results["rows"] = [
+        {
+            "tokens": int(r["input_ids"].shape[1]),
+            "samples": int(r["cu_seqlens"].numel() - 1),
+            "images": int(r["image_grids"].shape[0]),
+            "tiles": int(r["tiles"].shape[0]),
+            "llm_flops": row_flops(model, r)[0],
+            "vit_flops": row_flops(model, r)[1],
+        }
+        for r in rows
+    ]
+    print(f"{card} | matmul {matmul / 1e12:.0f} TFLOP/s | rows {results['rows']}", file=sys.stderr, flush=True)
+    if args.profile or device.type == "cuda":
+        results["vit"] = vit_time(model, rows[0], device)
+        print(f"vit forward: {results['vit']}", file=sys.stderr, flush=True)
+    save()
+
+    compiled = False
+    for k, (mode, layers) in enumerate(variants):
+        if mode == "compiled" and not compiled:
+            t0 = time.perf_counter()
+            compile_decoder_layers(model)
+            compiled = True
+            results["compile_call_s"] = time.perf_counter() - t0
+        info = run_variant(model, optimizer, params, rows, args, device, mode, layers, matmul)
+        results["variants"].append(info)
+        print(f"{info['variant']}: {json.dumps({k: v for k, v in info.items() if k != 'losses'})}", file=sys.stderr, flush=True)
+        save()
+        if k == 0 and args.profile and "error" not in info:
+            results["profile"] = profile_step(model, optimizer, params, rows[0], device, out_dir)
+            print(json.dumps(results["profile"], indent=1), file=sys.stderr, flush=True)
+            save()
+    if compiled:
+        from torch._dynamo.utils import counters
+
+        results["dynamo"] = {k: dict(v) for k, v in counters.items() if k in ("stats", "graph_break")}
+    save()
+
+    print(f"\n{card}, {args.preset}, rows of {args.length:,} tokens, matmul {matmul / 1e12:.0f} TFLOP/s")
+    print("| variant | step s p50 | tokens/s | MFU | peak GiB alloc / reserved | warm-up s |\n|---|---|---|---|---|---|")
+    for v in results["variants"]:
+        if "error" in v:
+            print(f"| {v['variant']} | {v['error'].splitlines()[-1][:80]} | | | | |")
+            continue
+        print(
+            f"| {v['variant']} | {v['step_s_p50']:.3f} | {v['tokens_per_s']:,.0f} | {100 * v['mfu']:.1f} % | "
+            f"{v.get('peak_allocated_gib', 0):.1f} / {v.get('peak_reserved_gib', 0):.1f} | "
+            f"{', '.join(f'{s:.1f}' for s in v.get('warmup_s', []))} |"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
