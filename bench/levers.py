@@ -73,7 +73,9 @@ def to_device(row: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: (v.to(device) if isinstance(v, torch.Tensor) and k != "tiles" else v) for k, v in row.items()}
 
 
-def one_step(model: Any, optimizer: Any, params: list[Any], row: dict[str, Any], device: torch.device) -> float:
+def one_step(
+    model: Any, optimizer: Any, params: list[Any], row: dict[str, Any], device: torch.device
+) -> float:
     out = model(**to_device(row, device))
     loss = out.loss_sum / max(1, out.num_tokens or 0)
     del out
@@ -91,8 +93,15 @@ def row_flops(model: Any, row: dict[str, Any]) -> tuple[float, float]:
 
 
 def run_variant(
-    model: Any, optimizer: Any, params: list[Any], rows: list[dict[str, Any]], args: argparse.Namespace,
-    device: torch.device, mode: str, layers: int, matmul_flops: float,
+    model: Any,
+    optimizer: Any,
+    params: list[Any],
+    rows: list[dict[str, Any]],
+    args: argparse.Namespace,
+    device: torch.device,
+    mode: str,
+    layers: int,
+    matmul_flops: float,
 ) -> dict[str, Any]:
     info: dict[str, Any] = {"variant": f"{mode}:{layers}", "mode": mode, "checkpoint_layers": layers}
     model.checkpoint_layers = layers
@@ -124,7 +133,9 @@ def run_variant(
         gc.collect()
         torch.cuda.empty_cache()
     if times:
-        tokens = sum(int(rows[(args.warmup + j) % len(rows)]["input_ids"].shape[1]) for j in range(len(times)))
+        tokens = sum(
+            int(rows[(args.warmup + j) % len(rows)]["input_ids"].shape[1]) for j in range(len(times))
+        )
         info.update(
             steps=len(times),
             step_s_p50=float(np.median(times)),
@@ -137,7 +148,12 @@ def run_variant(
 
 
 def profile_step(
-    model: Any, optimizer: Any, params: list[Any], row: dict[str, Any], device: torch.device, out_dir: Path | None
+    model: Any,
+    optimizer: Any,
+    params: list[Any],
+    row: dict[str, Any],
+    device: torch.device,
+    out_dir: Path | None,
 ) -> dict[str, Any]:
     """Kernel time of one step by category, and the top kernels."""
     from torch.profiler import ProfilerActivity, profile
@@ -160,7 +176,9 @@ def profile_step(
         categories[label] = categories.get(label, 0.0) + seconds
     top = sorted(kernels.items(), key=lambda kv: -kv[1])[:30]
     if out_dir is not None:
-        table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=60, max_name_column_width=90)
+        table = prof.key_averages().table(
+            sort_by="self_cuda_time_total", row_limit=60, max_name_column_width=90
+        )
         (out_dir / "profile_table.txt").write_text(table)
     return {
         "kernel_s": total,
@@ -189,7 +207,9 @@ def probe_gqa(device: torch.device, tokens: int = 16384, samples: int = 3) -> di
 
     from trainer.attention import _VARLEN_PARAMS
 
-    causal: dict[str, Any] = {"is_causal": True} if "is_causal" in _VARLEN_PARAMS else {"window_size": (-1, 0)}
+    causal: dict[str, Any] = (
+        {"is_causal": True} if "is_causal" in _VARLEN_PARAMS else {"window_size": (-1, 0)}
+    )
     gen = torch.Generator(device=device).manual_seed(0)
     q = torch.randn(tokens, 32, 128, device=device, dtype=torch.bfloat16, generator=gen, requires_grad=True)
     k = torch.randn(tokens, 8, 128, device=device, dtype=torch.bfloat16, generator=gen, requires_grad=True)
@@ -292,7 +312,9 @@ def main(argv: list[str] | None = None) -> int:
         }
         for r in rows
     ]
-    print(f"{card} | matmul {matmul / 1e12:.0f} TFLOP/s | rows {results['rows']}", file=sys.stderr, flush=True)
+    print(
+        f"{card} | matmul {matmul / 1e12:.0f} TFLOP/s | rows {results['rows']}", file=sys.stderr, flush=True
+    )
     if args.profile or device.type == "cuda":
         results["vit"] = vit_time(model, rows[0], device)
         print(f"vit forward: {results['vit']}", file=sys.stderr, flush=True)
@@ -307,7 +329,11 @@ def main(argv: list[str] | None = None) -> int:
             results["compile_call_s"] = time.perf_counter() - t0
         info = run_variant(model, optimizer, params, rows, args, device, mode, layers, matmul)
         results["variants"].append(info)
-        print(f"{info['variant']}: {json.dumps({k: v for k, v in info.items() if k != 'losses'})}", file=sys.stderr, flush=True)
+        print(
+            f"{info['variant']}: {json.dumps({k: v for k, v in info.items() if k != 'losses'})}",
+            file=sys.stderr,
+            flush=True,
+        )
         save()
         if k == 0 and args.profile and "error" not in info:
             results["profile"] = profile_step(model, optimizer, params, rows[0], device, out_dir)
@@ -320,7 +346,9 @@ def main(argv: list[str] | None = None) -> int:
     save()
 
     print(f"\n{card}, {args.preset}, rows of {args.length:,} tokens, matmul {matmul / 1e12:.0f} TFLOP/s")
-    print("| variant | step s p50 | tokens/s | MFU | peak GiB alloc / reserved | warm-up s |\n|---|---|---|---|---|---|")
+    print(
+        "| variant | step s p50 | tokens/s | MFU | peak GiB alloc / reserved | warm-up s |\n|---|---|---|---|---|---|"
+    )
     for v in results["variants"]:
         if "error" in v:
             print(f"| {v['variant']} | {v['error'].splitlines()[-1][:80]} | | | | |")

@@ -571,7 +571,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-official", action="store_true")
     parser.add_argument(
-        "--checkpoint-layers", type=int, default=None,
+        "--checkpoint-layers",
+        type=int,
+        default=None,
         help="ours: decoder layers recomputed in backward (default all, as the official mode always)",
     )
     parser.add_argument("--compile", action="store_true", help="ours: torch.compile each decoder layer")

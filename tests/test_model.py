@@ -152,7 +152,12 @@ def test_checkpointing_and_compiled_layers_give_same_gradients(samples: list[dic
     grads = []
     # (checkpointing, layers recomputed, compiled): plain, all layers, the first only, compiled
     # (aot_eager: dynamo + AOTAutograd as in training, without needing a C++ compiler)
-    for enabled, layers, compiled in ((False, None, False), (True, None, False), (True, 1, False), (True, 1, True)):
+    for enabled, layers, compiled in (
+        (False, None, False),
+        (True, None, False),
+        (True, 1, False),
+        (True, 1, True),
+    ):
         m = build_model("tiny", seed=0).train()  # train: PLoRA dropout is on, its RNG must replay
         if enabled:
             m.gradient_checkpointing_enable()
@@ -183,7 +188,9 @@ def test_plora_mask_and_index_forms_agree() -> None:
         xi = x.clone().requires_grad_(True)
         out = layer(xi, selector)
         out.backward(torch.ones_like(out))
-        results.append((out.detach(), xi.grad, layer.Plora_A.weight.grad.clone(), layer.Plora_B.weight.grad.clone()))
+        results.append(
+            (out.detach(), xi.grad, layer.Plora_A.weight.grad.clone(), layer.Plora_B.weight.grad.clone())
+        )
         layer.zero_grad()
     assert plora_selector(index, 10, x.dtype).squeeze(1).nonzero().squeeze(1).tolist() == index.tolist()
     for a, b in zip(*results, strict=True):

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import inspect
 import logging
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -100,7 +100,7 @@ def varlen_attention(
     if backend == "flash":
         return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=True)
     if backend == "varlen":
-        kwargs: dict[str, object] = {}
+        kwargs: dict[str, Any] = {}
         if "is_causal" in _VARLEN_PARAMS:
             kwargs["is_causal"] = True
         else:

@@ -84,11 +84,11 @@ class TrainConfig:
     checkpoint_layers: int | None = None
     """With gradient checkpointing, recompute only the first N decoder layers (default: all). Fewer
     keep more activations and run faster: on an H200 at 16k tokens, LoRA 7B, compiled, 16 of 32
-    take 75 GiB and 0 take 127 GiB vs 27 GiB for all (BENCHMARKS.md)."""
+    peak at 79 GiB and 0 at 133 GiB vs 28 GiB for all (BENCHMARKS.md)."""
     compile: bool = False
     """torch.compile each decoder layer (regional, dynamic shapes; fuses norms, RoPE, SwiGLU and the
-    LoRA/PLoRA element-wise work). The first step pays the compile (~70 s for the 7B on an H200); a
-    new kind of row (one without images) compiles once more. Not with --zero-stage 3."""
+    LoRA/PLoRA element-wise work). The first step pays the compile (1–2 minutes for the 7B on an
+    H200); a new kind of row (one without images) compiles once more. Not with --zero-stage 3."""
     seed: int = 42
     """Seed for the epoch plan, initialisation of new weights and dropout."""
 

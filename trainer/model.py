@@ -528,7 +528,9 @@ class DecoderLayer(nn.Module):
         return x + self.feed_forward(self.ffn_norm(x), image_tokens)
 
 
-def plora_selector(image_index: torch.Tensor | None, num_tokens: int, dtype: torch.dtype) -> torch.Tensor | None:
+def plora_selector(
+    image_index: torch.Tensor | None, num_tokens: int, dtype: torch.dtype
+) -> torch.Tensor | None:
     """What PLoRALinear takes for a row of `num_tokens` with image tokens at `image_index` int64[K]:
     None stays None, an empty index stays (no images), else a 0/1 mask float[T, 1] in `dtype`."""
     if image_index is None or image_index.numel() == 0:
