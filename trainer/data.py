@@ -1095,6 +1095,7 @@ class PackedLoader:
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self._plans: dict[int, EpochPlan] = {}
         self._steps: dict[int, int] = {}
+        self._plan_lock = threading.Lock()  # the delivery thread plans the next epoch ahead
         self._epoch = 0
         self._step = 0
 
@@ -1102,12 +1103,13 @@ class PackedLoader:
 
     def plan(self, epoch: int) -> EpochPlan:
         """The epoch's plan (computed once, cached for the two latest epochs asked)."""
-        if epoch not in self._plans:
-            if len(self._plans) >= 2:
-                del self._plans[min(self._plans)]
-            self._plans[epoch] = plan_epoch(self.index, self.config, epoch, self.global_batch)
-            self._steps[epoch] = self._plans[epoch].steps
-        return self._plans[epoch]
+        with self._plan_lock:
+            if epoch not in self._plans:
+                if len(self._plans) >= 2:
+                    del self._plans[min(self._plans)]
+                self._plans[epoch] = plan_epoch(self.index, self.config, epoch, self.global_batch)
+                self._steps[epoch] = self._plans[epoch].steps
+            return self._plans[epoch]
 
     def steps_in_epoch(self, epoch: int) -> int:
         if epoch not in self._steps:
