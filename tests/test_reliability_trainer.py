@@ -132,3 +132,63 @@ def test_corrupted_shard_stops_before_any_step(
     err = capsys.readouterr().err
     assert str(victim) in err and "sha256" in err
     assert not (out / "checkpoints").exists()
+
+
+FULL_DISK_ON_RANK0 = """
+import errno, os, sys
+import torch.distributed as dist
+from trainer import checkpoint
+from trainer.cli import main
+
+real = checkpoint._write_json_atomic
+def write(path, data):
+    # rank 0 alone finishes a checkpoint; at the second one its disk is full
+    if dist.get_rank() == 0 and data.get("step") == 2:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+    return real(path, data)
+checkpoint._write_json_atomic = write
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.distributed
+def test_full_disk_on_one_rank_stops_every_rank_with_the_error(
+    tiny_text_shards: Path, tmp_path: Path
+) -> None:
+    """Two gloo ranks; rank 0's disk fills while it completes a checkpoint: both ranks stop promptly
+    with the checkpoint error (none left waiting in a collective), the previous checkpoint intact."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "run"
+    repo = Path(__file__).resolve().parent.parent
+    procs = []
+    for rank in (0, 1):
+        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+        env.update(
+            RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port), CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", PYTHONPATH=str(repo),
+        )  # fmt: skip
+        cmd = [sys.executable, "-c", FULL_DISK_ON_RANK0, *run_args(tiny_text_shards, out, "--epochs", "2")]
+        procs.append(
+            subprocess.Popen(
+                cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            )
+        )
+    started = time.monotonic()
+    try:
+        logs = [p.communicate(timeout=180)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    print(f"both ranks stopped {time.monotonic() - started:.1f} s after launch")
+    assert [p.returncode for p in procs] == [1, 1], "\n\n".join(logs)
+    assert "No space left on device" in logs[0] and "step-00000001" in logs[0] and "is intact" in logs[0]
+    assert "step-00000002" in logs[1] and "another rank" in logs[1], logs[1]
+    assert [p.name for p in ckpt.complete_checkpoints(out)] == ["step-00000001"]

@@ -68,11 +68,6 @@ def resolve_resume(output_dir: Path, resume: str) -> Path | None:
     return path
 
 
-def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
 def _rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
@@ -93,51 +88,93 @@ def _fsync_tree(path: Path) -> None:
                 os.fsync(f.fileno())
 
 
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _all_ok(ok: bool) -> bool:
+    """Collective, in place of a barrier: True iff every rank's `ok` is. A rank that failed tells
+    the others, so that all raise together instead of some waiting in a collective for it."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return ok
+    on_gpu = dist.get_backend() == "nccl"
+    flag = torch.tensor(
+        [int(ok)], device=torch.device("cuda", torch.cuda.current_device()) if on_gpu else "cpu"
+    )
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
 def save_checkpoint(
     engine: Any, output_dir: Path, step: int, trainer_state: dict[str, Any], keep_last: int
 ) -> Path:
-    """Collective: every rank calls it. Returns the complete checkpoint's folder."""
+    """Collective: every rank calls it. Returns the complete checkpoint's folder.
+
+    An OSError (full disk, quota, vanished mount) raises CheckpointError on every rank: the rank
+    that hit it names the error, the others say another rank failed. Failures inside DeepSpeed's
+    own save (which has collectives of its own) reach the other ranks as a backend error instead.
+    """
     root = checkpoint_root(output_dir)
     final = root / f"step-{step:08d}"
     partial = root / (final.name + PARTIAL_SUFFIX)
     rank = _rank()
-    try:
+    failure: OSError | None = None
+
+    def phase(work: Any) -> None:
+        nonlocal failure
+        if failure is None:
+            try:
+                work()
+            except OSError as e:  # the older checkpoints are untouched
+                failure = e
+        if not _all_ok(failure is None):
+            raise _write_failed(output_dir, final, partial, failure)
+
+    def prepare() -> None:
         if rank == 0:
             root.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(partial, ignore_errors=True)
             partial.mkdir()
-        _barrier()
+
+    def write_rank_files() -> None:
         engine.save_checkpoint(str(partial / "ds"), tag="state")
         rng = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state()
         torch.save(rng, partial / f"rng-rank{rank:05d}.pt")
-        _barrier()
-        if rank == 0:
-            _fsync_tree(partial)
-            files = {
-                str(p.relative_to(partial)): p.stat().st_size
-                for p in sorted(partial.rglob("*"))
-                if p.is_file()
-            }
-            world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-            record = {"step": step, "world_size": world_size, **trainer_state, "files": files}
-            _write_json_atomic(partial / STATE_FILE, record)
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(partial, final)
-            for old in complete_checkpoints(output_dir)[:-keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
-    except OSError as e:  # a full disk, a quota, a vanished mount: the older checkpoints are untouched
-        done = complete_checkpoints(output_dir)
-        previous = (
-            f"the last complete checkpoint {done[-1]} is intact" if done else "no earlier checkpoint exists"
-        )
-        raise CheckpointError(
-            f"writing checkpoint {final.name} under {root} failed: {e}; {previous} (the unfinished "
-            f"{partial.name} is never used). Free space and rerun with --resume auto"
-        ) from e
-    _barrier()
+
+    def commit() -> None:
+        if rank != 0:
+            return
+        _fsync_tree(partial)
+        files = {
+            str(p.relative_to(partial)): p.stat().st_size for p in sorted(partial.rglob("*")) if p.is_file()
+        }
+        world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        record = {"step": step, "world_size": world_size, **trainer_state, "files": files}
+        _write_json_atomic(partial / STATE_FILE, record)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(partial, final)
+        for old in complete_checkpoints(output_dir)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    phase(prepare)
+    phase(write_rank_files)
+    phase(commit)
     return final
+
+
+def _write_failed(output_dir: Path, final: Path, partial: Path, failure: OSError | None) -> CheckpointError:
+    done = [p for p in complete_checkpoints(output_dir) if p != final]
+    previous = (
+        f"the last complete checkpoint {done[-1]} is intact" if done else "no earlier checkpoint exists"
+    )
+    cause = f"{failure}" if failure is not None else "another rank failed to write its part (see its log)"
+    return CheckpointError(
+        f"writing checkpoint {final.name} under {final.parent} failed: {cause}; {previous} (the "
+        f"unfinished {partial.name} is never used). Free space and rerun with --resume auto"
+    )
 
 
 def verify_checkpoint(path: Path) -> dict[str, Any]:
