@@ -19,6 +19,7 @@ import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -121,7 +122,7 @@ def save_checkpoint(
     rank = _rank()
     failure: OSError | None = None
 
-    def phase(work: Any) -> None:
+    def phase(work: Callable[[], None]) -> None:
         nonlocal failure
         if failure is None:
             try:
@@ -129,7 +130,7 @@ def save_checkpoint(
             except OSError as e:  # the older checkpoints are untouched
                 failure = e
         if not _all_ok(failure is None):
-            raise _write_failed(output_dir, final, partial, failure)
+            raise _write_failed(output_dir, final, partial, failure) from failure
 
     def prepare() -> None:
         if rank == 0:
