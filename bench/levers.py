@@ -40,7 +40,13 @@ import torch
 BENCH_DIR = Path(__file__).resolve().parent
 sys.path[:0] = [str(BENCH_DIR), str(BENCH_DIR.parent)]
 from max_length import REAL_VOCAB_SIZE, synthetic_row  # noqa: E402
-from train_throughput import build_lora_model, measure_matmul_flops, package_versions, sync  # noqa: E402
+from train_throughput import (  # noqa: E402
+    build_lora_model,
+    measure_matmul_flops,
+    optimizer_step,
+    package_versions,
+    sync,
+)
 
 from trainer.flops import step_flops, vit_flops  # noqa: E402
 from trainer.model import TINY_VOCAB_SIZE, compile_decoder_layers  # noqa: E402
@@ -79,11 +85,7 @@ def one_step(
     out = model(**to_device(row, device))
     loss = out.loss_sum / max(1, out.num_tokens or 0)
     del out
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(params, 1.0)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return float(loss.detach())
+    return optimizer_step(loss, optimizer, params)
 
 
 def row_flops(model: Any, row: dict[str, Any]) -> tuple[float, float]:
@@ -301,17 +303,19 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda":
         for row in rows:
             row["tiles"] = row["tiles"].pin_memory()
-    results["rows"] = [
-        {
-            "tokens": int(r["input_ids"].shape[1]),
-            "samples": int(r["cu_seqlens"].numel() - 1),
-            "images": int(r["image_grids"].shape[0]),
-            "tiles": int(r["tiles"].shape[0]),
-            "llm_flops": row_flops(model, r)[0],
-            "vit_flops": row_flops(model, r)[1],
-        }
-        for r in rows
-    ]
+    results["rows"] = []
+    for r in rows:
+        llm, vit = row_flops(model, r)
+        results["rows"].append(
+            {
+                "tokens": int(r["input_ids"].shape[1]),
+                "samples": int(r["cu_seqlens"].numel() - 1),
+                "images": int(r["image_grids"].shape[0]),
+                "tiles": int(r["tiles"].shape[0]),
+                "llm_flops": llm,
+                "vit_flops": vit,
+            }
+        )
     print(
         f"{card} | matmul {matmul / 1e12:.0f} TFLOP/s | rows {results['rows']}", file=sys.stderr, flush=True
     )
