@@ -4,13 +4,14 @@ Same model, recipe and step as bench/train_throughput.py (the `7b` preset, rando
 LoRA r64 on the five linears, fix_vit, fix_sampler, chunked loss, fused AdamW with clipping) on
 synthetic packed rows of real-sized samples (bench/max_length.py's SAMPLE_CYCLE: photos at hd 18
 with their exact token counts, multi-turn and text-only samples; each row starts at another
-point of the cycle). A variant is `MODE:N`: MODE `eager` or `compiled` (torch.compile of each
+point of the cycle). A variant is `MODE:N[:ATTENTION]`: MODE `eager` or `compiled` (torch.compile of each
 decoder layer, `trainer.model.compile_decoder_layers`), N = decoder layers recomputed in
-backward (32 = full checkpointing, as the official recipe; 0 = none). Compiling is one-way, so
+backward (32 = full checkpointing, as the official recipe; 0 = none), ATTENTION the model's
+attention backend (trainer/attention.py; default auto). Compiling is one-way, so
 the eager variants run first. Each variant: --warmup steps, then --steps timed steps (host
 clock after a device sync); an out-of-memory step fails the variant and the next one goes on.
 
-Also, optionally: a torch.profiler breakdown of one step of the first variant (kernel time by
+Also, optionally: a torch.profiler breakdown of one step of a variant (kernel time by
 category and the top kernels), the frozen ViT's forward time on a row's tiles, and whether this
 torch's varlen_attn accepts grouped K/V heads without repeating them (and how long each takes).
 
@@ -26,8 +27,10 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
+import gzip
 import json
 import re
+import shutil
 import sys
 import time
 import traceback
@@ -48,11 +51,12 @@ from train_throughput import (  # noqa: E402
     sync,
 )
 
+from trainer.attention import BACKENDS  # noqa: E402
 from trainer.flops import step_flops, vit_flops  # noqa: E402
 from trainer.model import TINY_VOCAB_SIZE, compile_decoder_layers  # noqa: E402
 
 KERNEL_CATEGORIES = (
-    ("attention (flash/varlen)", r"flash|fmha|attn"),
+    ("attention (flash/varlen/cudnn)", r"flash|fmha|attn|sdpa"),
     ("matmul (gemm)", r"gemm|cutlass|xmma|nvjet|sm90|cublas|matmul"),
     ("cross-entropy / softmax", r"softmax|cross_entropy|log_softmax|nll"),
     ("index gather/scatter", r"index|scatter|gather"),
@@ -63,13 +67,17 @@ KERNEL_CATEGORIES = (
 )
 
 
-def parse_variants(text: str) -> list[tuple[str, int]]:
+def parse_variants(text: str) -> list[tuple[str, int, str]]:
     out = []
     for item in text.split(","):
-        mode, _, layers = item.strip().partition(":")
-        if mode not in ("eager", "compiled") or not layers.isdigit():
-            raise SystemExit(f"--variants: {item!r} is not MODE:N with MODE eager|compiled")
-        out.append((mode, int(layers)))
+        mode, _, rest = item.strip().partition(":")
+        layers, _, backend = rest.partition(":")
+        if mode not in ("eager", "compiled") or not layers.isdigit() or backend not in ("", *BACKENDS):
+            raise SystemExit(
+                f"--variants: {item!r} is not MODE:N[:ATTENTION] with MODE eager|compiled, "
+                f"ATTENTION one of {', '.join(BACKENDS)}"
+            )
+        out.append((mode, int(layers), backend or "auto"))
     # compiling is one-way: eager first, original order kept within each mode
     return [v for v in out if v[0] == "eager"] + [v for v in out if v[0] == "compiled"]
 
@@ -103,10 +111,13 @@ def run_variant(
     device: torch.device,
     mode: str,
     layers: int,
+    backend: str,
     matmul_flops: float,
 ) -> dict[str, Any]:
-    info: dict[str, Any] = {"variant": f"{mode}:{layers}", "mode": mode, "checkpoint_layers": layers}
+    name = f"{mode}:{layers}" + ("" if backend == "auto" else f":{backend}")
+    info: dict[str, Any] = {"variant": name, "mode": mode, "checkpoint_layers": layers, "attention": backend}
     model.checkpoint_layers = layers
+    base_model(model).attention_backend = backend
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times, losses, flops = [], [], []
@@ -130,6 +141,9 @@ def run_variant(
         info["error"] = traceback.format_exc()[-2000:]
     optimizer.zero_grad(set_to_none=True)
     if device.type == "cuda":
+        stats = torch.cuda.memory_stats(device)
+        # cudaFree of cached blocks to satisfy an allocation synchronizes the device
+        info["alloc_retries"] = stats.get("num_alloc_retries", 0)
         info["peak_allocated_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
         info["peak_reserved_gib"] = torch.cuda.max_memory_reserved(device) / 2**30
         gc.collect()
@@ -177,20 +191,52 @@ def profile_step(
         label = next((c for c, pat in KERNEL_CATEGORIES if re.search(pat, name, re.I)), "other")
         categories[label] = categories.get(label, 0.0) + seconds
     top = sorted(kernels.items(), key=lambda kv: -kv[1])[:30]
+    busy = gpu_busy_s(prof)
     if out_dir is not None:
         table = prof.key_averages().table(
             sort_by="self_cuda_time_total", row_limit=60, max_name_column_width=90
         )
         (out_dir / "profile_table.txt").write_text(table)
+        trace = out_dir / "trace.json"
+        prof.export_chrome_trace(str(trace))
+        with trace.open("rb") as src, gzip.open(out_dir / "trace.json.gz", "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        trace.unlink()
     return {
+        "gpu_busy_s": busy["busy_s"],
+        "gpu_span_s": busy["span_s"],
         "kernel_s": total,
         "categories": dict(sorted(categories.items(), key=lambda kv: -kv[1])),
         "top": [{"kernel": k[:160], "s": s} for k, s in top],
     }
 
 
+def gpu_busy_s(prof: Any) -> dict[str, float]:
+    """The union of the device's kernel/copy intervals and the span from the first to the last."""
+    spans = sorted(
+        (e.time_range.start, e.time_range.end)
+        for e in prof.events()
+        if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.end > e.time_range.start
+    )
+    if not spans:
+        return {"busy_s": 0.0, "span_s": 0.0}
+    busy, (cur_start, cur_end) = 0.0, spans[0]
+    for start, end in spans[1:]:
+        if start > cur_end:
+            busy += cur_end - cur_start
+            cur_start, cur_end = start, end
+        else:
+            cur_end = max(cur_end, end)
+    busy += cur_end - cur_start
+    return {"busy_s": busy / 1e6, "span_s": (spans[-1][1] - spans[0][0]) / 1e6}
+
+
+def base_model(model: Any) -> Any:
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def vit_time(model: Any, row: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     grids = [tuple(g) for g in row["image_grids"].tolist()]
     with torch.no_grad():
         for _ in range(2):
@@ -259,7 +305,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--variants", default="eager:32,eager:16,eager:0,compiled:32,compiled:0")
-    parser.add_argument("--profile", action="store_true", help="profile one step of the first variant")
+    parser.add_argument(
+        "--profile", action="store_true", help="profile one step of a variant (--profile-variant)"
+    )
+    parser.add_argument(
+        "--profile-variant",
+        default=None,
+        help="the variant to profile, as written in --variants (default the first)",
+    )
     parser.add_argument("--probe-gqa", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out-json", type=Path, default=None)
@@ -325,13 +378,14 @@ def main(argv: list[str] | None = None) -> int:
     save()
 
     compiled = False
-    for k, (mode, layers) in enumerate(variants):
+    profiled = args.profile_variant or args.variants.split(",")[0].strip()
+    for mode, layers, backend in variants:
         if mode == "compiled" and not compiled:
             t0 = time.perf_counter()
             compile_decoder_layers(model)
             compiled = True
             results["compile_call_s"] = time.perf_counter() - t0
-        info = run_variant(model, optimizer, params, rows, args, device, mode, layers, matmul)
+        info = run_variant(model, optimizer, params, rows, args, device, mode, layers, backend, matmul)
         results["variants"].append(info)
         print(
             f"{info['variant']}: {json.dumps({k: v for k, v in info.items() if k != 'losses'})}",
@@ -339,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
         save()
-        if k == 0 and args.profile and "error" not in info:
+        if args.profile and info["variant"] == profiled.removesuffix(":auto") and "error" not in info:
             results["profile"] = profile_step(model, optimizer, params, rows[0], device, out_dir)
             print(json.dumps(results["profile"], indent=1), file=sys.stderr, flush=True)
             save()

@@ -69,6 +69,7 @@ from pipeline.tiling import CLIP_MEAN, CLIP_STD  # noqa: E402
 from pipeline.tokenization import Tokenizer, build_tiny_tokenizer  # noqa: E402
 from schemas.sample import IGNORE_INDEX  # noqa: E402
 from schemas.shards import ShardReader  # noqa: E402
+from trainer.attention import BACKENDS, resolve_backend, warm_up  # noqa: E402
 from trainer.config import TrainConfig  # noqa: E402
 from trainer.data import LoaderConfig, PackedBatch, PackedLoader, SampleIndex, TimedIterator, collate  # noqa: E402
 from trainer.flops import llm_matmul_params, peak_bf16_flops, step_flops, vit_flops  # noqa: E402
@@ -577,6 +578,12 @@ def main(argv: list[str] | None = None) -> int:
         help="ours: decoder layers recomputed in backward (default all, as the official mode always)",
     )
     parser.add_argument("--compile", action="store_true", help="ours: torch.compile each decoder layer")
+    parser.add_argument(
+        "--attention",
+        default="auto",
+        choices=BACKENDS,
+        help="the model's attention kernel, for both modes (trainer/attention.py)",
+    )
     parser.add_argument("--out-json", type=Path, default=None)
     parser.add_argument("--keep", type=Path, default=None, help="work in this folder and keep it")
     args = parser.parse_args(argv)
@@ -606,6 +613,7 @@ def main(argv: list[str] | None = None) -> int:
         "optimizer": "torch AdamW(fused on CUDA) driven directly, grad clip 1.0, one step per micro-batch; "
         "no DeepSpeed (ZeRO-2 on one GPU adds only a wrapper and fp32 LoRA master weights)",
         "ours_levers": {"checkpoint_layers": args.checkpoint_layers, "compile": args.compile},
+        "attention": args.attention,
         "phases": [],
     }
 
@@ -634,6 +642,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.preset, device, dtype, tokenizer.vocab_size, args.seed
             )
             results["model_build_s"] = time.perf_counter() - t0
+            model.attention_backend = args.attention
             shards, sources = data_future.result()
         results["model"] = {
             "llm_matmul_params": llm_matmul_params(model.config),
@@ -678,6 +687,14 @@ def main(argv: list[str] | None = None) -> int:
             results["elapsed_s"] = time.perf_counter() - started
             write_json(args.out_json, results)
 
+        # Kernels compiled at first use (FlashAttention-4 builds one per tile configuration, chosen
+        # by length) are built here, before either mode is timed: a measured step must not pay one.
+        c = model.config
+        backend = resolve_backend(args.attention, device, dtype)
+        results["attention_backend"] = backend
+        results["attention_warm_up_s"] = warm_up(
+            backend, c.num_attention_heads, c.num_key_value_heads, c.head_dim, dtype, device
+        )
         # The official mode first: it runs as the official recipe does (eager, every decoder layer
         # recomputed), and compiling our layers (--compile) cannot be undone.
         if not args.skip_official:

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from schemas.sample import image_token_count
+from trainer import attention
 from trainer.generate import generate
 from trainer.model import (
     PLORA_TARGETS,
@@ -197,6 +198,55 @@ def test_plora_mask_and_index_forms_agree() -> None:
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     empty = torch.zeros(0, dtype=torch.long)
     assert plora_selector(empty, 10, x.dtype) is empty and plora_selector(None, 10, x.dtype) is None
+
+
+def _fake_fa4(calls: list[dict]):
+    """Stands in for flash_attn.cute's flash_attn_varlen_func on the CPU: records the call and
+    answers with per-sample SDPA, as (out, lse) like the real one."""
+
+    def fa4(q, k, v, **kwargs):
+        calls.append(kwargs)
+        out = attention.varlen_attention(q, k, v, kwargs["cu_seqlens_q"], kwargs["max_seqlen_q"], "sdpa")
+        return out, torch.zeros(q.shape[1], q.shape[0])
+
+    return fa4
+
+
+def test_fa4_backend_is_wired_like_the_other_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(attention, "fa4_varlen_func", None)
+    with pytest.raises(ValueError, match="flash-attn-4 is not installed"):
+        attention.resolve_backend("fa4", cpu, torch.bfloat16)
+    calls: list[dict] = []
+    monkeypatch.setattr(attention, "fa4_varlen_func", _fake_fa4(calls))
+    assert attention.resolve_backend("auto", cpu, torch.float32) == "sdpa"  # sm90/sm100 only
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        attention.resolve_backend("fa4", cpu, torch.bfloat16)
+
+    # Inside a compiled region the call runs outside the graph (compiler.disable): same values and
+    # gradients as the SDPA path, with GQA's 2 K/V heads passed through as they are.
+    gen = torch.Generator().manual_seed(6)
+    q, k, v = (torch.randn(23, h, 8, generator=gen) for h in (4, 2, 2))
+    cu = torch.tensor([0, 10, 11, 23], dtype=torch.int32)
+    results = []
+    for backend, compiled in (("sdpa", False), ("fa4", True)):
+        inputs = [t.clone().requires_grad_(True) for t in (q, k, v)]
+
+        def run(q, k, v, backend=backend):
+            return attention.varlen_attention(q * 2, k, v, cu, 13, backend).tanh()
+
+        fn = torch.compile(run, backend="aot_eager", dynamic=True) if compiled else run
+        out = fn(*inputs)
+        out.sum().backward()
+        results.append([out.detach(), *(t.grad for t in inputs)])
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    assert calls and all(c["causal"] and c["cu_seqlens_q"] is c["cu_seqlens_k"] for c in calls)
+    assert calls[0]["max_seqlen_q"] == 13
+
+    calls.clear()
+    seconds = attention.warm_up("fa4", 4, 2, 8, torch.float32, cpu, lengths=(1, 5, 17))
+    assert seconds >= 0 and [c["max_seqlen_q"] for c in calls] == [1, 5, 17, 17]
 
 
 def test_frozen_vit_builds_no_graph_and_trains_the_rest(samples: list[dict]) -> None:

@@ -31,10 +31,12 @@ def _packed(gen: torch.Generator) -> dict:
     }
 
 
-@pytest.mark.parametrize("backend", ["varlen", "flash"])
+@pytest.mark.parametrize("backend", ["varlen", "flash", "fa4"])
 def test_varlen_kernels_match_per_sample_sdpa(backend: str) -> None:
     if backend == "flash" and attention.flash_attn_varlen_func is None:
         pytest.skip("flash-attn not installed")
+    if backend == "fa4" and not attention.fa4_usable(torch.device("cuda")):
+        pytest.skip("flash-attn-4 not installed, or not an sm90/sm100 GPU")
     if backend == "varlen" and attention.varlen_attn is None:
         pytest.skip("this torch has no varlen_attn")
     gen = torch.Generator(device="cuda").manual_seed(0)

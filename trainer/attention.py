@@ -2,6 +2,8 @@
 
 One import guard picks the kernel (STYLE 23); `resolve_backend` turns a request into one of:
   flash   flash-attn's `flash_attn_varlen_func` (CUDA, fp16/bf16), GQA native
+  fa4     FlashAttention-4 (`pip install flash-attn-4`: CuTe DSL kernels compiled at first use,
+          Hopper sm90 and Blackwell sm100), GQA native; run outside torch.compile's graph
   varlen  `torch.nn.attention.varlen.varlen_attn` (CUDA, fp16/bf16); K/V are repeated per query
           head where the installed torch has no `enable_gqa` (torch 2.11)
   sdpa    torch SDPA one sample at a time, any device and dtype: the CPU path, and the degraded
@@ -15,6 +17,7 @@ Shapes (T = tokens of the packed row, H = query heads, H_kv = key/value heads, D
 from __future__ import annotations
 
 import inspect
+import itertools
 import logging
 from typing import Any, Literal
 
@@ -23,13 +26,18 @@ import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
-Backend = Literal["flash", "varlen", "sdpa"]
-BACKENDS = ("auto", "flash", "varlen", "sdpa")
+Backend = Literal["flash", "fa4", "varlen", "sdpa"]
+BACKENDS = ("auto", "flash", "fa4", "varlen", "sdpa")
 
 try:  # the optional accelerator: a broken CUDA build raises more than ImportError
     from flash_attn import flash_attn_varlen_func
 except Exception:  # noqa: BLE001
     flash_attn_varlen_func = None
+
+try:  # FlashAttention-4 lives in the flash_attn.cute namespace (no flash_attn/__init__.py)
+    from flash_attn.cute.interface import flash_attn_varlen_func as fa4_varlen_func
+except Exception:  # noqa: BLE001
+    fa4_varlen_func = None
 
 try:
     from torch.nn.attention.varlen import varlen_attn
@@ -48,16 +56,28 @@ def _warn_once(key: str, message: str) -> None:
         log.warning(message)
 
 
+def fa4_usable(device: torch.device) -> bool:
+    """FlashAttention-4 is installed and this GPU is one it has kernels for (sm90, sm100)."""
+    return (
+        fa4_varlen_func is not None
+        and device.type == "cuda"
+        and torch.cuda.get_device_capability(device)[0] in (9, 10)
+    )
+
+
 def resolve_backend(requested: str, device: torch.device, dtype: torch.dtype) -> Backend:
     """The kernel to use for `requested` ('auto', 'flash', 'varlen', 'sdpa') on this device and dtype.
 
-    'auto' prefers flash-attn, then torch varlen, then per-sample SDPA (warned once). An explicit
+    'auto' prefers FlashAttention-4 (where installed and the GPU is sm90/sm100), then flash-attn,
+    then torch varlen, then per-sample SDPA (warned once). An explicit
     request that cannot run here raises ValueError saying why and what to pick instead.
     """
     if requested not in BACKENDS:
         raise ValueError(f"attention backend {requested!r} is not one of {', '.join(BACKENDS)}")
     fast_ok = device.type == "cuda" and dtype in _HALF
     if requested == "auto":
+        if fast_ok and fa4_usable(device):
+            return "fa4"
         if fast_ok and flash_attn_varlen_func is not None:
             return "flash"
         if fast_ok and varlen_attn is not None:
@@ -74,11 +94,23 @@ def resolve_backend(requested: str, device: torch.device, dtype: torch.dtype) ->
             )
         _warn_once(f"sdpa:{device.type}:{dtype}", message)
         return "sdpa"
-    if requested in ("flash", "varlen"):
-        available = flash_attn_varlen_func if requested == "flash" else varlen_attn
-        if available is None:
-            what = "flash-attn is not installed" if requested == "flash" else "this torch has no varlen_attn"
-            raise ValueError(f"--attention {requested}: {what}; use --attention auto or sdpa")
+    if requested in ("flash", "fa4", "varlen"):
+        if requested == "fa4":
+            if fa4_varlen_func is None:
+                raise ValueError(
+                    "--attention fa4: flash-attn-4 is not installed; use --attention auto or sdpa"
+                )
+            if fast_ok and not fa4_usable(device):
+                raise ValueError(
+                    "--attention fa4: FlashAttention-4 needs a Hopper (sm90) or Blackwell (sm100) GPU"
+                )
+        else:
+            available = flash_attn_varlen_func if requested == "flash" else varlen_attn
+            if available is None:
+                what = (
+                    "flash-attn is not installed" if requested == "flash" else "this torch has no varlen_attn"
+                )
+                raise ValueError(f"--attention {requested}: {what}; use --attention auto or sdpa")
         if not fast_ok:
             raise ValueError(
                 f"--attention {requested} needs a CUDA device and bf16/fp16 (got {device.type}, {dtype}); "
@@ -99,6 +131,8 @@ def varlen_attention(
     num_heads, num_kv_heads = q.shape[1], k.shape[1]
     if backend == "flash":
         return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=True)
+    if backend == "fa4":
+        return _fa4_varlen(q, k, v, cu_seqlens, max_seqlen)
     if backend == "varlen":
         kwargs: dict[str, Any] = {}
         if "is_causal" in _VARLEN_PARAMS:
@@ -128,6 +162,54 @@ def varlen_attention(
         )
         outputs.append(out[0].transpose(0, 1))
     return torch.cat(outputs, dim=0)
+
+
+@torch.compiler.disable  # CuTe DSL kernels behind an autograd.Function: not traceable
+def _fa4_varlen(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int
+) -> torch.Tensor:
+    out, _ = fa4_varlen_func(
+        q,
+        k,
+        v.contiguous(),
+        cu_seqlens_q=cu_seqlens,
+        cu_seqlens_k=cu_seqlens,
+        max_seqlen_q=max_seqlen,
+        max_seqlen_k=max_seqlen,
+        causal=True,
+    )
+    return out
+
+
+WARM_UP_LENGTHS = (1, 64, 124, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
+
+
+def warm_up(
+    backend: Backend,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    lengths: tuple[int, ...] = WARM_UP_LENGTHS,
+) -> float:
+    """Run forward + backward once per row length in `lengths` (one sample each, then all as one
+    packed row) so that kernels compiled at first use (FlashAttention-4's JIT picks its tile
+    configuration by length) are built before anything is timed. Returns the seconds it took."""
+    import time
+
+    started = time.perf_counter()
+    rows = [[n] for n in lengths] + [list(lengths)]
+    for row in rows:
+        t = sum(row)
+        q = torch.randn(t, num_heads, head_dim, device=device, dtype=dtype, requires_grad=True)
+        k = torch.randn(t, num_kv_heads, head_dim, device=device, dtype=dtype, requires_grad=True)
+        v = torch.randn(t, num_kv_heads, head_dim, device=device, dtype=dtype, requires_grad=True)
+        cu = torch.tensor([0, *itertools.accumulate(row)], dtype=torch.int32, device=device)
+        varlen_attention(q, k, v, cu, max(row), backend).sum().backward()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - started
 
 
 def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

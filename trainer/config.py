@@ -112,8 +112,8 @@ class TrainConfig:
     """A DeepSpeed JSON config to use as is, instead of the built-in preset."""
     zero_stage: int = 2
     """Built-in DeepSpeed preset: ZeRO stage 2 (default) or 3."""
-    attention: Literal["auto", "flash", "varlen", "sdpa"] = "auto"
-    """Attention kernel: flash-attn if installed, torch varlen on CUDA, per-sample SDPA otherwise."""
+    attention: Literal["auto", "flash", "fa4", "varlen", "sdpa"] = "auto"
+    """Attention kernel: FlashAttention-4 or flash-attn if installed, torch varlen on CUDA, per-sample SDPA otherwise."""
 
     # --- checkpoints and telemetry
     save_every_steps: int = 500

@@ -29,6 +29,7 @@ import torch.distributed as dist
 from schemas.manifest import TOKENIZER_NAME, Manifest
 from schemas.shards import file_sha256, verify_shards
 from trainer import checkpoint as ckpt
+from trainer.attention import resolve_backend
 from trainer.config import TrainConfig, batch_layout, deepspeed_config, warmup_cosine
 from trainer.data import LoaderConfig, PackedBatch, PackedLoader, SampleIndex, ShardDataError, TimedIterator
 from trainer.flops import peak_bf16_flops, step_flops
@@ -351,7 +352,8 @@ def train(cfg: TrainConfig, argv: list[str] | None = None) -> dict[str, Any]:
                 f"{'LoRA r=' + str(cfg.lora_r) if cfg.use_lora else 'full'} | fix_vit {cfg.fix_vit} | "
                 f"fix_sampler {cfg.fix_sampler}",
                 f"parameters {total_params:,} ({trainable:,} trainable) | {d.world_size} rank(s) on "
-                f"{d.device.type} | {str(dtype).removeprefix('torch.')} | ZeRO {ds_config.get('zero_optimization', {}).get('stage', '-')}",
+                f"{d.device.type} | {str(dtype).removeprefix('torch.')} | ZeRO {ds_config.get('zero_optimization', {}).get('stage', '-')} | "
+                f"attention {resolve_backend(cfg.attention, d.device, dtype)}",
                 f"global batch {global_batch} packed rows = 1 × {accumulation} accumulation × {d.world_size} "
                 f"rank(s) | {total_steps} optimizer steps | lr {cfg.learning_rate:g} cosine, warmup "
                 f"{cfg.warmup_ratio:.0%}",
