@@ -690,7 +690,7 @@ def main(argv: list[str] | None = None) -> int:
         # Kernels compiled at first use (FlashAttention-4 builds one per tile configuration, chosen
         # by length) are built here, before either mode is timed: a measured step must not pay one.
         c = model.config
-        backend = resolve_backend(args.attention, device, dtype)
+        backend = resolve_backend(args.attention, device, dtype, c.head_dim)
         results["attention_backend"] = backend
         results["attention_warm_up_s"] = warm_up(
             backend, c.num_attention_heads, c.num_key_value_heads, c.head_dim, dtype, device

@@ -216,12 +216,14 @@ def test_fa4_backend_is_wired_like_the_other_kernels(monkeypatch: pytest.MonkeyP
     cpu = torch.device("cpu")
     monkeypatch.setattr(attention, "fa4_varlen_func", None)
     with pytest.raises(ValueError, match="flash-attn-4 is not installed"):
-        attention.resolve_backend("fa4", cpu, torch.bfloat16)
+        attention.resolve_backend("fa4", cpu, torch.bfloat16, 128)
     calls: list[dict] = []
     monkeypatch.setattr(attention, "fa4_varlen_func", _fake_fa4(calls))
-    assert attention.resolve_backend("auto", cpu, torch.float32) == "sdpa"  # sm90/sm100 only
+    assert attention.resolve_backend("auto", cpu, torch.float32, 128) == "sdpa"  # sm90/sm100 only
     with pytest.raises(ValueError, match="needs a CUDA device"):
-        attention.resolve_backend("fa4", cpu, torch.bfloat16)
+        attention.resolve_backend("fa4", cpu, torch.bfloat16, 128)
+    with pytest.raises(ValueError, match="checked at head dims"):  # wrong gradients at 16 (b36)
+        attention.resolve_backend("fa4", cpu, torch.bfloat16, 16)
 
     # Inside a compiled region the call runs outside the graph (compiler.disable): same values and
     # gradients as the SDPA path, with GQA's 2 K/V heads passed through as they are.

@@ -31,16 +31,17 @@ def _packed(gen: torch.Generator) -> dict:
     }
 
 
+@pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("backend", ["varlen", "flash", "fa4"])
-def test_varlen_kernels_match_per_sample_sdpa(backend: str) -> None:
+def test_varlen_kernels_match_per_sample_sdpa(backend: str, d: int) -> None:
     if backend == "flash" and attention.flash_attn_varlen_func is None:
         pytest.skip("flash-attn not installed")
-    if backend == "fa4" and not attention.fa4_usable(torch.device("cuda")):
+    if backend == "fa4" and not attention.fa4_usable(torch.device("cuda"), d):
         pytest.skip("flash-attn-4 not installed, or not an sm90/sm100 GPU")
     if backend == "varlen" and attention.varlen_attn is None:
         pytest.skip("this torch has no varlen_attn")
     gen = torch.Generator(device="cuda").manual_seed(0)
-    t, h, hkv, d = 300, 8, 2, 64
+    t, h, hkv = 300, 8, 2
     q = torch.randn(t, h, d, device="cuda", dtype=torch.bfloat16, generator=gen).requires_grad_()
     k = torch.randn(t, hkv, d, device="cuda", dtype=torch.bfloat16, generator=gen).requires_grad_()
     v = torch.randn(t, hkv, d, device="cuda", dtype=torch.bfloat16, generator=gen).requires_grad_()

@@ -3,7 +3,9 @@
 One import guard picks the kernel (STYLE 23); `resolve_backend` turns a request into one of:
   flash   flash-attn's `flash_attn_varlen_func` (CUDA, fp16/bf16), GQA native
   fa4     FlashAttention-4 (`pip install flash-attn-4`: CuTe DSL kernels compiled at first use,
-          Hopper sm90 and Blackwell sm100), GQA native; run outside torch.compile's graph
+          Hopper sm90 and Blackwell sm100), GQA native; run outside torch.compile's graph. Only
+          for the head dims checked against fp32 on an H200 (FA4_HEAD_DIMS): 4.0.0b36 gave wrong
+          gradients at head dim 16 (the tiny preset), right ones at 64 and 128 (the 7B)
   varlen  `torch.nn.attention.varlen.varlen_attn` (CUDA, fp16/bf16); K/V are repeated per query
           head where the installed torch has no `enable_gqa` (torch 2.11)
   sdpa    torch SDPA one sample at a time, any device and dtype: the CPU path, and the degraded
@@ -56,27 +58,33 @@ def _warn_once(key: str, message: str) -> None:
         log.warning(message)
 
 
-def fa4_usable(device: torch.device) -> bool:
-    """FlashAttention-4 is installed and this GPU is one it has kernels for (sm90, sm100)."""
+FA4_HEAD_DIMS = (64, 128)
+"""Head dims at which FlashAttention-4's output and q/k/v gradients were checked against fp32."""
+
+
+def fa4_usable(device: torch.device, head_dim: int) -> bool:
+    """FlashAttention-4 is installed, this GPU is one it has kernels for (sm90, sm100) and the
+    head dim is one it was checked at."""
     return (
         fa4_varlen_func is not None
+        and head_dim in FA4_HEAD_DIMS
         and device.type == "cuda"
         and torch.cuda.get_device_capability(device)[0] in (9, 10)
     )
 
 
-def resolve_backend(requested: str, device: torch.device, dtype: torch.dtype) -> Backend:
-    """The kernel to use for `requested` ('auto', 'flash', 'varlen', 'sdpa') on this device and dtype.
+def resolve_backend(requested: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> Backend:
+    """The kernel to use for `requested` (one of BACKENDS) on this device, dtype and head dim.
 
-    'auto' prefers FlashAttention-4 (where installed and the GPU is sm90/sm100), then flash-attn,
-    then torch varlen, then per-sample SDPA (warned once). An explicit
+    'auto' prefers FlashAttention-4 (where installed, on sm90/sm100, at FA4_HEAD_DIMS), then
+    flash-attn, then torch varlen, then per-sample SDPA (warned once). An explicit
     request that cannot run here raises ValueError saying why and what to pick instead.
     """
     if requested not in BACKENDS:
         raise ValueError(f"attention backend {requested!r} is not one of {', '.join(BACKENDS)}")
     fast_ok = device.type == "cuda" and dtype in _HALF
     if requested == "auto":
-        if fast_ok and fa4_usable(device):
+        if fast_ok and fa4_usable(device, head_dim):
             return "fa4"
         if fast_ok and flash_attn_varlen_func is not None:
             return "flash"
@@ -100,7 +108,12 @@ def resolve_backend(requested: str, device: torch.device, dtype: torch.dtype) ->
                 raise ValueError(
                     "--attention fa4: flash-attn-4 is not installed; use --attention auto or sdpa"
                 )
-            if fast_ok and not fa4_usable(device):
+            if head_dim not in FA4_HEAD_DIMS:
+                raise ValueError(
+                    f"--attention fa4: checked at head dims {FA4_HEAD_DIMS} only (this model: {head_dim}); "
+                    "use --attention auto"
+                )
+            if fast_ok and not fa4_usable(device, head_dim):
                 raise ValueError(
                     "--attention fa4: FlashAttention-4 needs a Hopper (sm90) or Blackwell (sm100) GPU"
                 )

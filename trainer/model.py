@@ -830,7 +830,7 @@ class IXCModel(nn.Module):
         device = embeds.device
         position_ids = position_ids.to(device)
         if caches is None:
-            backend = resolve_backend(self.attention_backend, device, embeds.dtype)
+            backend = resolve_backend(self.attention_backend, device, embeds.dtype, self.config.head_dim)
             seq_lens = None
             if max_seqlen > self.config.max_position_embeddings:
                 lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()

@@ -353,7 +353,7 @@ def train(cfg: TrainConfig, argv: list[str] | None = None) -> dict[str, Any]:
                 f"fix_sampler {cfg.fix_sampler}",
                 f"parameters {total_params:,} ({trainable:,} trainable) | {d.world_size} rank(s) on "
                 f"{d.device.type} | {str(dtype).removeprefix('torch.')} | ZeRO {ds_config.get('zero_optimization', {}).get('stage', '-')} | "
-                f"attention {resolve_backend(cfg.attention, d.device, dtype)}",
+                f"attention {resolve_backend(cfg.attention, d.device, dtype, model.config.head_dim)}",
                 f"global batch {global_batch} packed rows = 1 × {accumulation} accumulation × {d.world_size} "
                 f"rank(s) | {total_steps} optimizer steps | lr {cfg.learning_rate:g} cosine, warmup "
                 f"{cfg.warmup_ratio:.0%}",
