@@ -21,6 +21,7 @@ from __future__ import annotations
 import inspect
 import itertools
 import logging
+import time
 from typing import Any, Literal
 
 import torch
@@ -209,8 +210,6 @@ def warm_up(
     """Run forward + backward once per row length in `lengths` (one sample each, then all as one
     packed row) so that kernels compiled at first use (FlashAttention-4's JIT picks its tile
     configuration by length) are built before anything is timed. Returns the seconds it took."""
-    import time
-
     started = time.perf_counter()
     rows = [[n] for n in lengths] + [list(lengths)]
     for row in rows:

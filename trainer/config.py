@@ -113,7 +113,8 @@ class TrainConfig:
     zero_stage: int = 2
     """Built-in DeepSpeed preset: ZeRO stage 2 (default) or 3."""
     attention: Literal["auto", "flash", "fa4", "varlen", "sdpa"] = "auto"
-    """Attention kernel: FlashAttention-4 or flash-attn if installed, torch varlen on CUDA, per-sample SDPA otherwise."""
+    """Attention kernel: FlashAttention-4 (sm90/sm100) or flash-attn if installed, torch varlen on
+    CUDA, per-sample SDPA otherwise."""
 
     # --- checkpoints and telemetry
     save_every_steps: int = 500
