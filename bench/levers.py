@@ -4,15 +4,15 @@ Same model, recipe and step as bench/train_throughput.py (the `7b` preset, rando
 LoRA r64 on the five linears, fix_vit, fix_sampler, chunked loss, fused AdamW with clipping) on
 synthetic packed rows of real-sized samples (bench/max_length.py's SAMPLE_CYCLE: photos at hd 18
 with their exact token counts, multi-turn and text-only samples; each row starts at another
-point of the cycle). A variant is `MODE:N[:ATTENTION]`: MODE `eager` or `compiled` (torch.compile of each
-decoder layer, `trainer.model.compile_decoder_layers`), N = decoder layers recomputed in
-backward (32 = full checkpointing, as the official recipe; 0 = none), ATTENTION the model's
-attention backend (trainer/attention.py; default auto). Compiling is one-way, so
-the eager variants run first. Each variant: --warmup steps, then --steps timed steps (host
+point of the cycle). A variant is `MODE:N[:ATTENTION]`: MODE `eager` or `compiled`
+(torch.compile of each decoder layer, `trainer.model.compile_decoder_layers`), N = decoder layers
+recomputed in backward (32 = full checkpointing, as the official recipe; 0 = none), ATTENTION the
+model's attention kernel (trainer/attention.py; default auto). Compiling is one-way, so the
+eager variants run first. Each variant: --warmup steps, then --steps timed steps (host
 clock after a device sync); an out-of-memory step fails the variant and the next one goes on.
 
 Also, optionally: a torch.profiler breakdown of one step of a variant (kernel time by
-category and the top kernels), the frozen ViT's forward time on a row's tiles, and whether this
+category, the top kernels, the GPU's busy time within the step, a gzipped Chrome trace), the frozen ViT's forward time on a row's tiles, and whether this
 torch's varlen_attn accepts grouped K/V heads without repeating them (and how long each takes).
 
 MFU = trainer/flops.py's LoRA step FLOPs (4·N·tokens + attention; recomputation, LoRA/PLoRA and

@@ -13,7 +13,9 @@ Both modes train the same model on the same records, in one process, on one GPU:
             with answers of 40–400 words, sharded with `xc-prep shard` (real tokenizer, hd 18).
   levers    the official mode runs first, eager, every decoder layer recomputed (the official
             recipe's gradient checkpointing); then ours with --checkpoint-layers N (default all)
-            and --compile (torch.compile of each decoder layer), if given.
+            and --compile (torch.compile of each decoder layer), if given. --attention picks the
+            kernel for both modes; kernels compiled at first use (FlashAttention-4) are built
+            before either mode is timed (`trainer.attention.warm_up`).
   ours      `trainer.data.PackedLoader` (≤ 4 workers) → packed rows of ≤ max_length tokens →
             `model(...)` with the chunked loss (no full logits); data wait = the time the loop
             blocks in `next()` (`trainer.data.TimedIterator`).
