@@ -300,6 +300,33 @@ class Phase:
     notes: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
 
+    def add(
+        self,
+        i: int,
+        warmup: int,
+        model: IXCModel,
+        batch: PackedBatch,
+        step_s: float,
+        data_s: float,
+        samples: int,
+        loss: float,
+    ) -> None:
+        """Record (and log) step i of this phase: a warm-up step while i < warmup."""
+        llm, vit = batch_flops(model, batch)
+        step = Step(
+            step_s=step_s,
+            data_s=data_s,
+            tokens=batch.num_tokens,
+            samples=samples,
+            tiles=int(batch.tiles.shape[0]),
+            images=int(batch.image_grids.shape[0]),
+            llm_flops=llm,
+            vit_flops=vit,
+            loss=loss,
+        )
+        (self.warmup if i < warmup else self.measured).append(step)
+        log_step(self.name, i, warmup, step)
+
     def summary(self, peak_flops: float | None, datasheet_flops: float | None) -> dict[str, Any]:
         steps = self.measured
         if not steps:
@@ -393,21 +420,10 @@ def run_ours(
             del out
             sync(device)
             now = time.perf_counter()
-            llm, vit = batch_flops(model, batch)
-            step = Step(
-                step_s=now - last,
-                data_s=timed.last_wait_s,
-                tokens=batch.num_tokens,
-                samples=len(batch.sample_keys),
-                tiles=int(batch.tiles.shape[0]),
-                images=int(batch.image_grids.shape[0]),
-                llm_flops=llm,
-                vit_flops=vit,
-                loss=loss,
+            phase.add(
+                i, args.warmup, model, batch, now - last, timed.last_wait_s, len(batch.sample_keys), loss
             )
             last = now
-            (phase.warmup if i < args.warmup else phase.measured).append(step)
-            log_step(phase.name, i, args.warmup, step)
     finally:
         stream.close()  # stops the loader's worker processes
     phase.peak_allocated_gib, phase.peak_reserved_gib = peak_gib(device)
@@ -468,21 +484,8 @@ def run_official(
         del out, logits, loss, pixels
         sync(device)
         now = time.perf_counter()
-        llm, vit = batch_flops(model, batch)
-        step = Step(
-            step_s=now - last,
-            data_s=data_s,
-            tokens=batch.num_tokens,
-            samples=1,
-            tiles=int(batch.tiles.shape[0]),
-            images=int(batch.image_grids.shape[0]),
-            llm_flops=llm,
-            vit_flops=vit,
-            loss=loss_value,
-        )
+        phase.add(i, args.official_warmup, model, batch, now - last, data_s, 1, loss_value)
         last = now
-        (phase.warmup if i < args.official_warmup else phase.measured).append(step)
-        log_step(phase.name, i, args.official_warmup, step)
     phase.peak_allocated_gib, phase.peak_reserved_gib = peak_gib(device)
     return phase
 
