@@ -4,11 +4,16 @@ Same model, recipe and step as bench/train_throughput.py (the `7b` preset, rando
 LoRA r64 on the five linears, fix_vit, fix_sampler, chunked loss, fused AdamW with clipping) on
 synthetic packed rows of real-sized samples (bench/max_length.py's SAMPLE_CYCLE: photos at hd 18
 with their exact token counts, multi-turn and text-only samples; each row starts at another
-point of the cycle). A variant is `MODE:N[:ATTENTION]`: MODE `eager` or `compiled`
-(torch.compile of each decoder layer, `trainer.model.compile_decoder_layers`), N = decoder layers
+point of the cycle). A variant is `MODE:N[:ATTENTION][+FLAG...]`: MODE `eager` or `compiled`
+(torch.compile of each decoder and ViT layer, `trainer.model.compile_layers`), N = decoder layers
 recomputed in backward (32 = full checkpointing, as the official recipe; 0 = none), ATTENTION the
-model's attention kernel (trainer/attention.py; default auto). Compiling is one-way, so the
-eager variants run first. Each variant: --warmup steps, then --steps timed steps (host
+model's attention kernel (trainer/attention.py; default auto), FLAGs: `unfused` (PEFT's own LoRA
+forward: the Plora and LoRA updates added one by one instead of trainer/lora.py's single matmul),
+`eagervit` (the ViT's layers not compiled), `nodrop` (the LoRA and Plora dropouts removed: what
+dropout costs, an upper bound for fusing it; not a training setting), `rngfunc` (recompiled with
+torch._functorch.config.functionalize_rng_ops: backward regenerates the dropout masks from the
+saved RNG state instead of keeping them). Compiling is one-way, so
+eager variants must come first, and `eagervit` variants before compiled ones without it. Each variant: --warmup steps, then --steps timed steps (host
 clock after a device sync); an out-of-memory step fails the variant and the next one goes on.
 
 Also, optionally: a torch.profiler breakdown of one step of a variant (kernel time by
@@ -34,6 +39,7 @@ import shutil
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +59,8 @@ from train_throughput import (  # noqa: E402
 
 from trainer.attention import BACKENDS  # noqa: E402
 from trainer.flops import step_flops, vit_flops  # noqa: E402
-from trainer.model import TINY_VOCAB_SIZE, compile_decoder_layers  # noqa: E402
+from trainer.lora import PLoRALoraLinear  # noqa: E402
+from trainer.model import TINY_VOCAB_SIZE, compile_layers  # noqa: E402
 
 KERNEL_CATEGORIES = (
     ("attention (flash/varlen/cudnn)", r"flash|fmha|attn|sdpa"),
@@ -67,17 +74,32 @@ KERNEL_CATEGORIES = (
 )
 
 
-def parse_variants(text: str) -> list[tuple[str, int, str]]:
+VARIANT_FLAGS = ("unfused", "eagervit", "nodrop", "rngfunc")
+
+
+def parse_variants(text: str) -> list[tuple[str, int, str, frozenset[str]]]:
     out = []
     for item in text.split(","):
-        mode, _, rest = item.strip().partition(":")
+        spec, *flags = item.strip().split("+")
+        mode, _, rest = spec.partition(":")
         layers, _, backend = rest.partition(":")
-        if mode not in ("eager", "compiled") or not layers.isdigit() or backend not in ("", *BACKENDS):
+        if (
+            mode not in ("eager", "compiled")
+            or not layers.isdigit()
+            or backend not in ("", *BACKENDS)
+            or not set(flags) <= set(VARIANT_FLAGS)
+        ):
             raise SystemExit(
-                f"--variants: {item!r} is not MODE:N[:ATTENTION] with MODE eager|compiled, "
-                f"ATTENTION one of {', '.join(BACKENDS)}"
+                f"--variants: {item!r} is not MODE:N[:ATTENTION][+FLAG...] with MODE eager|compiled, "
+                f"ATTENTION one of {', '.join(BACKENDS)}, FLAG one of {', '.join(VARIANT_FLAGS)}"
             )
-        out.append((mode, int(layers), backend or "auto"))
+        out.append((mode, int(layers), backend or "auto", frozenset(flags)))
+    # Compiling is one-way: eager first, then compiled with the ViT eager, then the rest.
+    order = [0 if mode == "eager" else 1 if "eagervit" in flags else 2 for mode, _, _, flags in out]
+    if order != sorted(order):
+        raise SystemExit(
+            "--variants: put eager variants first, then compiled ones with +eagervit, then the rest"
+        )
     # compiling is one-way: eager first, original order kept within each mode
     return [v for v in out if v[0] == "eager"] + [v for v in out if v[0] == "compiled"]
 
@@ -112,12 +134,20 @@ def run_variant(
     mode: str,
     layers: int,
     backend: str,
+    flags: frozenset[str],
     matmul_flops: float,
 ) -> dict[str, Any]:
-    name = f"{mode}:{layers}" + ("" if backend == "auto" else f":{backend}")
-    info: dict[str, Any] = {"variant": name, "mode": mode, "checkpoint_layers": layers, "attention": backend}
+    name = variant_name(mode, layers, backend, flags)
+    info: dict[str, Any] = {
+        "variant": name,
+        "mode": mode,
+        "checkpoint_layers": layers,
+        "attention": backend,
+        "flags": sorted(flags),
+    }
     model.checkpoint_layers = layers
     base_model(model).attention_backend = backend
+    restore = apply_flags(model, flags)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times, losses, flops = [], [], []
@@ -160,7 +190,43 @@ def run_variant(
             mfu=sum(flops) / sum(times) / matmul_flops,
             losses=losses,
         )
+    restore()
     return info
+
+
+def variant_name(mode: str, layers: int, backend: str, flags: frozenset[str]) -> str:
+    name = f"{mode}:{layers}" + ("" if backend == "auto" else f":{backend}")
+    return name + "".join(f"+{f}" for f in VARIANT_FLAGS if f in flags)
+
+
+def apply_flags(model: Any, flags: frozenset[str]) -> Callable[[], None]:
+    """Set a variant's `unfused` / `nodrop` on the model; returns what undoes it."""
+    fused = [m for m in model.modules() if isinstance(m, PLoRALoraLinear)]
+    for m in fused:
+        m.fuse = "unfused" not in flags
+    dropouts: list[tuple[torch.nn.Module, str, torch.nn.Module]] = []
+    if "nodrop" in flags:
+        for parent in list(model.modules()):
+            for key, child in parent.named_children():
+                if isinstance(child, torch.nn.Dropout) and child.p > 0:
+                    dropouts.append((parent, key, child))
+        for parent, key, _ in dropouts:
+            parent.add_module(key, torch.nn.Identity())  # (ModuleDict entries too)
+
+    if "rngfunc" in flags:
+        torch._functorch.config.functionalize_rng_ops = True
+        torch._dynamo.reset()
+
+    def restore() -> None:
+        for m in fused:
+            m.fuse = True
+        for parent, key, child in dropouts:
+            parent.add_module(key, child)
+        if "rngfunc" in flags:
+            torch._functorch.config.functionalize_rng_ops = False
+            torch._dynamo.reset()
+
+    return restore
 
 
 def profile_step(
@@ -174,6 +240,9 @@ def profile_step(
     """Kernel time of one step by category, and the top kernels."""
     from torch.profiler import ProfilerActivity, profile
 
+    # A step first: the variant ended by emptying the allocator's cache, and the first step after
+    # that maps its memory again (milliseconds of host time per large tensor, the GPU idling).
+    one_step(model, optimizer, params, row, device)
     sync(device)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         one_step(model, optimizer, params, row, device)
@@ -377,15 +446,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vit forward: {results['vit']}", file=sys.stderr, flush=True)
     save()
 
-    compiled = False
+    decoder_compiled = vision_compiled = False
     profiled = args.profile_variant or args.variants.split(",")[0].strip()
-    for mode, layers, backend in variants:
-        if mode == "compiled" and not compiled:
-            t0 = time.perf_counter()
-            compile_decoder_layers(model)
-            compiled = True
-            results["compile_call_s"] = time.perf_counter() - t0
-        info = run_variant(model, optimizer, params, rows, args, device, mode, layers, backend, matmul)
+    for mode, layers, backend, flags in variants:
+        if mode == "compiled":
+            compile_layers(
+                model, decoder=not decoder_compiled, vision="eagervit" not in flags and not vision_compiled
+            )
+            decoder_compiled = True
+            vision_compiled = vision_compiled or "eagervit" not in flags
+        info = run_variant(model, optimizer, params, rows, args, device, mode, layers, backend, flags, matmul)
         results["variants"].append(info)
         print(
             f"{info['variant']}: {json.dumps({k: v for k, v in info.items() if k != 'losses'})}",
@@ -397,7 +467,7 @@ def main(argv: list[str] | None = None) -> int:
             results["profile"] = profile_step(model, optimizer, params, rows[0], device, out_dir)
             print(json.dumps(results["profile"], indent=1), file=sys.stderr, flush=True)
             save()
-    if compiled:
+    if decoder_compiled:
         from torch._dynamo.utils import counters
 
         results["dynamo"] = {k: dict(v) for k, v in counters.items() if k in ("stats", "graph_break")}

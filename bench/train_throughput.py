@@ -13,7 +13,7 @@ Both modes train the same model on the same records, in one process, on one GPU:
             with answers of 40–400 words, sharded with `xc-prep shard` (real tokenizer, hd 18).
   levers    the official mode runs first, eager, every decoder layer recomputed (the official
             recipe's gradient checkpointing); then ours with --checkpoint-layers N (default all)
-            and --compile (torch.compile of each decoder layer), if given. --attention picks the
+            and --compile (torch.compile of each decoder and ViT layer), if given. --attention picks the
             kernel for both modes; kernels compiled at first use (FlashAttention-4) are built
             before either mode is timed (`trainer.attention.warm_up`).
   ours      `trainer.data.PackedLoader` (≤ 4 workers) → packed rows of ≤ max_length tokens →
@@ -26,6 +26,9 @@ Both modes train the same model on the same records, in one process, on one GPU:
             are cast to fp32 for one standard cross-entropy. Our model's image path takes uint8
             tiles and normalizes them on the GPU, so the official step pays that too (≈ 1 ms) on
             top of its CPU normalization, and the float copy is made but not read by the model.
+            Its LoRA layer is PEFT's stock `lora.Linear`, as in the official recipe; with
+            --official-lora both (the default) it runs a second time with our fused LoRA layer
+            (trainer/lora.py), the conservative baseline, and the ratio is given against both.
 
 MFU = model FLOPs / step time / the card's bf16 matmul rate measured in the same run (8192³).
 Model FLOPs (trainer/flops.py) per packed row with sample lengths s_i, N = LLM matmul parameters
@@ -75,7 +78,8 @@ from trainer.attention import BACKENDS, resolve_backend, warm_up  # noqa: E402
 from trainer.config import TrainConfig  # noqa: E402
 from trainer.data import LoaderConfig, PackedBatch, PackedLoader, SampleIndex, TimedIterator, collate  # noqa: E402
 from trainer.flops import llm_matmul_params, peak_bf16_flops, step_flops, vit_flops  # noqa: E402
-from trainer.model import IXCModel, build_model, compile_decoder_layers  # noqa: E402
+from trainer.lora import PLoRALoraLinear  # noqa: E402
+from trainer.model import IXCModel, build_model, compile_layers  # noqa: E402
 from trainer.modelio import Loaded, apply_recipe  # noqa: E402
 from trainer.train import trainable_groups  # noqa: E402
 
@@ -447,9 +451,17 @@ def run_official(
     tokenizer: Tokenizer,
     args: argparse.Namespace,
     device: torch.device,
+    fused_lora: bool,
 ) -> Phase:
-    """One conversation per step from the JSON: per-sample CPU image work, full fp32 logits + CE."""
-    phase = Phase("official", notes={"batch_size": 1, "padding_tokens": 0})
+    """One conversation per step from the JSON: per-sample CPU image work, full fp32 logits + CE.
+
+    fused_lora: our LoRA layer (trainer/lora.py) instead of PEFT's stock one, which the official
+    recipe runs."""
+    name = "official+fused-lora" if fused_lora else "official"
+    phase = Phase(
+        name, notes={"batch_size": 1, "padding_tokens": 0, "lora_layer": "fused" if fused_lora else "peft"}
+    )
+    set_fused_lora(model, fused_lora)
     needed = args.official_warmup + args.official_steps
     sync(device)
     last = time.perf_counter()
@@ -503,6 +515,12 @@ def log_step(name: str, i: int, warmup: int, s: Step) -> None:
 # ---------------------------------------------------------------- report
 
 
+def set_fused_lora(model: torch.nn.Module, enabled: bool) -> None:
+    for module in model.modules():
+        if isinstance(module, PLoRALoraLinear):
+            module.fuse = enabled
+
+
 def print_table(results: dict[str, Any]) -> None:
     rows = [p for p in results["phases"] if p.get("measured_steps")]
     header = [
@@ -546,10 +564,9 @@ def print_table(results: dict[str, Any]) -> None:
     for p in results["phases"]:
         if p.get("error"):
             print(f"{p['name']}: FAILED: {p['error'].strip().splitlines()[-1]}")
-    ratio = results.get("ratio")
-    if ratio:
+    for name, ratio in results.get("ratios", {}).items():
         print(
-            f"ours / official: tokens/s {ratio['tokens_per_s']:.2f}x, samples/s {ratio['samples_per_s']:.2f}x "
+            f"ours / {name}: tokens/s {ratio['tokens_per_s']:.2f}x, samples/s {ratio['samples_per_s']:.2f}x "
             f"(card {results['device']}, measured bf16 matmul {results['matmul']['flops'] / 1e12:.0f} TFLOP/s)"
         )
 
@@ -577,12 +594,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-official", action="store_true")
     parser.add_argument(
+        "--official-lora",
+        default="both",
+        choices=("peft", "fused", "both"),
+        help="the official mode's LoRA layer: PEFT's stock one (the official recipe's), ours "
+        "(trainer/lora.py), or both, one after the other",
+    )
+    parser.add_argument(
         "--checkpoint-layers",
         type=int,
         default=None,
         help="ours: decoder layers recomputed in backward (default all, as the official mode always)",
     )
-    parser.add_argument("--compile", action="store_true", help="ours: torch.compile each decoder layer")
+    parser.add_argument(
+        "--compile", action="store_true", help="ours: torch.compile each decoder and ViT layer"
+    )
     parser.add_argument(
         "--attention",
         default="auto",
@@ -710,30 +736,40 @@ def main(argv: list[str] | None = None) -> int:
             ]
             # single, multi, text, single, ...: every window of three steps sees each kind once
             interleaved = [r for group in itertools.zip_longest(*by_kind) for r in group if r is not None]
-            try:
-                record(run_official(model, optimizer, params, interleaved, work, tokenizer, args, device))
-            except Exception:  # keep going: the other mode's numbers are still worth having
-                traceback.print_exc()
-                record(Phase("official", error=traceback.format_exc()))
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+            for fused_lora in {"peft": [False], "fused": [True], "both": [False, True]}[args.official_lora]:
+                try:
+                    record(
+                        run_official(
+                            model, optimizer, params, interleaved, work, tokenizer, args, device, fused_lora
+                        )
+                    )
+                except Exception:  # keep going: the other mode's numbers are still worth having
+                    traceback.print_exc()
+                    name = "official+fused-lora" if fused_lora else "official"
+                    record(Phase(name, error=traceback.format_exc()))
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+        set_fused_lora(model, True)
         model.checkpoint_layers = args.checkpoint_layers
         if args.compile:
-            compile_decoder_layers(model)
+            compile_layers(model)
         try:
             record(run_ours(model, optimizer, params, shards, args, device))
         except Exception:
             traceback.print_exc()
             record(Phase("ours", error=traceback.format_exc()))
 
-        ours, official = (
-            next((p for p in results["phases"] if p["name"] == n), {}) for n in ("ours", "official")
-        )
-        if ours.get("measured_steps") and official.get("measured_steps"):
-            results["ratio"] = {
+        ours = next((p for p in results["phases"] if p["name"] == "ours"), {})
+        results["ratios"] = {
+            official["name"]: {
                 "tokens_per_s": ours["tokens_per_s"] / official["tokens_per_s"],
                 "samples_per_s": ours["samples_per_s"] / official["samples_per_s"],
             }
+            for official in results["phases"]
+            if official["name"].startswith("official")
+            and official.get("measured_steps")
+            and ours.get("measured_steps")
+        }
         results["elapsed_s"] = time.perf_counter() - started
         write_json(args.out_json, results)
     print_table(results)

@@ -18,7 +18,7 @@ from trainer.model import (
     apply_rotary,
     assemble_image_tokens,
     build_model,
-    compile_decoder_layers,
+    compile_layers,
     merge_patches,
     num_parameters,
     plora_selector,
@@ -164,7 +164,10 @@ def test_checkpointing_and_compiled_layers_give_same_gradients(samples: list[dic
             m.gradient_checkpointing_enable()
             m.checkpoint_layers = layers
         if compiled:
-            assert compile_decoder_layers(m, backend="aot_eager") == m.config.num_hidden_layers
+            assert compile_layers(m, backend="aot_eager") == (
+                m.config.num_hidden_layers,
+                m.config.vision_config().num_hidden_layers,
+            )
         torch.manual_seed(4)
         out = m(**inputs, targets=targets)
         (out.loss_sum / out.num_tokens).backward()

@@ -1,13 +1,20 @@
-"""PEFT LoRA wraps the five PLoRA linears by their official names; only LoRA trains; merge is exact."""
+"""PEFT LoRA wraps the five PLoRA linears by their official names; only LoRA trains; merge is exact;
+the recipe's fused LoRA layer computes what PEFT's own forward does."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
+import trainer.lora
 from schemas.sample import image_token_count
-from trainer.model import PLORA_TARGETS, VisionTower, build_model
+from trainer.config import TrainConfig
+from trainer.lora import PLoRALoraLinear, linear_plus_low_rank
+from trainer.model import PLORA_TARGETS, VisionTower, build_model, compile_layers
+from trainer.modelio import Loaded, apply_recipe
 
 
 def _row() -> dict:
@@ -83,3 +90,68 @@ def test_peft_modules_to_save_vit_and_sampler_train_with_checkpointing() -> None
     assert any(".vit.modules_to_save." in n for n in grads)
     assert any(".vision_proj.modules_to_save." in n for n in grads)
     assert any(".lora_A." in n for n in grads)
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_fused_low_rank_update_equals_peft_forward(compiled: bool) -> None:
+    """The recipe's LoRA layer adds Plora and LoRA by one matmul: same loss and gradients as PEFT's
+    own forward, same dropout draws; other forms of image_tokens take PEFT's path."""
+    model = build_model("tiny", seed=0)
+    cfg = TrainConfig(shards=Path("."), model="tiny", recipe="lora", lora_r=4, lora_alpha=8).resolve()
+    peft_model = apply_recipe(Loaded(model, None, "tiny", "test"), cfg).model.train()
+    layers = [m for m in peft_model.modules() if isinstance(m, PLoRALoraLinear)]
+    assert len(layers) == 5 * model.config.num_hidden_layers
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    if compiled:
+        compile_layers(peft_model, backend="aot_eager")
+    calls = []
+
+    def counted(*args: torch.Tensor) -> torch.Tensor:
+        calls.append(1)
+        return linear_plus_low_rank(*args)
+
+    row = _row()
+
+    def run(fuse: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        for layer in layers:
+            layer.fuse = fuse
+        torch.manual_seed(1)  # the same dropout masks for both
+        loss = peft_model(**row).loss_sum
+        loss.backward()
+        grads = {n: p.grad for n, p in peft_model.named_parameters() if p.grad is not None}
+        peft_model.zero_grad(set_to_none=True)
+        return loss.detach(), grads
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(trainer.lora, "linear_plus_low_rank", counted)
+        fused_loss, fused_grads = run(True)
+        plain_loss, plain_grads = run(False)
+    if not compiled:  # (a compiled graph runs the traced ops, not the patched Python function)
+        assert len(calls) == len(layers)
+    torch.testing.assert_close(fused_loss, plain_loss, atol=1e-5, rtol=1e-5)
+    assert fused_grads.keys() == plain_grads.keys()
+    assert any(".lora_A." in n for n in fused_grads) and not any("Plora" in n for n in fused_grads)
+    for name in fused_grads:
+        torch.testing.assert_close(fused_grads[name], plain_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_linear_plus_low_rank_gradients() -> None:
+    gen = torch.Generator().manual_seed(0)
+    x, weight = (
+        torch.randn(7, 4, generator=gen, dtype=torch.float64),
+        torch.randn(5, 4, generator=gen, dtype=torch.float64),
+    )
+    h1, h2 = (torch.randn(7, n, generator=gen, dtype=torch.float64) for n in (3, 2))
+    b1, b2 = (
+        torch.randn(5, 3, generator=gen, dtype=torch.float64),
+        torch.randn(5, 2, generator=gen, dtype=torch.float64),
+    )
+    for frozen in ((), (1, 4), (1, 2, 4)):
+        inputs = [
+            t.clone().requires_grad_(i not in frozen) for i, t in enumerate((x, weight, h1, h2, b1, b2))
+        ]
+        assert torch.autograd.gradcheck(linear_plus_low_rank, inputs)
+        torch.library.opcheck(linear_plus_low_rank, inputs)

@@ -695,7 +695,7 @@ class IXCModel(nn.Module):
     Runtime switches (not saved): `attention_backend` ('auto', 'flash', 'varlen', 'sdpa'),
     `gradient_checkpointing_enable()/disable()`, `checkpoint_layers` (how many decoder layers, from
     the first, are recomputed while checkpointing is on; None = all), `chunk_tokens` of the loss;
-    `compile_decoder_layers(model)` compiles the decoder layers in place.
+    `compile_layers(model)` compiles the decoder and ViT layers in place.
     """
 
     # Read by PEFT/transformers helpers (weight-conversion scoping); HF's InternLM2 uses "model".
@@ -971,18 +971,30 @@ def build_model(
     return model
 
 
-def compile_decoder_layers(model: nn.Module, backend: str = "inductor") -> int:
-    """torch.compile every decoder layer of `model` in place (regional compilation); returns the count.
+def compile_layers(
+    model: nn.Module, backend: str = "inductor", decoder: bool = True, vision: bool = True
+) -> tuple[int, int]:
+    """torch.compile every decoder layer and ViT encoder layer of `model` in place (regional
+    compilation); returns how many of each were compiled. (decoder/vision: which stacks.)
 
-    The layers share one code path, so one compilation (with dynamic shapes: rows, image-token
-    counts and sample counts vary per step) serves all of them. `nn.Module.compile` keeps the
-    parameter names, so checkpoints and PEFT adapters are unchanged. Works through PEFT's
-    wrappers (call it after LoRA is applied); checkpointing wraps the compiled layer.
+    The layers of each stack share one code path, so one compilation (with dynamic shapes: rows,
+    image-token counts, sample and tile counts vary per step) serves all of them. `nn.Module.compile`
+    keeps the parameter names, so checkpoints and PEFT adapters are unchanged. Works through PEFT's
+    wrappers (call it after LoRA is applied); checkpointing wraps the compiled layer. The ViT's
+    layers are compiled too: frozen (fix_vit) they run forward only, where eager LayerNorm,
+    quick_gelu and residual kernels are most of what is not a matmul.
     """
-    layers = [m for m in model.modules() if isinstance(m, DecoderLayer)]
-    for layer in layers:
+    decoder_layers = [m for m in model.modules() if isinstance(m, DecoderLayer)] if decoder else []
+    # Every VisionTower: PEFT's modules_to_save trains a copy of it.
+    vision_layers = [
+        layer
+        for tower in model.modules()
+        if vision and isinstance(tower, VisionTower)
+        for layer in tower.vision_tower.vision_model.encoder.layers
+    ]
+    for layer in (*decoder_layers, *vision_layers):
         layer.compile(backend=backend, dynamic=True)
-    return len(layers)
+    return len(decoder_layers), len(vision_layers)
 
 
 def num_parameters(model: nn.Module, trainable_only: bool = False) -> int:

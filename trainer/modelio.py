@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from schemas.manifest import TOKENIZER_NAME
 from trainer.config import TrainConfig
-from trainer.model import PRESETS, IXCModel, build_model
+from trainer.model import PRESETS, IXCModel, PLoRALinear, build_model
 from trainer.weights import CONFIG_FILE, load_model, save_model
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -148,6 +148,8 @@ def apply_recipe(loaded: Loaded, cfg: TrainConfig) -> Loaded:
     if cfg.use_lora:
         from peft import LoraConfig, get_peft_model
 
+        from trainer.lora import PLoRALoraLinear
+
         model.requires_grad_(False)
         modules_to_save = [
             name for name, fixed in (("vit", cfg.fix_vit), ("vision_proj", cfg.fix_sampler)) if not fixed
@@ -160,6 +162,7 @@ def apply_recipe(loaded: Loaded, cfg: TrainConfig) -> Loaded:
             modules_to_save=modules_to_save or None,
             task_type="CAUSAL_LM",
         )
+        lora._register_custom_module({PLoRALinear: PLoRALoraLinear})
         peft_model = get_peft_model(model, lora)
         peft_model.peft_config["default"].base_model_name_or_path = loaded.base_ref
         loaded.peft_model = peft_model

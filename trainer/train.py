@@ -34,7 +34,7 @@ from trainer.config import TrainConfig, batch_layout, deepspeed_config, warmup_c
 from trainer.data import LoaderConfig, PackedBatch, PackedLoader, SampleIndex, ShardDataError, TimedIterator
 from trainer.flops import peak_bf16_flops, step_flops
 from trainer.loss import segment_losses
-from trainer.model import PRESETS, IXCModel, compile_decoder_layers
+from trainer.model import PRESETS, IXCModel, compile_layers
 from trainer.modelio import BASE_DIR_NAME, load_for_training, resolve_model_dir
 
 SUMMARY_FILE = "train_summary.json"
@@ -295,8 +295,10 @@ def train(cfg: TrainConfig, argv: list[str] | None = None) -> dict[str, Any]:
         model.checkpoint_layers = cfg.checkpoint_layers
     model.train()
     if cfg.compile:
-        layers = compile_decoder_layers(model)
-        log_line(d, f"torch.compile: {layers} decoder layers, compiled during the first step")
+        decoder, vision = compile_layers(model)
+        log_line(
+            d, f"torch.compile: {decoder} decoder and {vision} ViT layers, compiled during the first step"
+        )
 
     # --- data
     loader = PackedLoader(index, loader_config(cfg, d.world_size), rank=d.rank, world_size=d.world_size)

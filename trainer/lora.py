@@ -1,0 +1,147 @@
+"""PEFT's LoRA layer for a PLoRALinear, with both low-rank updates added by one matmul.
+
+A LoRA-wrapped PLoRA linear computes, on the flattened rows x [T, in]:
+
+    out = W x  +  m ⊙ Plora_B(Plora_A(drop₁(x)))  +  s · lora_B(lora_A(drop₂(x)))
+
+(m the 0/1 image-token mask [T, 1], s = alpha / r). PEFT's own forward makes each update a
+[T, out] tensor and adds it (and in backward multiplies the [T, out] gradient by m and by s):
+four passes over [T, out] for updates whose rank is 256 and 64. Since m and s are per row,
+they move onto the rank-sized activations, and both updates become one matmul that accumulates
+into W x:
+
+    out = W x + [m ⊙ h₁ | s · h₂] [Plora_B | lora_B]ᵀ       h₁ = Plora_A(drop₁(x)), h₂ = lora_A(drop₂(x))
+
+the second matmul accumulating in place into the first's output (`linear_plus_low_rank`).
+
+Same values up to rounding (the sum is now accumulated in fp32 inside the matmul), same
+dropout draws in the same order, same gradients; the frozen Plora_B gets no weight gradient.
+Everything else (adapter names, saving, merging, other forms of `image_tokens`) is PEFT's.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from peft.tuners.lora.layer import Linear as LoraLinear
+
+
+@torch.library.custom_op("xcomposer::linear_plus_low_rank", mutates_args=())
+def linear_plus_low_rank(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    h1: torch.Tensor,
+    h2: torch.Tensor,
+    b1: torch.Tensor,
+    b2: torch.Tensor,
+) -> torch.Tensor:
+    """x Wᵀ + [h₁ | h₂] [b₁ | b₂]ᵀ: x [T, in], W [O, in], h₁ [T, r₁], h₂ [T, r₂], b₁ [O, r₁], b₂ [O, r₂].
+
+    A custom op, so that torch.compile calls it as it is: the low-rank matmul accumulates in
+    place into the fresh x Wᵀ (an out-of-place addmm, which is what a compiled graph makes of
+    it, first copies the [T, O] input).
+    """
+    out = torch.nn.functional.linear(x, weight)
+    return out.addmm_(torch.cat((h1, h2), dim=1), torch.cat((b1, b2), dim=1).t())
+
+
+@linear_plus_low_rank.register_fake
+def _linear_plus_low_rank_fake(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    h1: torch.Tensor,
+    h2: torch.Tensor,
+    b1: torch.Tensor,
+    b2: torch.Tensor,
+) -> torch.Tensor:
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
+def _linear_plus_low_rank_setup(ctx: Any, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+    x, weight, h1, h2, b1, b2 = inputs
+    # An activation is kept only for its weight's gradient (W and Plora_B are frozen under LoRA).
+    ctx.save_for_backward(
+        x if weight.requires_grad else None,
+        weight,
+        h1 if b1.requires_grad else None,
+        h2 if b2.requires_grad else None,
+        b1,
+        b2,
+    )
+
+
+def _linear_plus_low_rank_backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    x, weight, h1, h2, b1, b2 = ctx.saved_tensors
+    need_x, need_w, need_h1, need_h2, need_b1, need_b2 = ctx.needs_input_grad
+    grad_h1 = grad_h2 = None
+    if need_h1 or need_h2:
+        # One matmul [T, O] @ [O, r₁ + r₂] for both activation gradients.
+        grad_h = grad @ torch.cat((b1, b2), dim=1)
+        grad_h1, grad_h2 = grad_h[:, : b1.shape[1]], grad_h[:, b1.shape[1] :]
+    return (
+        grad @ weight if need_x else None,
+        grad.t() @ x if need_w else None,
+        grad_h1 if need_h1 else None,
+        grad_h2 if need_h2 else None,
+        grad.t() @ h1 if need_b1 else None,
+        grad.t() @ h2 if need_b2 else None,
+    )
+
+
+linear_plus_low_rank.register_autograd(
+    _linear_plus_low_rank_backward, setup_context=_linear_plus_low_rank_setup
+)
+
+
+class PLoRALoraLinear(LoraLinear):
+    """PEFT `lora.Linear` around a PLoRALinear, with the fused forward above.
+
+    The fused path runs for training and evaluation alike when one plain LoRA adapter is active
+    and unmerged, the row has image tokens given as the 0/1 mask, and the adapter has the model's
+    dtype; anything else (index form, no image tokens, merged or disabled adapters, several
+    adapters, DoRA and other variants, mixed dtypes) is PEFT's forward unchanged. `fuse = False`
+    turns the fused path off (benchmarks compare the two).
+    """
+
+    fuse = True
+
+    def _fused_adapter(self, x: torch.Tensor, args: tuple, kwargs: dict) -> str | None:
+        if not self.fuse or kwargs or len(args) != 1 or self.disable_adapters or self.merged:
+            return None
+        image_tokens = args[0]
+        if image_tokens is None or not image_tokens.is_floating_point():
+            return None
+        active = [a for a in self.active_adapters if a in self.lora_A]
+        if len(active) != 1 or active[0] in self.lora_variant:
+            return None
+        base = self.get_base_layer()
+        weights = (
+            base.weight,
+            base.Plora_B.weight,
+            self.lora_A[active[0]].weight,
+            self.lora_B[active[0]].weight,
+        )
+        # ZeRO-3 gathers a module's weights only when that module is called: the fused path reads
+        # Plora_B's and lora_B's weights without calling them, so it stands aside there.
+        if any(hasattr(w, "ds_id") for w in weights):
+            return None
+        return active[0] if len({x.dtype, *(w.dtype for w in weights)}) == 1 else None
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        adapter = self._fused_adapter(x, args, kwargs)
+        if adapter is None:
+            return super().forward(x, *args, **kwargs)
+        base = self.get_base_layer()
+        image_tokens = args[0]
+        flat_x = x.reshape(-1, x.shape[-1])
+        # Dropout draws in PEFT's order: the base layer's Plora dropout first, then LoRA's.
+        h_plora = base.Plora_A(base.lora_dropout(flat_x)) * image_tokens
+        h_lora = self.lora_A[adapter](self.lora_dropout[adapter](flat_x))
+        scaling = self.scaling[adapter]
+        if scaling != 1.0:
+            h_lora = h_lora * scaling
+        out = linear_plus_low_rank(
+            flat_x, base.weight, h_plora, h_lora, base.Plora_B.weight, self.lora_B[adapter].weight
+        )
+        return out.view(*x.shape[:-1], out.shape[-1])
