@@ -1,13 +1,19 @@
-"""CUDA paths of the model: varlen kernels vs per-sample SDPA, bf16 packing, checkpointing (marked gpu)."""
+"""CUDA paths of the model: varlen kernels vs per-sample SDPA, bf16 packing, checkpointing, the fused
+LoRA layer (marked gpu)."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import torch
 
 from schemas.sample import image_token_count
 from trainer import attention
+from trainer.config import TrainConfig
+from trainer.lora import PLoRALoraLinear
 from trainer.model import build_model
+from trainer.modelio import Loaded, apply_recipe
 
 pytestmark = [
     pytest.mark.gpu,
@@ -97,3 +103,33 @@ def test_bf16_auto_backend_matches_sdpa_and_checkpointing_matches() -> None:
         # bf16, and attention backward kernels that accumulate dQ with atomics: close, not equal.
         flat = torch.cat([other[n].flatten() for n in g_auto])
         assert (flat - flat_auto).norm() <= 0.02 * flat_auto.norm()
+
+
+def test_bf16_fused_lora_layer_matches_pefts() -> None:
+    """The LoRA recipe's fused layer (trainer/lora.py) in bf16 on CUDA: PEFT's loss and gradients,
+    dropout on (the same draws in the same order)."""
+    model = build_model("tiny", seed=0, device="cuda", dtype=torch.bfloat16)
+    cfg = TrainConfig(shards=Path("."), model="tiny", recipe="lora", lora_r=4, lora_alpha=8).resolve()
+    peft_model = apply_recipe(Loaded(model, None, "tiny", "test"), cfg).model.to(torch.bfloat16).train()
+    layers = [m for m in peft_model.modules() if isinstance(m, PLoRALoraLinear)]
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    row = _packed(torch.Generator().manual_seed(3))
+    results = []
+    for fuse in (True, False):
+        for layer in layers:
+            layer.fuse = fuse
+        torch.manual_seed(5)
+        out = peft_model(**row)
+        out.loss_sum.backward()
+        grads = {n: p.grad.float() for n, p in peft_model.named_parameters() if p.grad is not None}
+        peft_model.zero_grad(set_to_none=True)
+        results.append((out.loss_sum.detach().float(), grads))
+    (loss_fused, g_fused), (loss_peft, g_peft) = results
+    torch.testing.assert_close(loss_fused, loss_peft, atol=0.5, rtol=2e-3)
+    assert g_fused.keys() == g_peft.keys() and any(".lora_B." in n for n in g_fused)
+    flat_fused = torch.cat([g_fused[n].flatten() for n in g_peft])
+    flat_peft = torch.cat([g.flatten() for g in g_peft.values()])
+    assert (flat_fused - flat_peft).norm() <= 0.02 * flat_peft.norm()
