@@ -87,8 +87,9 @@ class TrainConfig:
     peak at 79 GiB and 0 at 133 GiB vs 28 GiB for all (BENCHMARKS.md)."""
     compile: bool = False
     """torch.compile each decoder and ViT layer (regional, dynamic shapes; fuses norms, RoPE, SwiGLU,
-    the LoRA/PLoRA element-wise work and the ViT's LayerNorm/quick_gelu). The first step pays the compile (1–2 minutes for the 7B on an
-    H200); a new kind of row (one without images) compiles once more. Not with --zero-stage 3."""
+    the LoRA/PLoRA element-wise work and the ViT's LayerNorm/quick_gelu). The first step pays the
+    compile (1–2 minutes for the 7B on an H200); a new kind of row (one without images) compiles
+    once more. Not with --zero-stage 3."""
     seed: int = 42
     """Seed for the epoch plan, initialisation of new weights and dropout."""
 

@@ -998,8 +998,11 @@ def compile_layers(
 
 
 def num_parameters(model: nn.Module, trainable_only: bool = False) -> int:
-    """Registered parameters (the unused adapters are not parameters: see unused_adapter_numel)."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+    """Registered parameters (the unused adapters are not parameters: see unused_adapter_numel);
+    full sizes under ZeRO-3, whose partitioned parameters hold an empty tensor (`ds_numel`)."""
+    return sum(
+        getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad or not trainable_only
+    )
 
 
 @contextmanager

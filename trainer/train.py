@@ -34,7 +34,7 @@ from trainer.config import TrainConfig, batch_layout, deepspeed_config, warmup_c
 from trainer.data import LoaderConfig, PackedBatch, PackedLoader, SampleIndex, ShardDataError, TimedIterator
 from trainer.flops import peak_bf16_flops, step_flops
 from trainer.loss import segment_losses
-from trainer.model import PRESETS, IXCModel, compile_layers
+from trainer.model import PRESETS, IXCModel, compile_layers, num_parameters
 from trainer.modelio import BASE_DIR_NAME, load_for_training, resolve_model_dir
 
 SUMMARY_FILE = "train_summary.json"
@@ -341,8 +341,8 @@ def train(cfg: TrainConfig, argv: list[str] | None = None) -> dict[str, Any]:
         log_line(d, f"resumed from {resume_from} at step {step}")
 
     # --- start-up summary, resolved config beside the outputs
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total_params = sum(p.numel() for p in model.parameters())
+    trainable = num_parameters(model, trainable_only=True)
+    total_params = num_parameters(model)
     if d.is_main:
         run_info = {"config": cfg.to_json(), "command": argv or sys.argv, "deepspeed": ds_config}
         (output_dir / "train_config.json").write_text(json.dumps(run_info, indent=2) + "\n")
