@@ -12,9 +12,10 @@ forward: the Plora and LoRA updates added one by one instead of trainer/lora.py'
 `eagervit` (the ViT's layers not compiled), `nodrop` (the LoRA and Plora dropouts removed: what
 dropout costs, an upper bound for fusing it; not a training setting), `rngfunc` (recompiled with
 torch._functorch.config.functionalize_rng_ops: backward regenerates the dropout masks from the
-saved RNG state instead of keeping them). Compiling is one-way, so
-eager variants must come first, and `eagervit` variants before compiled ones without it. Each variant: --warmup steps, then --steps timed steps (host
-clock after a device sync); an out-of-memory step fails the variant and the next one goes on.
+saved RNG state instead of keeping them). Compiling is one-way, so eager variants come first,
+then compiled ones with `eagervit`, then the rest. Each variant: --warmup steps, then --steps
+timed steps (host clock after a device sync); an out-of-memory step fails the variant and the
+next one goes on.
 
 Also, optionally: a torch.profiler breakdown of one step of a variant (kernel time by
 category, the top kernels, the GPU's busy time within the step, a gzipped Chrome trace), the frozen ViT's forward time on a row's tiles, and whether this
@@ -100,8 +101,7 @@ def parse_variants(text: str) -> list[tuple[str, int, str, frozenset[str]]]:
         raise SystemExit(
             "--variants: put eager variants first, then compiled ones with +eagervit, then the rest"
         )
-    # compiling is one-way: eager first, original order kept within each mode
-    return [v for v in out if v[0] == "eager"] + [v for v in out if v[0] == "compiled"]
+    return out
 
 
 def to_device(row: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -200,7 +200,7 @@ def variant_name(mode: str, layers: int, backend: str, flags: frozenset[str]) ->
 
 
 def apply_flags(model: Any, flags: frozenset[str]) -> Callable[[], None]:
-    """Set a variant's `unfused` / `nodrop` on the model; returns what undoes it."""
+    """Set a variant's `unfused` / `nodrop` / `rngfunc`; returns what undoes it."""
     fused = [m for m in model.modules() if isinstance(m, PLoRALoraLinear)]
     for m in fused:
         m.fuse = "unfused" not in flags

@@ -13,9 +13,9 @@ Both modes train the same model on the same records, in one process, on one GPU:
             with answers of 40–400 words, sharded with `xc-prep shard` (real tokenizer, hd 18).
   levers    the official mode runs first, eager, every decoder layer recomputed (the official
             recipe's gradient checkpointing); then ours with --checkpoint-layers N (default all)
-            and --compile (torch.compile of each decoder and ViT layer), if given. --attention picks the
-            kernel for both modes; kernels compiled at first use (FlashAttention-4) are built
-            before either mode is timed (`trainer.attention.warm_up`).
+            and --compile (torch.compile of each decoder and ViT layer), if given. --attention
+            picks the kernel for both modes; kernels compiled at first use (FlashAttention-4) are
+            built before either mode is timed (`trainer.attention.warm_up`).
   ours      `trainer.data.PackedLoader` (≤ 4 workers) → packed rows of ≤ max_length tokens →
             `model(...)` with the chunked loss (no full logits); data wait = the time the loop
             blocks in `next()` (`trainer.data.TimedIterator`).
@@ -457,9 +457,9 @@ def run_official(
 
     fused_lora: our LoRA layer (trainer/lora.py) instead of PEFT's stock one, which the official
     recipe runs."""
-    name = "official+fused-lora" if fused_lora else "official"
     phase = Phase(
-        name, notes={"batch_size": 1, "padding_tokens": 0, "lora_layer": "fused" if fused_lora else "peft"}
+        official_name(fused_lora),
+        notes={"batch_size": 1, "padding_tokens": 0, "lora_layer": "fused" if fused_lora else "peft"},
     )
     set_fused_lora(model, fused_lora)
     needed = args.official_warmup + args.official_steps
@@ -513,6 +513,10 @@ def log_step(name: str, i: int, warmup: int, s: Step) -> None:
 
 
 # ---------------------------------------------------------------- report
+
+
+def official_name(fused_lora: bool) -> str:
+    return "official+fused-lora" if fused_lora else "official"
 
 
 def set_fused_lora(model: torch.nn.Module, enabled: bool) -> None:
@@ -745,8 +749,7 @@ def main(argv: list[str] | None = None) -> int:
                     )
                 except Exception:  # keep going: the other mode's numbers are still worth having
                     traceback.print_exc()
-                    name = "official+fused-lora" if fused_lora else "official"
-                    record(Phase(name, error=traceback.format_exc()))
+                    record(Phase(official_name(fused_lora), error=traceback.format_exc()))
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
         set_fused_lora(model, True)

@@ -434,6 +434,9 @@ def test_next_epoch_starts_loading_before_the_last_batch_trains(
             break
     stream.close()  # stopped early, with epoch 1 in flight
     assert seen == [0] * per_epoch[0] + [1]
+    # close() returns once its prefetch thread has ended (one still shutting the workers down
+    # when the interpreter exits aborts the process); multiprocessing's queue feeders follow
+    assert not [t for t in threading.enumerate() if t.name.endswith("(_run)")]
     deadline = time.monotonic() + 5
     while threading.active_count() > threads_before and time.monotonic() < deadline:
         time.sleep(0.05)

@@ -73,6 +73,8 @@ STREAM_PACK_ORDER = 1
 STREAM_PACK_SHUFFLE = 2
 NO_TILE_BUDGET = 1 << 30
 MAX_LISTED_PROBLEMS = 10
+CLOSE_TIMEOUT_S = 60.0
+"""How long closing the loader waits for its prefetch thread (and the worker processes it shuts down)."""
 
 
 class LoaderConfigError(ValueError):
@@ -1024,8 +1026,14 @@ class _ThreadPrefetcher:
             self.close()
 
     def close(self) -> None:
-        """Stop the background thread (also when never iterated)."""
+        """Stop the background thread (also when never iterated) and wait for it to end.
+
+        Waiting matters at exit: a daemon thread still shutting the source's worker processes down
+        while the interpreter finalizes aborts the process ("terminate called without an active
+        exception")."""
         self._stop.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout=CLOSE_TIMEOUT_S)
 
 
 T = TypeVar("T")
