@@ -18,6 +18,7 @@ from schemas.sample import IGNORE_INDEX, IMAGE_TOKEN_ID, TILE_SIZE, ImageSpan, S
 from schemas.shards import file_sha256, write_shard
 from trainer.cli import main as cli_main
 from trainer.data import (
+    PREFETCH_THREAD_NAME,
     LoaderConfig,
     LoaderConfigError,
     PackedLoader,
@@ -436,7 +437,7 @@ def test_next_epoch_starts_loading_before_the_last_batch_trains(
     assert seen == [0] * per_epoch[0] + [1]
     # close() returns once its prefetch thread has ended (one still shutting the workers down
     # when the interpreter exits aborts the process); multiprocessing's queue feeders follow
-    assert not [t for t in threading.enumerate() if t.name.endswith("(_run)")]
+    assert not [t for t in threading.enumerate() if t.name == PREFETCH_THREAD_NAME]
     deadline = time.monotonic() + 5
     while threading.active_count() > threads_before and time.monotonic() < deadline:
         time.sleep(0.05)

@@ -74,6 +74,7 @@ STREAM_PACK_SHUFFLE = 2
 NO_TILE_BUDGET = 1 << 30
 MAX_LISTED_PROBLEMS = 10
 CLOSE_TIMEOUT_S = 60.0
+PREFETCH_THREAD_NAME = "xc-loader-prefetch"
 """How long closing the loader waits for its prefetch thread (and the worker processes it shuts down)."""
 
 
@@ -986,7 +987,9 @@ class _ThreadPrefetcher:
     def __init__(self, iterable: Iterable[PackedBatch], depth: int, pin: bool):
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(iter(iterable), pin), daemon=True)
+        self._thread = threading.Thread(
+            target=self._run, args=(iter(iterable), pin), name=PREFETCH_THREAD_NAME, daemon=True
+        )
         self._thread.start()
 
     def _run(self, it: Iterator[PackedBatch], pin: bool) -> None:
