@@ -74,8 +74,8 @@ STREAM_PACK_SHUFFLE = 2
 NO_TILE_BUDGET = 1 << 30
 MAX_LISTED_PROBLEMS = 10
 CLOSE_TIMEOUT_S = 60.0
-PREFETCH_THREAD_NAME = "xc-loader-prefetch"
 """How long closing the loader waits for its prefetch thread (and the worker processes it shuts down)."""
+PREFETCH_THREAD_NAME = "xc-loader-prefetch"
 
 
 class LoaderConfigError(ValueError):
