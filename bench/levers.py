@@ -12,7 +12,9 @@ forward: the Plora and LoRA updates added one by one instead of trainer/lora.py'
 `eagervit` (the ViT's layers not compiled), `nodrop` (the LoRA and Plora dropouts removed: what
 dropout costs, an upper bound for fusing it; not a training setting), `rngfunc` (recompiled with
 torch._functorch.config.functionalize_rng_ops: backward regenerates the dropout masks from the
-saved RNG state instead of keeping them). Compiling is one-way, so eager variants come first,
+saved RNG state instead of keeping them), `allrows` (the last decoder layer on every row, as
+before `IXCModel.trained_rows_only`), `twodraws` (the fused layer's two dropouts drawn by two
+`F.dropout` calls, as before `trainer.lora.two_dropouts`). Compiling is one-way, so eager variants come first,
 then compiled ones with `eagervit`, then the rest. Each variant: --warmup steps, then --steps
 timed steps (host clock after a device sync); an out-of-memory step fails the variant and the
 next one goes on.
@@ -61,7 +63,7 @@ from train_throughput import (  # noqa: E402
 from trainer.attention import BACKENDS  # noqa: E402
 from trainer.flops import step_flops, vit_flops  # noqa: E402
 from trainer.lora import PLoRALoraLinear  # noqa: E402
-from trainer.model import TINY_VOCAB_SIZE, compile_layers  # noqa: E402
+from trainer.model import TINY_VOCAB_SIZE, IXCModel, compile_layers  # noqa: E402
 
 KERNEL_CATEGORIES = (
     ("attention (flash/varlen/cudnn)", r"flash|fmha|attn|sdpa"),
@@ -75,7 +77,7 @@ KERNEL_CATEGORIES = (
 )
 
 
-VARIANT_FLAGS = ("unfused", "eagervit", "nodrop", "rngfunc")
+VARIANT_FLAGS = ("unfused", "eagervit", "nodrop", "rngfunc", "allrows", "twodraws")
 
 
 def parse_variants(text: str) -> list[tuple[str, int, str, frozenset[str]]]:
@@ -200,10 +202,14 @@ def variant_name(mode: str, layers: int, backend: str, flags: frozenset[str]) ->
 
 
 def apply_flags(model: Any, flags: frozenset[str]) -> Callable[[], None]:
-    """Set a variant's `unfused` / `nodrop` / `rngfunc`; returns what undoes it."""
+    """Set a variant's flags (VARIANT_FLAGS); returns what undoes them."""
     fused = [m for m in model.modules() if isinstance(m, PLoRALoraLinear)]
     for m in fused:
         m.fuse = "unfused" not in flags
+        m.one_draw = "twodraws" not in flags
+    ixc = [m for m in model.modules() if isinstance(m, IXCModel)]
+    for m in ixc:
+        m.trained_rows_only = "allrows" not in flags
     dropouts: list[tuple[torch.nn.Module, str, torch.nn.Module]] = []
     if "nodrop" in flags:
         for parent in list(model.modules()):
@@ -219,7 +225,9 @@ def apply_flags(model: Any, flags: frozenset[str]) -> Callable[[], None]:
 
     def restore() -> None:
         for m in fused:
-            m.fuse = True
+            m.fuse = m.one_draw = True
+        for m in ixc:
+            m.trained_rows_only = True
         for parent, key, child in dropouts:
             parent.add_module(key, child)
         if "rngfunc" in flags:

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from schemas.sample import image_token_count
+from schemas.sample import IGNORE_INDEX, image_token_count
 from trainer import attention
 from trainer.generate import generate
 from trainer.model import (
@@ -24,6 +24,7 @@ from trainer.model import (
     plora_selector,
     preset_config,
     rotary_cos_sin,
+    row_token_losses,
 )
 
 # (text before, grid, text after) segments per sample; grid None = text only.
@@ -209,7 +210,16 @@ def _fake_fa4(calls: list[dict]):
 
     def fa4(q, k, v, **kwargs):
         calls.append(kwargs)
-        out = attention.varlen_attention(q, k, v, kwargs["cu_seqlens_q"], kwargs["max_seqlen_q"], "sdpa")
+        out = attention.varlen_attention(
+            q,
+            k,
+            v,
+            kwargs["cu_seqlens_q"],
+            kwargs["max_seqlen_q"],
+            "sdpa",
+            kwargs["cu_seqlens_k"],
+            kwargs["max_seqlen_k"],
+        )
         return out, torch.zeros(q.shape[1], q.shape[0])
 
     return fa4
@@ -251,7 +261,9 @@ def test_fa4_backend_is_wired_like_the_other_kernels(monkeypatch: pytest.MonkeyP
 
     calls.clear()
     seconds = attention.warm_up("fa4", 4, 2, 8, torch.float32, cpu, lengths=(1, 5, 17))
-    assert seconds >= 0 and [c["max_seqlen_q"] for c in calls] == [1, 5, 17, 17]
+    # each length, all as one row, then fewer queries than keys (the last layer's trained runs)
+    assert seconds >= 0 and [c["max_seqlen_q"] for c in calls] == [1, 5, 17, 17, 1, 1]
+    assert [c["max_seqlen_k"] for c in calls] == [1, 5, 17, 17, 5, 17]
 
 
 def test_frozen_vit_builds_no_graph_and_trains_the_rest(samples: list[dict]) -> None:
@@ -262,6 +274,87 @@ def test_frozen_vit_builds_no_graph_and_trains_the_rest(samples: list[dict]) -> 
     out.loss_sum.backward()
     assert all(p.grad is None for p in m.vit.parameters())
     assert m.vision_proj[0].weight.grad is not None and m.plora_sub_GN.grad is not None
+
+
+def test_query_runs_cut_merge_and_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    cu = torch.tensor([0, 10, 30, 40], dtype=torch.int32)
+    # sample 0: runs [2, 4) and [8, 10); sample 1: none; sample 2: [33, 35)
+    runs = attention.query_runs(torch.tensor([2, 3, 8, 9, 33, 34]), cu)
+    assert runs is not None
+    assert runs.index.tolist() == [2, 3, 4, 5, 6, 7, 8, 9, 33, 34]  # gap of 4 <= MERGE_GAP: merged
+    assert runs.cu_seqlens_q.tolist() == [0, 8, 10] and runs.cu_seqlens_k.tolist() == [0, 10, 15]
+    assert runs.key_index.tolist() == [*range(0, 10), *range(30, 35)]
+    assert (runs.max_seqlen_q, runs.max_seqlen_k) == (8, 10)
+    monkeypatch.setattr(attention, "MERGE_GAP", 0)
+    runs = attention.query_runs(torch.tensor([2, 3, 8, 9, 33, 34]), cu)
+    assert runs is not None
+    assert runs.index.tolist() == [2, 3, 8, 9, 33, 34]
+    assert runs.cu_seqlens_q.tolist() == [0, 2, 4, 6] and runs.cu_seqlens_k.tolist() == [0, 4, 14, 19]
+    assert runs.key_index.tolist() == [*range(0, 4), *range(0, 10), *range(30, 35)]
+    # Every other position trained: one run per position would copy the prefix 10 times; capped
+    # at MAX_KEY_COPIES, the sample becomes one run from its first to its last trained position.
+    runs = attention.query_runs(torch.arange(10, 30, 2), cu)
+    assert runs is not None
+    assert runs.index.tolist() == list(range(10, 29)) and runs.key_index.tolist() == list(range(10, 29))
+    assert attention.query_runs(torch.zeros(0, dtype=torch.long), cu) is None
+    with pytest.raises(ValueError, match="ascend strictly"):
+        attention.query_runs(torch.tensor([3, 2]), cu)
+
+
+def test_query_runs_attend_like_rows_of_full_attention(monkeypatch: pytest.MonkeyPatch) -> None:
+    gen = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(40, h, 8, generator=gen) for h in (4, 2, 2))
+    cu = torch.tensor([0, 10, 30, 40], dtype=torch.int32)
+    full = attention.varlen_attention(q, k, v, cu, 20, "sdpa")
+    for gap in (0, 32):
+        monkeypatch.setattr(attention, "MERGE_GAP", gap)
+        runs = attention.query_runs(torch.tensor([0, 3, 8, 9, 12, 20, 21, 29, 39]), cu)
+        assert runs is not None
+        got = attention.varlen_attention(
+            q[runs.index],
+            k[runs.key_index],
+            v[runs.key_index],
+            runs.cu_seqlens_q,
+            runs.max_seqlen_q,
+            "sdpa",
+            runs.cu_seqlens_k,
+            runs.max_seqlen_k,
+        )
+        torch.testing.assert_close(got, full[runs.index], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_last_layer_on_trained_rows_only_is_exact(samples: list[dict], checkpointing: bool) -> None:
+    """The last layer's queries, wo and feed-forward at the trained positions only: the same loss,
+    gradients and per-token losses as the whole row (eval: no dropout draws to line up)."""
+    inputs = row_inputs(samples)
+    t = inputs["input_ids"].shape[1]
+    targets = torch.full((1, t), IGNORE_INDEX)
+    starts = inputs["cu_seqlens"].tolist()
+    trained = [starts[0] + 9, starts[0] + 10, starts[0] + 11, starts[1] - 1]  # sample 0: after the image
+    trained += [starts[2] - 2, starts[3] - 4, starts[3] - 1]  # the text sample's end; sample 2
+    targets[0, trained] = torch.arange(len(trained)) + 7
+    results = []
+    for rows_only in (False, True):
+        m = build_model("tiny", seed=0).eval()
+        m.trained_rows_only = rows_only
+        if checkpointing:
+            m.gradient_checkpointing_enable()
+        out = m(**inputs, targets=targets)
+        (out.loss_sum / out.num_tokens).backward()
+        assert (out.positions is not None) == rows_only
+        assert out.hidden.shape[1] == (t if not rows_only else out.positions.numel())
+        losses = row_token_losses(m.output, out, targets[0])
+        grads = {n: p.grad for n, p in m.named_parameters() if p.grad is not None}
+        results.append((out.loss_sum.detach(), out.num_tokens, losses, grads))
+    (loss_a, n_a, losses_a, grads_a), (loss_b, n_b, losses_b, grads_b) = results
+    assert n_a == n_b == len(trained)
+    torch.testing.assert_close(loss_b, loss_a)
+    torch.testing.assert_close(losses_b, losses_a)
+    assert losses_a.nonzero().squeeze(1).tolist() == sorted(trained)
+    assert grads_a.keys() == grads_b.keys() and any("layers.1.feed_forward" in n for n in grads_a)
+    for name, grad in grads_a.items():
+        torch.testing.assert_close(grads_b[name], grad, atol=1e-6, rtol=1e-4, msg=name)
 
 
 def test_7b_keys_and_shapes_on_meta() -> None:

@@ -61,6 +61,45 @@ def test_varlen_kernels_match_per_sample_sdpa(backend: str, d: int) -> None:
         torch.testing.assert_close(a, b, atol=5e-2, rtol=5e-2)
 
 
+@pytest.mark.parametrize("backend", ["varlen", "flash", "fa4"])
+def test_varlen_kernels_attend_from_query_runs_end_aligned(backend: str) -> None:
+    """Fewer queries than keys per segment (the last layer's trained rows): each kernel must align
+    the causal mask to the end, as the SDPA path does."""
+    if backend == "flash" and attention.flash_attn_varlen_func is None:
+        pytest.skip("flash-attn not installed")
+    if backend == "fa4" and not attention.fa4_usable(torch.device("cuda"), 128):
+        pytest.skip("flash-attn-4 not installed, or not an sm90/sm100 GPU")
+    if backend == "varlen" and attention.varlen_attn is None:
+        pytest.skip("this torch has no varlen_attn")
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    t, h, hkv, d = 700, 8, 2, 128
+    q, k, v = (
+        torch.randn(t, n, d, device="cuda", dtype=torch.bfloat16, generator=gen).requires_grad_()
+        for n in (h, hkv, hkv)
+    )
+    cu = torch.tensor([0, 300, 301, 700], dtype=torch.int32)
+    positions = torch.tensor([5, 6, 7, 150, 151, 299, 300, *range(500, 530), 600, 699])
+    runs = attention.query_runs(positions, cu)
+    assert runs is not None
+    runs = runs.to(torch.device("cuda"))
+    full = attention.varlen_attention(q, k, v, cu.cuda(), 399, "sdpa")[runs.index]
+    got = attention.varlen_attention(
+        q[runs.index],
+        k[runs.key_index],
+        v[runs.key_index],
+        runs.cu_seqlens_q,
+        runs.max_seqlen_q,
+        backend,  # type: ignore[arg-type]
+        runs.cu_seqlens_k,
+        runs.max_seqlen_k,
+    )
+    torch.testing.assert_close(got, full, atol=2e-2, rtol=2e-2)
+    g_ref = torch.autograd.grad(full.float().square().sum(), (q, k, v))
+    g_got = torch.autograd.grad(got.float().square().sum(), (q, k, v))
+    for a, b in zip(g_got, g_ref, strict=True):
+        torch.testing.assert_close(a, b, atol=5e-2, rtol=5e-2)
+
+
 def test_fp32_cuda_packed_row_equals_samples_alone() -> None:
     model = build_model("tiny", seed=0, device="cuda", dtype=torch.float32).eval()
     row = _packed(torch.Generator().manual_seed(1))

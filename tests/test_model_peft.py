@@ -12,7 +12,7 @@ from peft import LoraConfig, get_peft_model
 import trainer.lora
 from schemas.sample import image_token_count
 from trainer.config import TrainConfig
-from trainer.lora import PLoRALoraLinear, linear_plus_low_rank
+from trainer.lora import PLoRALoraLinear, linear_plus_low_rank, two_dropouts
 from trainer.model import PLORA_TARGETS, VisionTower, build_model, compile_layers
 from trainer.modelio import Loaded, apply_recipe
 
@@ -95,10 +95,12 @@ def test_peft_modules_to_save_vit_and_sampler_train_with_checkpointing() -> None
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 def test_fused_low_rank_update_equals_peft_forward(compiled: bool) -> None:
     """The recipe's LoRA layer adds Plora and LoRA by one matmul: same loss and gradients as PEFT's
-    own forward, same dropout draws; other forms of image_tokens take PEFT's path."""
+    own forward, same dropout draws in eager mode (compiled, the dropouts draw another way:
+    test_two_dropouts_under_compile; compared here in eval mode); other forms of image_tokens take
+    PEFT's path."""
     model = build_model("tiny", seed=0)
     cfg = TrainConfig(shards=Path("."), model="tiny", recipe="lora", lora_r=4, lora_alpha=8).resolve()
-    peft_model = apply_recipe(Loaded(model, None, "tiny", "test"), cfg).model.train()
+    peft_model = apply_recipe(Loaded(model, None, "tiny", "test"), cfg).model.train(not compiled)
     layers = [m for m in peft_model.modules() if isinstance(m, PLoRALoraLinear)]
     assert len(layers) == 5 * model.config.num_hidden_layers
     with torch.no_grad():
@@ -136,6 +138,35 @@ def test_fused_low_rank_update_equals_peft_forward(compiled: bool) -> None:
     assert any(".lora_A." in n for n in fused_grads) and not any("Plora" in n for n in fused_grads)
     for name in fused_grads:
         torch.testing.assert_close(fused_grads[name], plain_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_two_dropouts_under_compile() -> None:
+    """Compiled, both dropouts come from one 64-bit draw per element: each at its rate, independent
+    of the other, kept values scaled by 1/(1-p), and the gradient through the same masks."""
+    x = torch.ones(400, 1000, requires_grad=True)
+    w1, w2 = torch.full((400, 1000), 3.0), torch.full((400, 1000), 5.0)
+
+    def run(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        x1, x2 = two_dropouts(x, 0.05, 0.2, True)
+        return x1, x2, (x1 * w1 + x2 * w2).sum()
+
+    torch.manual_seed(0)
+    x1, x2, total = torch.compile(run, backend="aot_eager", fullgraph=True)(x)
+    total.backward()
+    drop1, drop2 = x1 == 0, x2 == 0
+    n = x.numel()
+    for dropped, p in ((drop1, 0.05), (drop2, 0.2)):
+        assert abs(float(dropped.float().mean()) - p) < 4 * (p * (1 - p) / n) ** 0.5
+    both = float((drop1 & drop2).float().mean())
+    assert abs(both - 0.05 * 0.2) < 4 * (0.01 / n) ** 0.5  # independent
+    torch.testing.assert_close(x1[~drop1], torch.full_like(x1[~drop1], 1 / 0.95))
+    torch.testing.assert_close(x2[~drop2], torch.full_like(x2[~drop2], 1 / 0.8))
+    expected = (~drop1) * 3.0 / 0.95 + (~drop2) * 5.0 / 0.8
+    torch.testing.assert_close(x.grad, expected)
+    # Eager, in eval mode or at rate 0: PyTorch's own dropout, or nothing.
+    y = torch.randn(5, 3)
+    assert all(t is y for t in two_dropouts(y, 0.05, 0.05, False))
+    assert two_dropouts(y, 0.0, 0.05, True)[0] is y
 
 
 def test_linear_plus_low_rank_gradients() -> None:

@@ -14,6 +14,9 @@ One import guard picks the kernel (STYLE 23); `resolve_backend` turns a request 
 Shapes (T = tokens of the packed row, H = query heads, H_kv = key/value heads, D = head dim):
   q [T, H, D], k/v [T, H_kv, D], cu_seqlens int32[S+1] (cu_seqlens[0] = 0, cu_seqlens[-1] = T)
   -> out [T, H, D]
+With separate `cu_seqlens_k`, segment s has fewer queries than keys: its queries are the LAST
+q_len positions of its k_len keys (causal mask aligned to the end, as flash-attn aligns it). The
+model's last layer uses that to attend from trained positions only (`QueryRuns`).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import inspect
 import itertools
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -133,6 +137,84 @@ def resolve_backend(requested: str, device: torch.device, dtype: torch.dtype, he
     return requested  # type: ignore[return-value]
 
 
+MERGE_GAP = 32
+"""Runs of one sample separated by at most this many untrained tokens become one run (the gap's
+queries are computed and dropped) rather than two prefix copies of the sample's keys."""
+MAX_KEY_COPIES = 4
+"""A sample whose runs would copy more than this many times its length of keys is one run."""
+
+
+@dataclass
+class QueryRuns:
+    """Attention from a subset of a packed row's positions to everything before each of them in
+    its sample: the last decoder layer's queries at trained positions only (IXCModel.forward).
+
+    The positions (sorted) are cut into runs, consecutive positions of one sample. Run r's queries
+    are index[cu_seqlens_q[r]:cu_seqlens_q[r+1]]; its keys are the rows key_index[cu_seqlens_k[r]:
+    cu_seqlens_k[r+1]], its sample's start up to the run's last query, so the queries are the last
+    q_len of the k_len keys: `varlen_attention` with cu_seqlens_k, end-aligned causal mask. Each
+    run repeats its sample's prefix (MERGE_GAP and MAX_KEY_COPIES bound the copies); `index` also
+    holds the positions of the gaps that were merged: they are computed, and the caller ignores them.
+    """
+
+    index: torch.Tensor  # int64[Q] query positions in the row, ascending
+    key_index: torch.Tensor  # int64[sum k_len] key positions, run after run
+    cu_seqlens_q: torch.Tensor  # int32[R+1]
+    cu_seqlens_k: torch.Tensor  # int32[R+1]
+    max_seqlen_q: int
+    max_seqlen_k: int
+
+    def to(self, device: torch.device) -> QueryRuns:
+        moved = {
+            name: value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
+            for name, value in vars(self).items()
+        }
+        return QueryRuns(**moved)
+
+
+def query_runs(positions: torch.Tensor, cu_seqlens: torch.Tensor) -> QueryRuns | None:
+    """QueryRuns for `positions` int64[P] (ascending, each in [0, T)) of a row cut by cu_seqlens
+    int[S+1]; None for no position. Computed on the CPU (run counts size the tensors)."""
+    positions = positions.detach().to("cpu", torch.int64)
+    if positions.numel() == 0:
+        return None
+    bounds = cu_seqlens.detach().to("cpu", torch.int64)
+    if (
+        bool((positions[1:] <= positions[:-1]).any())
+        or int(positions[0]) < 0
+        or int(positions[-1]) >= int(bounds[-1])
+    ):
+        raise ValueError(f"query positions must ascend strictly within [0, {int(bounds[-1])})")
+    sample = torch.searchsorted(bounds[1:], positions, right=True)
+    breaks = ((positions[1:] != positions[:-1] + 1) | (sample[1:] != sample[:-1])).nonzero().squeeze(1) + 1
+    firsts = [0, *breaks.tolist()]
+    lasts = [b - 1 for b in firsts[1:]] + [positions.numel() - 1]
+    pos, smp, starts = positions.tolist(), sample.tolist(), bounds.tolist()
+    # Per sample: [start, end) of each run (end exclusive), gaps up to MERGE_GAP closed.
+    per_sample: dict[int, list[list[int]]] = {}
+    for first, last in zip(firsts, lasts, strict=True):
+        runs = per_sample.setdefault(smp[first], [])
+        if runs and pos[first] - runs[-1][1] <= MERGE_GAP:
+            runs[-1][1] = pos[last] + 1
+        else:
+            runs.append([pos[first], pos[last] + 1])
+    spans: list[tuple[int, int, int]] = []  # (key start, query start, end)
+    for s, runs in per_sample.items():
+        if sum(end - starts[s] for _, end in runs) > MAX_KEY_COPIES * (starts[s + 1] - starts[s]):
+            runs = [[runs[0][0], runs[-1][1]]]
+        spans.extend((starts[s], a, b) for a, b in runs)
+    q_len = torch.tensor([b - a for _, a, b in spans])
+    k_len = torch.tensor([b - k for k, _, b in spans])
+    return QueryRuns(
+        index=torch.cat([torch.arange(a, b) for _, a, b in spans]),
+        key_index=torch.cat([torch.arange(k, b) for k, _, b in spans]),
+        cu_seqlens_q=F.pad(q_len.cumsum(0), (1, 0)).to(torch.int32),
+        cu_seqlens_k=F.pad(k_len.cumsum(0), (1, 0)).to(torch.int32),
+        max_seqlen_q=int(q_len.max()),
+        max_seqlen_k=int(k_len.max()),
+    )
+
+
 def varlen_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -140,13 +222,22 @@ def varlen_attention(
     cu_seqlens: torch.Tensor,
     max_seqlen: int,
     backend: Backend,
+    cu_seqlens_k: torch.Tensor | None = None,
+    max_seqlen_k: int | None = None,
 ) -> torch.Tensor:
-    """Causal attention of each sample [cu_seqlens[s], cu_seqlens[s+1]) to itself. Shapes: module doc."""
+    """Causal attention of each sample [cu_seqlens[s], cu_seqlens[s+1]) to itself; with
+    `cu_seqlens_k`, of each query segment to its key segment, end-aligned. Shapes: module doc."""
     num_heads, num_kv_heads = q.shape[1], k.shape[1]
+    if cu_seqlens_k is None:
+        cu_seqlens_k, max_seqlen_k = cu_seqlens, max_seqlen
+    elif max_seqlen_k is None:
+        raise ValueError("varlen_attention: cu_seqlens_k given without max_seqlen_k")
     if backend == "flash":
-        return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=True)
+        return flash_attn_varlen_func(
+            q, k, v, cu_seqlens, cu_seqlens_k, max_seqlen, max_seqlen_k, causal=True
+        )
     if backend == "fa4":
-        return _fa4_varlen(q, k, v, cu_seqlens, max_seqlen)
+        return _fa4_varlen(q, k, v, cu_seqlens, cu_seqlens_k, max_seqlen, max_seqlen_k)  # type: ignore[arg-type]
     if backend == "varlen":
         kwargs: dict[str, Any] = {}
         if "is_causal" in _VARLEN_PARAMS:
@@ -160,8 +251,16 @@ def varlen_attention(
                 # Query head n reads KV head n // (H / H_kv): repeat_interleave keeps that order.
                 k = k.repeat_interleave(num_heads // num_kv_heads, dim=1)
                 v = v.repeat_interleave(num_heads // num_kv_heads, dim=1)
-        return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, **kwargs)
+        return varlen_attn(q, k, v, cu_seqlens, cu_seqlens_k, max_seqlen, max_seqlen_k, **kwargs)
     bounds = cu_seqlens.tolist()
+    if cu_seqlens_k is not cu_seqlens:
+        bounds_k = cu_seqlens_k.tolist()
+        return torch.cat(
+            [
+                cached_attention(q[qs:qe], k[ks:ke], v[ks:ke])
+                for qs, qe, ks, ke in zip(bounds[:-1], bounds[1:], bounds_k[:-1], bounds_k[1:], strict=True)
+            ]
+        )
     outputs = []
     for start, end in zip(bounds[:-1], bounds[1:], strict=True):
         # SDPA takes [B, H, L, D]; with the batch dimension the CPU flash kernel runs (~7x faster
@@ -180,22 +279,30 @@ def varlen_attention(
 
 @torch.compiler.disable  # CuTe DSL kernels behind an autograd.Function: not traceable
 def _fa4_varlen(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
 ) -> torch.Tensor:
     out, _ = fa4_varlen_func(
         q,
         k,
         v.contiguous(),
-        cu_seqlens_q=cu_seqlens,
-        cu_seqlens_k=cu_seqlens,
-        max_seqlen_q=max_seqlen,
-        max_seqlen_k=max_seqlen,
+        cu_seqlens_q=cu_seqlens_q,
+        cu_seqlens_k=cu_seqlens_k,
+        max_seqlen_q=max_seqlen_q,
+        max_seqlen_k=max_seqlen_k,
         causal=True,
     )
     return out
 
 
 WARM_UP_LENGTHS = (1, 64, 124, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
+WARM_UP_QUERY_LENGTHS = (1, 64, 512, 2048)
+"""Queries per segment tried against each key length: the last layer's trained runs (QueryRuns)."""
 
 
 def warm_up(
@@ -208,17 +315,31 @@ def warm_up(
     lengths: tuple[int, ...] = WARM_UP_LENGTHS,
 ) -> float:
     """Run forward + backward once per row length in `lengths` (one sample each, then all as one
-    packed row) so that kernels compiled at first use (FlashAttention-4's JIT picks its tile
-    configuration by length) are built before anything is timed. Returns the seconds it took."""
+    packed row), and for fewer queries than keys (WARM_UP_QUERY_LENGTHS against each length), so
+    that kernels compiled at first use (FlashAttention-4's JIT picks its tile configuration by
+    length) are built before anything is timed. Returns the seconds it took."""
     started = time.perf_counter()
-    rows = [[n] for n in lengths] + [list(lengths)]
-    for row in rows:
-        t = sum(row)
-        q = torch.randn(t, num_heads, head_dim, device=device, dtype=dtype, requires_grad=True)
-        k = torch.randn(t, num_kv_heads, head_dim, device=device, dtype=dtype, requires_grad=True)
-        v = torch.randn(t, num_kv_heads, head_dim, device=device, dtype=dtype, requires_grad=True)
-        cu = torch.tensor([0, *itertools.accumulate(row)], dtype=torch.int32, device=device)
-        varlen_attention(q, k, v, cu, max(row), backend).sum().backward()
+    rows = [([n], [n]) for n in lengths] + [(list(lengths), list(lengths))]
+    rows += [([m], [n]) for n in lengths for m in WARM_UP_QUERY_LENGTHS if m < n]
+    for q_lens, k_lens in rows:
+
+        def make(t: int, heads: int) -> torch.Tensor:
+            return torch.randn(t, heads, head_dim, device=device, dtype=dtype, requires_grad=True)
+
+        q, k, v = (
+            make(sum(q_lens), num_heads),
+            make(sum(k_lens), num_kv_heads),
+            make(sum(k_lens), num_kv_heads),
+        )
+        cu_q, cu_k = (
+            torch.tensor([0, *itertools.accumulate(lens)], dtype=torch.int32, device=device)
+            for lens in (q_lens, k_lens)
+        )
+        if q_lens == k_lens:
+            out = varlen_attention(q, k, v, cu_q, max(q_lens), backend)
+        else:
+            out = varlen_attention(q, k, v, cu_q, max(q_lens), backend, cu_k, max(k_lens))
+        out.sum().backward()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter() - started

@@ -20,6 +20,7 @@ from schemas.shards import ShardReader
 from trainer.data import SampleIndex, collate
 from trainer.generate import generate
 from trainer.loss import segment_losses
+from trainer.model import row_token_losses
 from trainer.modelio import load_for_inference
 
 STOP_PIECES = ("[UNUSED_TOKEN_145]", "</s>")
@@ -54,7 +55,7 @@ def evaluate(model_path: str | Path, shards: Path) -> dict[str, Any]:
         sample = _read(index, g, readers)
         batch = collate([sample]).to(device)
         out = model(**batch.model_inputs())
-        losses = model.output(out.hidden[0], batch.targets[0], per_token=True)
+        losses = row_token_losses(model.output, out, batch.targets[0])
         sums, counts = segment_losses(losses, batch.targets[0], batch.cu_seqlens)
         loss_sum, count = float(sums[0]), int(counts[0])
         per_sample.append(

@@ -35,9 +35,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
-from schemas.sample import MERGED_SIDE, TILE_SIZE, image_token_count
+from schemas.sample import IGNORE_INDEX, MERGED_SIDE, TILE_SIZE, image_token_count
 from trainer import images
-from trainer.attention import cached_attention, resolve_backend, varlen_attention
+from trainer.attention import QueryRuns, cached_attention, query_runs, resolve_backend, varlen_attention
 from trainer.loss import DEFAULT_CHUNK_TOKENS, chunked_cross_entropy, token_losses
 
 END_OF_TURN_ID = 92542
@@ -473,15 +473,33 @@ class Attention(nn.Module):
         max_seqlen: int,
         backend: str,
         cache: KVCache | None = None,
+        queries: QueryRuns | None = None,
     ) -> torch.Tensor:
+        """[T, hidden] -> [T, hidden]; with `queries`, the output at queries.index only ([Q, hidden]):
+        keys and values from every position, queries from those."""
         c = self.config
         t = x.shape[0]
         qkv = self.wqkv(x, image_tokens).view(t, c.num_key_value_heads, c.q_per_kv + 2, c.head_dim)
-        q = qkv[:, :, : c.q_per_kv].reshape(t, c.num_attention_heads, c.head_dim)
         k, v = qkv[:, :, -2], qkv[:, :, -1]
         cos, sin = rope
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if cache is None:
+        k = apply_rotary(k, cos, sin)
+        if queries is not None:
+            qkv, cos, sin = (a.index_select(0, queries.index) for a in (qkv, cos, sin))
+            t, image_tokens = qkv.shape[0], rows_of(image_tokens, queries.index)
+        q = apply_rotary(qkv[:, :, : c.q_per_kv].reshape(t, c.num_attention_heads, c.head_dim), cos, sin)
+        if queries is not None:
+            k, v = k.index_select(0, queries.key_index), v.index_select(0, queries.key_index)
+            out = varlen_attention(
+                q,
+                k,
+                v,
+                queries.cu_seqlens_q,
+                queries.max_seqlen_q,
+                backend,  # type: ignore[arg-type]
+                queries.cu_seqlens_k,
+                queries.max_seqlen_k,
+            )
+        elif cache is None:
             out = varlen_attention(q, k, v.contiguous(), cu_seqlens, max_seqlen, backend)  # type: ignore[arg-type]
         else:
             k, v = cache.append(k, v)
@@ -521,11 +539,27 @@ class DecoderLayer(nn.Module):
         max_seqlen: int,
         backend: str,
         cache: KVCache | None = None,
+        queries: QueryRuns | None = None,
     ) -> torch.Tensor:
-        x = x + self.attention(
-            self.attention_norm(x), rope, image_tokens, cu_seqlens, max_seqlen, backend, cache
+        """[T, hidden] -> [T, hidden], or [Q, hidden] at queries.index (Attention.forward)."""
+        a = self.attention(
+            self.attention_norm(x), rope, image_tokens, cu_seqlens, max_seqlen, backend, cache, queries
         )
+        if queries is not None:
+            x, image_tokens = x.index_select(0, queries.index), rows_of(image_tokens, queries.index)
+        x = x + a
         return x + self.feed_forward(self.ffn_norm(x), image_tokens)
+
+
+def rows_of(image_tokens: torch.Tensor | None, index: torch.Tensor) -> torch.Tensor | None:
+    """The PLoRA selector (PLoRALinear) for the rows `index` of a row: a mask is indexed, None and
+    the empty index (no image token) stay."""
+    if image_tokens is None or image_tokens.numel() == 0:
+        return image_tokens
+    if image_tokens.is_floating_point():
+        return image_tokens.index_select(0, index)
+    # Index form: where the kept rows are image tokens, renumbered among the kept rows.
+    return torch.isin(index, image_tokens).nonzero().squeeze(1)
 
 
 def plora_selector(
@@ -641,7 +675,10 @@ class ModelOutput(dict):
 
     A dict (like transformers' ModelOutput) because DeepSpeed ZeRO-3 looks for tensors in a
     module's outputs to re-gather the module's own parameters (the separators) in backward.
-      hidden [1, T, hidden_size]  final-normed hidden states (feed `output` for per-sample losses)
+      hidden [1, T, hidden_size]  final-normed hidden states (feed `output` for per-sample losses),
+             or [1, Q, hidden_size] at the row positions `positions` when the last layer ran on
+             the trained rows only (IXCModel.trained_rows_only): `row_token_losses` takes both
+      positions  int64[Q] or None (every position)
       loss_sum  fp32 scalar: sum of the token losses over trained targets (when targets were given)
       num_tokens  trained tokens behind loss_sum
       logits [1, T, vocab]  in the model dtype, only with return_logits=True (small inputs only)
@@ -650,11 +687,14 @@ class ModelOutput(dict):
     def __init__(
         self,
         hidden: torch.Tensor,
+        positions: torch.Tensor | None = None,
         loss_sum: torch.Tensor | None = None,
         num_tokens: int | None = None,
         logits: torch.Tensor | None = None,
     ):
-        super().__init__(hidden=hidden, loss_sum=loss_sum, num_tokens=num_tokens, logits=logits)
+        super().__init__(
+            hidden=hidden, positions=positions, loss_sum=loss_sum, num_tokens=num_tokens, logits=logits
+        )
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -689,12 +729,27 @@ class LMHead(nn.Linear):
         return chunked_cross_entropy(hidden, self.weight, targets, chunk_tokens)
 
 
+@torch.no_grad()
+def row_token_losses(head: LMHead, out: ModelOutput, targets: torch.Tensor) -> torch.Tensor:
+    """fp32[T]: each position's loss for the row's targets int64[T] (0 where not trained), from
+    `out.hidden` at every position or at `out.positions` only. For logging and evaluation."""
+    hidden = out.hidden[0].detach()
+    targets = targets.to(hidden.device)
+    if out.positions is None:
+        return head(hidden, targets, per_token=True)
+    losses = head(hidden, targets.index_select(0, out.positions), per_token=True)
+    return losses.new_zeros(targets.shape[0]).index_copy_(0, out.positions, losses)
+
+
 class IXCModel(nn.Module):
     """InternLM-XComposer 2.5 for fine-tuning: `forward` on one packed row (module docstring).
 
     Runtime switches (not saved): `attention_backend` ('auto', 'flash', 'varlen', 'sdpa'),
     `gradient_checkpointing_enable()/disable()`, `checkpoint_layers` (how many decoder layers, from
-    the first, are recomputed while checkpointing is on; None = all), `chunk_tokens` of the loss;
+    the first, are recomputed while checkpointing is on; None = all), `chunk_tokens` of the loss,
+    `trained_rows_only` (default True: given targets, the last decoder layer computes its queries,
+    `wo` and feed-forward only at the trained positions, the only rows the loss reads; its keys and
+    values still come from every position. Exact: the other rows' outputs feed nothing);
     `compile_layers(model)` compiles the decoder and ViT layers in place.
     """
 
@@ -717,6 +772,7 @@ class IXCModel(nn.Module):
         self.gradient_checkpointing = False
         self.checkpoint_layers: int | None = None
         self.chunk_tokens = DEFAULT_CHUNK_TOKENS
+        self.trained_rows_only = True
         self.source_dir: Path | None = None  # set by weights.load_model: tokenizer files are copied from it
 
     # ---- switches
@@ -825,8 +881,10 @@ class IXCModel(nn.Module):
         max_seqlen: int,
         image_index: torch.Tensor | None,
         caches: list[KVCache] | None = None,
+        queries: QueryRuns | None = None,
     ) -> torch.Tensor:
-        """Decoder stack + final norm: [T, hidden] -> [T, hidden]. With `caches`: one sequence, appended to."""
+        """Decoder stack + final norm: [T, hidden] -> [T, hidden]. With `caches`: one sequence, appended to.
+        With `queries`: the last layer computes only the rows queries.index -> [Q, hidden]."""
         device = embeds.device
         position_ids = position_ids.to(device)
         if caches is None:
@@ -846,14 +904,25 @@ class IXCModel(nn.Module):
         h = embeds
         use_checkpoint = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         recomputed = len(self.model.layers) if self.checkpoint_layers is None else self.checkpoint_layers
+        last = len(self.model.layers) - 1
         for i, layer in enumerate(self.model.layers):
             cache = None if caches is None else caches[i]
+            subset = queries if i == last else None
             if use_checkpoint and cache is None and i < recomputed:
                 h = checkpoint(
-                    layer, h, rope, image_tokens, cu_seqlens, max_seqlen, backend, use_reentrant=False
+                    layer,
+                    h,
+                    rope,
+                    image_tokens,
+                    cu_seqlens,
+                    max_seqlen,
+                    backend,
+                    None,
+                    subset,
+                    use_reentrant=False,
                 )
             else:
-                h = layer(h, rope, image_tokens, cu_seqlens, max_seqlen, backend, cache)
+                h = layer(h, rope, image_tokens, cu_seqlens, max_seqlen, backend, cache, subset)
         return self.model.norm(h)
 
     def forward(
@@ -900,12 +969,18 @@ class IXCModel(nn.Module):
         else:
             position_ids = position_ids[0]
         embeds, image_index = self.embed(ids, tiles, image_grids, image_starts)
-        hidden = self.decode(embeds, position_ids, cu_seqlens, max_seqlen, image_index)
-        out = ModelOutput(hidden=hidden[None])
+        queries = None
+        if targets is not None and not return_logits and self.trained_rows_only:
+            queries = query_runs((targets[0] != IGNORE_INDEX).nonzero().squeeze(1), cu_seqlens)
+        if queries is not None:
+            queries = queries.to(embeds.device)
+        hidden = self.decode(embeds, position_ids, cu_seqlens, max_seqlen, image_index, queries=queries)
+        out = ModelOutput(hidden=hidden[None], positions=None if queries is None else queries.index)
         if targets is not None:
-            out.loss_sum, out.num_tokens = self.output(
-                hidden, targets[0].to(hidden.device), self.chunk_tokens
-            )
+            row_targets = targets[0].to(hidden.device)
+            if queries is not None:
+                row_targets = row_targets.index_select(0, queries.index)
+            out.loss_sum, out.num_tokens = self.output(hidden, row_targets, self.chunk_tokens)
         if return_logits:
             out.logits = self.output(hidden)[None]
         return out

@@ -34,7 +34,7 @@ from trainer.config import TrainConfig, batch_layout, deepspeed_config, warmup_c
 from trainer.data import LoaderConfig, PackedBatch, PackedLoader, SampleIndex, ShardDataError, TimedIterator
 from trainer.flops import peak_bf16_flops, step_flops
 from trainer.loss import segment_losses
-from trainer.model import PRESETS, IXCModel, compile_layers, num_parameters
+from trainer.model import PRESETS, IXCModel, compile_layers, num_parameters, row_token_losses
 from trainer.modelio import BASE_DIR_NAME, load_for_training, resolve_model_dir
 
 SUMMARY_FILE = "train_summary.json"
@@ -205,7 +205,7 @@ def train_step(
         if per_source:
             with torch.no_grad():
                 unwrapped = engine.module
-                losses = unwrapped.output(out.hidden[0].detach(), batch.targets[0], per_token=True)
+                losses = row_token_losses(unwrapped.output, out, batch.targets[0])
                 sums, counts = segment_losses(losses, batch.targets[0], batch.cu_seqlens)
             for (source, _, _), s, c in zip(batch.sample_keys, sums.tolist(), counts.tolist(), strict=True):
                 acc = source_sums.setdefault(source, [0.0, 0])
