@@ -13,7 +13,7 @@ import trainer.lora
 from schemas.sample import image_token_count
 from trainer.config import TrainConfig
 from trainer.lora import PLoRALoraLinear, linear_plus_low_rank, two_dropouts
-from trainer.model import PLORA_TARGETS, VisionTower, build_model, compile_layers
+from trainer.model import PLORA_TARGETS, IXCModel, VisionTower, build_model, compile_layers
 from trainer.modelio import Loaded, apply_recipe
 
 
@@ -167,6 +167,29 @@ def test_two_dropouts_under_compile() -> None:
     y = torch.randn(5, 3)
     assert all(t is y for t in two_dropouts(y, 0.05, 0.05, False))
     assert two_dropouts(y, 0.0, 0.05, True)[0] is y
+
+
+def test_compiled_lora_layers_replay_their_dropouts_when_recomputed() -> None:
+    """Compiled, in training, the one-draw dropouts of a recomputed layer are drawn again from the
+    restored RNG state: checkpointing every layer gives the gradients of checkpointing none."""
+    cfg = TrainConfig(shards=Path("."), model="tiny", recipe="lora", lora_r=4, lora_alpha=8).resolve()
+    grads = []
+    for recomputed in (0, None):
+        torch.manual_seed(0)  # PEFT draws lora_A's init from the global generator
+        model = apply_recipe(Loaded(build_model("tiny", seed=0), None, "tiny", "test"), cfg).model.train()
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.1, generator=torch.Generator().manual_seed(2))
+        model.gradient_checkpointing_enable()
+        next(m for m in model.modules() if isinstance(m, IXCModel)).checkpoint_layers = recomputed
+        compile_layers(model, backend="aot_eager")
+        torch.manual_seed(5)
+        model(**_row()).loss_sum.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and any(".lora_A." in n for n in grads[0])
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, atol=1e-6, rtol=1e-5, msg=name)
 
 
 def test_linear_plus_low_rank_gradients() -> None:
