@@ -310,16 +310,7 @@ def test_query_runs_attend_like_rows_of_full_attention(monkeypatch: pytest.Monke
         monkeypatch.setattr(attention, "MERGE_GAP", gap)
         runs = attention.query_runs(torch.tensor([0, 3, 8, 9, 12, 20, 21, 29, 39]), cu)
         assert runs is not None
-        got = attention.varlen_attention(
-            q[runs.index],
-            k[runs.key_index],
-            v[runs.key_index],
-            runs.cu_seqlens_q,
-            runs.max_seqlen_q,
-            "sdpa",
-            runs.cu_seqlens_k,
-            runs.max_seqlen_k,
-        )
+        got = attention.attend_runs(q[runs.index], k, v, runs, "sdpa")
         torch.testing.assert_close(got, full[runs.index], atol=1e-6, rtol=1e-5)
 
 

@@ -83,16 +83,7 @@ def test_varlen_kernels_attend_from_query_runs_end_aligned(backend: str) -> None
     assert runs is not None
     runs = runs.to(torch.device("cuda"))
     full = attention.varlen_attention(q, k, v, cu.cuda(), 399, "sdpa")[runs.index]
-    got = attention.varlen_attention(
-        q[runs.index],
-        k[runs.key_index],
-        v[runs.key_index],
-        runs.cu_seqlens_q,
-        runs.max_seqlen_q,
-        backend,  # type: ignore[arg-type]
-        runs.cu_seqlens_k,
-        runs.max_seqlen_k,
-    )
+    got = attention.attend_runs(q[runs.index], k, v, runs, backend)  # type: ignore[arg-type]
     torch.testing.assert_close(got, full, atol=2e-2, rtol=2e-2)
     g_ref = torch.autograd.grad(full.float().square().sum(), (q, k, v))
     g_got = torch.autograd.grad(got.float().square().sum(), (q, k, v))

@@ -215,6 +215,23 @@ def query_runs(positions: torch.Tensor, cu_seqlens: torch.Tensor) -> QueryRuns |
     )
 
 
+def attend_runs(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, runs: QueryRuns, backend: Backend
+) -> torch.Tensor:
+    """Attention of q [Q, H, D] (the row's positions runs.index) to the whole row's k/v [T, H_kv, D],
+    each run to its keys (QueryRuns) -> [Q, H, D]."""
+    return varlen_attention(
+        q,
+        k.index_select(0, runs.key_index),
+        v.index_select(0, runs.key_index),
+        runs.cu_seqlens_q,
+        runs.max_seqlen_q,
+        backend,
+        runs.cu_seqlens_k,
+        runs.max_seqlen_k,
+    )
+
+
 def varlen_attention(
     q: torch.Tensor,
     k: torch.Tensor,

@@ -37,7 +37,14 @@ from transformers import CLIPVisionConfig, CLIPVisionModel
 
 from schemas.sample import IGNORE_INDEX, MERGED_SIDE, TILE_SIZE, image_token_count
 from trainer import images
-from trainer.attention import QueryRuns, cached_attention, query_runs, resolve_backend, varlen_attention
+from trainer.attention import (
+    QueryRuns,
+    attend_runs,
+    cached_attention,
+    query_runs,
+    resolve_backend,
+    varlen_attention,
+)
 from trainer.loss import DEFAULT_CHUNK_TOKENS, chunked_cross_entropy, token_losses
 
 END_OF_TURN_ID = 92542
@@ -488,17 +495,7 @@ class Attention(nn.Module):
             t, image_tokens = qkv.shape[0], rows_of(image_tokens, queries.index)
         q = apply_rotary(qkv[:, :, : c.q_per_kv].reshape(t, c.num_attention_heads, c.head_dim), cos, sin)
         if queries is not None:
-            k, v = k.index_select(0, queries.key_index), v.index_select(0, queries.key_index)
-            out = varlen_attention(
-                q,
-                k,
-                v,
-                queries.cu_seqlens_q,
-                queries.max_seqlen_q,
-                backend,  # type: ignore[arg-type]
-                queries.cu_seqlens_k,
-                queries.max_seqlen_k,
-            )
+            out = attend_runs(q, k, v, queries, backend)  # type: ignore[arg-type]
         elif cache is None:
             out = varlen_attention(q, k, v.contiguous(), cu_seqlens, max_seqlen, backend)  # type: ignore[arg-type]
         else:
