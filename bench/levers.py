@@ -13,9 +13,8 @@ forward: the Plora and LoRA updates added one by one instead of trainer/lora.py'
 dropout costs, an upper bound for fusing it; not a training setting), `rngfunc` (recompiled with
 torch._functorch.config.functionalize_rng_ops: backward regenerates the dropout masks from the
 saved RNG state instead of keeping them), `allrows` (the last decoder layer on every row, as
-before `IXCModel.trained_rows_only`), `twodraws` and `randint` (the fused layer's two dropouts drawn
-under compile by two `F.dropout` calls, or one 64-bit `torch.randint` per element, instead of the
-default packed bits on CUDA: trainer/dropout.py). Compiling is one-way, so eager variants come first,
+before `IXCModel.trained_rows_only`), `twodraws` (the fused layer's two dropouts drawn by two
+`F.dropout` calls, as before `trainer.lora.two_dropouts`). Compiling is one-way, so eager variants come first,
 then compiled ones with `eagervit`, then the rest. Each variant: --warmup steps, then --steps
 timed steps (host clock after a device sync); an out-of-memory step fails the variant and the
 next one goes on.
@@ -78,7 +77,7 @@ KERNEL_CATEGORIES = (
 )
 
 
-VARIANT_FLAGS = ("unfused", "eagervit", "nodrop", "rngfunc", "allrows", "twodraws", "randint")
+VARIANT_FLAGS = ("unfused", "eagervit", "nodrop", "rngfunc", "allrows", "twodraws")
 
 
 def parse_variants(text: str) -> list[tuple[str, int, str, frozenset[str]]]:
@@ -207,7 +206,7 @@ def apply_flags(model: Any, flags: frozenset[str]) -> Callable[[], None]:
     fused = [m for m in model.modules() if isinstance(m, PLoRALoraLinear)]
     for m in fused:
         m.fuse = "unfused" not in flags
-        m.dropout_draw = "torch" if "twodraws" in flags else "randint" if "randint" in flags else "auto"
+        m.one_draw = "twodraws" not in flags
     ixc = [m for m in model.modules() if isinstance(m, IXCModel)]
     for m in ixc:
         m.trained_rows_only = "allrows" not in flags
@@ -226,7 +225,7 @@ def apply_flags(model: Any, flags: frozenset[str]) -> Callable[[], None]:
 
     def restore() -> None:
         for m in fused:
-            m.fuse, m.dropout_draw = True, "auto"
+            m.fuse = m.one_draw = True
         for m in ixc:
             m.trained_rows_only = True
         for parent, key, child in dropouts:

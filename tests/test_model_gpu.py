@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from schemas.sample import image_token_count
-from trainer import attention, dropout
+from trainer import attention
 from trainer.config import TrainConfig
 from trainer.lora import PLoRALoraLinear
 from trainer.model import build_model
@@ -163,54 +163,3 @@ def test_bf16_fused_lora_layer_matches_pefts() -> None:
     flat_fused = torch.cat([g_fused[n].flatten() for n in g_peft])
     flat_peft = torch.cat([g.flatten() for g in g_peft.values()])
     assert (flat_fused - flat_peft).norm() <= 0.02 * flat_peft.norm()
-
-
-@pytest.mark.skipif(dropout.triton is None, reason="needs Triton")
-def test_compiled_two_dropouts_draw_packed_bits_and_replay_them() -> None:
-    """On CUDA, compiled, the two dropouts read one Philox call per four elements (`keep_bits`):
-    each at its rate rounded to 2⁻¹⁶, independent of each other and of their neighbours, kept values
-    scaled by the inverse keep rate, the gradient through the same masks; a recomputed
-    (checkpointed) call draws the same masks again, the next call other ones."""
-    t1, t2 = dropout.threshold(0.05), dropout.threshold(0.2)
-    p1, p2 = t1 / dropout.BITS_FIELD, t2 / dropout.BITS_FIELD
-    assert abs(p1 - 0.05) < 2**-17 and abs(p2 - 0.2) < 2**-17
-    x = torch.ones(2048, 4100, device="cuda", requires_grad=True)  # numel 4·k: groups straddle rows
-    w1, w2 = torch.full_like(x, 3.0), torch.full_like(x, 5.0)
-
-    def run(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x1, x2 = dropout.two_dropouts(x, 0.05, 0.2, True)
-        return x1, x2
-
-    compiled = torch.compile(run, dynamic=True, fullgraph=True)
-    torch.manual_seed(0)
-    x1, x2 = compiled(x)
-    (x1 * w1 + x2 * w2).sum().backward()
-    drop1, drop2 = x1 == 0, x2 == 0
-    n = x.numel()
-    for dropped, p in ((drop1, p1), (drop2, p2)):
-        assert abs(float(dropped.float().mean()) - p) < 5 * (p * (1 - p) / n) ** 0.5
-    flat1 = drop1.flatten().float()
-    for name, both, p in (
-        ("the two dropouts of an element", (drop1 & drop2).float().mean(), p1 * p2),
-        ("neighbours in one byte", (flat1[:-1:4] * flat1[1::4]).mean(), p1 * p1),
-        ("neighbours across bytes", (flat1[3:-1:4] * flat1[4::4]).mean(), p1 * p1),
-    ):
-        assert abs(float(both) - p) < 5 * (p / (n / 4)) ** 0.5, name
-    torch.testing.assert_close(x1[~drop1], torch.full_like(x1[~drop1], 1 / (1 - p1)))
-    torch.testing.assert_close(x2[~drop2], torch.full_like(x2[~drop2], 1 / (1 - p2)))
-    torch.testing.assert_close(x.grad, (~drop1) * 3.0 / (1 - p1) + (~drop2) * 5.0 / (1 - p2))
-    # Drawn again from the same RNG state: the same masks, also inside a checkpoint's recompute.
-    torch.manual_seed(0)
-    assert torch.equal(compiled(x)[0], x1)
-    assert not torch.equal(compiled(x)[0], x1)
-    grads = []
-    for recompute in (False, True):
-        x.grad = None
-        torch.manual_seed(1)
-        if recompute:
-            y1, y2 = torch.utils.checkpoint.checkpoint(compiled, x, use_reentrant=False)
-        else:
-            y1, y2 = compiled(x)
-        (y1 * w1 + y2 * w2).sum().backward()
-        grads.append(x.grad.clone())
-    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)

@@ -12,8 +12,7 @@ from peft import LoraConfig, get_peft_model
 import trainer.lora
 from schemas.sample import image_token_count
 from trainer.config import TrainConfig
-from trainer.dropout import two_dropouts
-from trainer.lora import PLoRALoraLinear, linear_plus_low_rank
+from trainer.lora import PLoRALoraLinear, linear_plus_low_rank, two_dropouts
 from trainer.model import PLORA_TARGETS, IXCModel, VisionTower, build_model, compile_layers
 from trainer.modelio import Loaded, apply_recipe
 
@@ -142,9 +141,8 @@ def test_fused_low_rank_update_equals_peft_forward(compiled: bool) -> None:
 
 
 def test_two_dropouts_under_compile() -> None:
-    """Compiled on CPU, both dropouts come from one 64-bit draw per element (the `randint` draw):
-    each at its rate, independent of the other, kept values scaled by 1/(1-p), and the gradient
-    through the same masks. (CUDA's `bits` draw: tests/test_model_gpu.py.)"""
+    """Compiled, both dropouts come from one 64-bit draw per element: each at its rate, independent
+    of the other, kept values scaled by 1/(1-p), and the gradient through the same masks."""
     x = torch.ones(400, 1000, requires_grad=True)
     w1, w2 = torch.full((400, 1000), 3.0), torch.full((400, 1000), 5.0)
 

@@ -21,12 +21,12 @@ Everything else (adapter names, saving, merging, other forms of `image_tokens`) 
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from peft.tuners.lora.layer import Linear as LoraLinear
-
-from trainer.dropout import Draw, two_dropouts
 
 
 @torch.library.custom_op("xcomposer::linear_plus_low_rank", mutates_args=())
@@ -96,6 +96,29 @@ linear_plus_low_rank.register_autograd(
 )
 
 
+_FIELD = 1 << 31
+"""Each keep/drop decision of `two_dropouts` reads 31 bits of the element's 64-bit draw."""
+
+
+def two_dropouts(x: torch.Tensor, p1: float, p2: float, training: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(drop₁(x), drop₂(x)): two independent inverted dropouts of one input, at rates p1 and p2.
+
+    Eager: two `F.dropout` calls. Under torch.compile, where inductor spends one Philox call
+    (10 rounds of 32-bit multiplies) per element per dropout and the step is bound by that on the
+    LoRA layers' inputs, one 64-bit draw per element serves both: its two 31-bit fields decide
+    independently (drop where the field is below p·2³¹), a rate exact to 2⁻³¹.
+    """
+    if not training or not (0.0 < p1 < 1.0 and 0.0 < p2 < 1.0) or not torch.compiler.is_compiling():
+        return (
+            F.dropout(x, p1, training) if p1 > 0 else x,
+            F.dropout(x, p2, training) if p2 > 0 else x,
+        )
+    draw = torch.randint(0, _FIELD * _FIELD, x.shape, device=x.device)
+    keep1 = (draw >> 31) >= math.ceil(p1 * _FIELD)
+    keep2 = (draw & (_FIELD - 1)) >= math.ceil(p2 * _FIELD)
+    return x * keep1 * (1.0 / (1.0 - p1)), x * keep2 * (1.0 / (1.0 - p2))
+
+
 def _dropout_rate(module: torch.nn.Module) -> float:
     """p of an nn.Dropout, 0 for nn.Identity (PEFT's lora_dropout when dropout is 0)."""
     return float(module.p) if isinstance(module, torch.nn.Dropout) else 0.0
@@ -108,12 +131,12 @@ class PLoRALoraLinear(LoraLinear):
     and unmerged, the row has image tokens given as the 0/1 mask, and the adapter has the model's
     dtype; anything else (index form, no image tokens, merged or disabled adapters, several
     adapters, DoRA and other variants, mixed dtypes) is PEFT's forward unchanged. `fuse = False`
-    turns the fused path off; `dropout_draw` picks how the two dropouts are drawn under
-    torch.compile (trainer/dropout.py; benchmarks compare them).
+    turns the fused path off, `one_draw = False` draws the two dropouts as two `F.dropout` calls
+    under torch.compile too (benchmarks compare them).
     """
 
     fuse = True
-    dropout_draw: Draw = "auto"
+    one_draw = True
 
     def _fused_adapter(self, x: torch.Tensor, args: tuple, kwargs: dict) -> str | None:
         if not self.fuse or kwargs or len(args) != 1 or self.disable_adapters or self.merged:
@@ -144,14 +167,15 @@ class PLoRALoraLinear(LoraLinear):
         base = self.get_base_layer()
         image_tokens = args[0]
         flat_x = x.reshape(-1, x.shape[-1])
-        # In PEFT's order where the draw is `torch`: the base layer's Plora dropout first, then LoRA's.
-        x_plora, x_lora = two_dropouts(
-            flat_x,
-            _dropout_rate(base.lora_dropout),
-            _dropout_rate(self.lora_dropout[adapter]),
-            self.training,
-            self.dropout_draw,
-        )
+        if self.one_draw:
+            x_plora, x_lora = two_dropouts(
+                flat_x,
+                _dropout_rate(base.lora_dropout),
+                _dropout_rate(self.lora_dropout[adapter]),
+                self.training,
+            )
+        else:  # in PEFT's order: the base layer's Plora dropout first, then LoRA's
+            x_plora, x_lora = base.lora_dropout(flat_x), self.lora_dropout[adapter](flat_x)
         h_plora = base.Plora_A(x_plora) * image_tokens
         h_lora = self.lora_A[adapter](x_lora)
         scaling = self.scaling[adapter]
