@@ -51,16 +51,30 @@ def losses(out: Path) -> list[float]:
     return [h["loss"] for h in json.loads((out / "train_summary.json").read_text())["history"]]
 
 
+def step_samples(out: Path) -> list[str]:
+    """Each step's sample digest (`EpochPlan.step_digest`)."""
+    return [h["samples"] for h in json.loads((out / "train_summary.json").read_text())["history"]]
+
+
 @pytest.fixture(scope="module")
-def reference(tiny_text_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> list[float]:
-    """One rank, uninterrupted, ZeRO-2: the loss history every other layout must reproduce."""
+def reference_run(tiny_text_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One rank, uninterrupted, ZeRO-2: the history every other layout must reproduce."""
     out = tmp_path_factory.mktemp("reference")
     assert train_main(args(tiny_text_shards, out, "--no-save-final")) == 0
-    return losses(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(reference_run: Path) -> list[float]:
+    return losses(reference_run)
 
 
 def test_two_ranks_stop_then_resume_on_one_rank_matches(
-    tiny_text_shards: Path, tmp_path: Path, reference: list[float], capsys: pytest.CaptureFixture
+    tiny_text_shards: Path,
+    tmp_path: Path,
+    reference: list[float],
+    reference_run: Path,
+    capsys: pytest.CaptureFixture,
 ) -> None:
     out = tmp_path / "run"
     done = torchrun(args(tiny_text_shards, out, "--stop-after-steps", "3", "--no-save-final"))
@@ -71,6 +85,8 @@ def test_two_ranks_stop_then_resume_on_one_rank_matches(
     assert "resumed from" in capsys.readouterr().err
     assert (out / "checkpoints/step-00000003/universal").is_dir()  # DeepSpeed re-split ZeRO's state
     assert losses(out) == pytest.approx(reference, rel=1e-4)
+    assert step_samples(out) == step_samples(reference_run)  # the same samples in every global step
+    assert len(set(step_samples(out))) > 1
 
 
 def test_zero3_on_two_ranks_trains_like_zero2_and_saves_a_full_checkpoint(

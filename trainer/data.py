@@ -613,6 +613,12 @@ class EpochPlan:
     def step_packs(self, step: int) -> range:
         return range(step * self.global_batch, (step + 1) * self.global_batch)
 
+    def step_digest(self, step: int) -> str:
+        """Names the samples of a global step (its packs' sample ids, in order): equal on any world
+        size, so logs of a run and of its elastic resume can be compared step by step."""
+        ids = np.concatenate([self.pack(p) for p in self.step_packs(step)]).astype(np.int64)
+        return hashlib.sha1(ids.tobytes()).hexdigest()[:16]
+
     def step_trained(self, step: int) -> int:
         """Trained tokens of the whole global step (all ranks): the loss normalizer."""
         return int(self.pack_trained[step * self.global_batch : (step + 1) * self.global_batch].sum())

@@ -397,6 +397,7 @@ def train(cfg: TrainConfig, argv: list[str] | None = None) -> dict[str, Any]:
             flops = step_flops(model.config, result["packs"], lora=bool(cfg.use_lora)) * d.world_size
             record = {
                 "step": step,
+                "samples": loader.plan(batches[0].epoch).step_digest(batches[0].step),
                 "loss": result["loss"],
                 "lr": lr,
                 "grad_norm": result["grad_norm"],
@@ -443,15 +444,19 @@ def train(cfg: TrainConfig, argv: list[str] | None = None) -> dict[str, Any]:
     finished = step == total_steps
     if cfg.save_final and finished:
         loaded.save_final(engine, final_dir, d)
+    peaks: list[int | None] = [
+        torch.cuda.max_memory_allocated(d.device) if d.device.type == "cuda" else None
+    ] * d.world_size
+    if dist.is_initialized():
+        dist.all_gather_object(peaks, peaks[0])
     summary = {
         "steps": step,
         "final_loss": history[-1]["loss"] if history else None,
         "history": history,
         "skipped_samples": skipped_total,
         "final_dir": str(final_dir) if cfg.save_final and finished else None,
-        "peak_gpu_memory_bytes": torch.cuda.max_memory_allocated(d.device)
-        if d.device.type == "cuda"
-        else None,
+        "peak_gpu_memory_bytes": peaks if d.device.type == "cuda" else None,
+        "world_size": d.world_size,
     }
     if d.is_main:
         (output_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
@@ -460,6 +465,8 @@ def train(cfg: TrainConfig, argv: list[str] | None = None) -> dict[str, Any]:
             log_line(
                 d, f"warning: {len(skipped_total)} sample(s) skipped for non-finite loss: {skipped_total}"
             )
+        if d.device.type == "cuda":
+            log_line(d, "peak GPU memory per rank: " + ", ".join(f"{p / 2**30:.1f}" for p in peaks) + " GiB")
         log_line(d, f"done: {step} steps, final loss {summary['final_loss']:.4f}, outputs in {output_dir}")
     if dist.is_initialized():
         dist.barrier()
