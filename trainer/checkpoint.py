@@ -139,7 +139,9 @@ def save_checkpoint(
             partial.mkdir()
 
     def write_rank_files() -> None:
-        engine.save_checkpoint(str(partial / "ds"), tag="state")
+        # Frozen weights (a LoRA run's whole base model) are not training state: the resumed run
+        # rebuilds them from --model (`check_same_model`), so a checkpoint holds only what trains.
+        engine.save_checkpoint(str(partial / "ds"), tag="state", exclude_frozen_parameters=True)
         rng = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state()
@@ -200,6 +202,19 @@ def verify_checkpoint(path: Path) -> dict[str, Any]:
     return state
 
 
+def check_same_model(state: dict[str, Any], config: dict[str, Any], path: Path) -> None:
+    """The frozen weights of a resumed run come from its --model (and --seed, for a preset's random
+    init), not from the checkpoint: both must be the saved run's."""
+    saved = state.get("config", {})
+    for key in ("model", "seed"):
+        if key in saved and saved[key] != config[key]:
+            raise CheckpointError(
+                f"{path}: saved by a run with --{key} {saved[key]}, this run has --{key} {config[key]}; "
+                f"the frozen weights are not in the checkpoint, so resume with --{key} {saved[key]} "
+                "(or --resume none to start over)"
+            )
+
+
 def needs_universal(state: dict[str, Any], world_size: int) -> bool:
     """A checkpoint from another data-parallel size: ZeRO's partitioned optimizer state must be
     re-split, which DeepSpeed does from its 'universal' checkpoint format (`load_universal`)."""
@@ -248,7 +263,8 @@ def load_checkpoint(engine: Any, path: Path) -> dict[str, Any]:
     state = verify_checkpoint(path)
     world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     load_dir = _universal_dir(path) if needs_universal(state, world_size) else path / "ds"
-    load_path, _ = engine.load_checkpoint(str(load_dir), tag="state")
+    # Not strict: frozen weights are not in the checkpoint (see save_checkpoint).
+    load_path, _ = engine.load_checkpoint(str(load_dir), tag="state", load_module_strict=False)
     if load_path is None:
         raise RuntimeError(f"{path / 'ds'}: DeepSpeed found no checkpoint to load (damaged folder?)")
     rng_file = path / f"rng-rank{_rank():05d}.pt"

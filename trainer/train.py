@@ -315,10 +315,13 @@ def train(cfg: TrainConfig, argv: list[str] | None = None) -> dict[str, Any]:
     )
     ds_config["zero_allow_untested_optimizer"] = True  # torch's (fused) AdamW under ZeRO
     resume_from = ckpt.resolve_resume(output_dir, cfg.resume)
-    if resume_from is not None and ckpt.needs_universal(ckpt.verify_checkpoint(resume_from), d.world_size):
-        # Elastic resume: same global batch, another number of ranks.
-        ckpt.convert_to_universal(resume_from)
-        ds_config["checkpoint"] = {"load_universal": True}
+    if resume_from is not None:
+        saved = ckpt.verify_checkpoint(resume_from)
+        ckpt.check_same_model(saved, cfg.to_json(), resume_from)
+        if ckpt.needs_universal(saved, d.world_size):
+            # Elastic resume: same global batch, another number of ranks.
+            ckpt.convert_to_universal(resume_from)
+            ds_config["checkpoint"] = {"load_universal": True}
 
     def schedule(opt: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
         # Built by DeepSpeed on the optimizer it actually steps (ZeRO wraps ours).
