@@ -116,6 +116,23 @@ def test_truncated_checkpoint_is_detected_naming_the_file(
     assert str(victim) in capsys.readouterr().err
 
 
+def test_elastic_resume_puts_fused_adams_step_counts_beside_their_parameters() -> None:
+    """DeepSpeed's universal loader leaves Adam's `step` on the CPU; torch's fused AdamW (the CUDA
+    default) then refuses to step ("state_steps is on cpu"). Seen on 2 × H200, 2 -> 1 ranks."""
+    fused, plain = (torch.nn.Parameter(torch.zeros(2, device="meta")) for _ in range(2))
+    inner = torch.optim.SGD([fused, plain], lr=0.1)  # any torch optimizer: only groups and state are read
+    inner.param_groups = [{"params": [fused], "fused": True}, {"params": [plain], "fused": None}]
+    inner.state[fused]["step"] = torch.tensor(3.0)
+    inner.state[plain]["step"] = torch.tensor(3.0)
+
+    class ZeroWrapper:  # DeepSpeed's optimizers hold torch's as `.optimizer`
+        optimizer = inner
+
+    ckpt.steps_beside_params(ZeroWrapper())
+    assert inner.state[fused]["step"].device.type == "meta"  # beside its parameter
+    assert inner.state[plain]["step"].device.type == "cpu"  # foreach/for-loop Adam wants it there
+
+
 def test_corrupted_shard_stops_before_any_step(
     tiny_text_shards: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:

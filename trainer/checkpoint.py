@@ -13,6 +13,7 @@ missing file is reported, naming it, before DeepSpeed reads anything.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -25,6 +26,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from trainer.model import IXCModel, unused_adapters_excluded
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
@@ -139,9 +142,14 @@ def save_checkpoint(
             partial.mkdir()
 
     def write_rank_files() -> None:
-        # Frozen weights (a LoRA run's whole base model) are not training state: the resumed run
-        # rebuilds them from --model (`check_same_model`), so a checkpoint holds only what trains.
-        engine.save_checkpoint(str(partial / "ds"), tag="state", exclude_frozen_parameters=True)
+        # Frozen weights (a LoRA run's whole base model, the 2.42 B unused adapters of any run) are
+        # not training state: the resumed run rebuilds them from --model (`check_same_model`), so a
+        # checkpoint holds only what trains.
+        with contextlib.ExitStack() as stack:
+            for model in engine.module.modules():
+                if isinstance(model, IXCModel):
+                    stack.enter_context(unused_adapters_excluded(model))
+            engine.save_checkpoint(str(partial / "ds"), tag="state", exclude_frozen_parameters=True)
         rng = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state()
@@ -267,6 +275,7 @@ def load_checkpoint(engine: Any, path: Path) -> dict[str, Any]:
     load_path, _ = engine.load_checkpoint(str(load_dir), tag="state", load_module_strict=False)
     if load_path is None:
         raise RuntimeError(f"{path / 'ds'}: DeepSpeed found no checkpoint to load (damaged folder?)")
+    steps_beside_params(engine.optimizer)
     rng_file = path / f"rng-rank{_rank():05d}.pt"
     if rng_file.is_file():  # a resume on more ranks than saved starts the extra ranks' RNG fresh
         rng = torch.load(rng_file, weights_only=True)
@@ -274,6 +283,23 @@ def load_checkpoint(engine: Any, path: Path) -> dict[str, Any]:
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state(rng["cuda"])
     return state
+
+
+def steps_beside_params(optimizer: Any) -> None:
+    """Adam's step counts on their parameters' device where the optimizer needs them there.
+
+    DeepSpeed's universal loader (elastic resume) sets each `step` as a CPU tensor; torch's fused
+    (and capturable) AdamW then refuses to step CUDA parameters ("state_steps is on cpu"). Its own
+    `load_state_dict` moves them, so only the universal path needs this.
+    """
+    inner = getattr(optimizer, "optimizer", optimizer)  # ZeRO and DeepSpeed's bf16 wrap torch's
+    for group in getattr(inner, "param_groups", []):
+        if not (group.get("fused") or group.get("capturable")):
+            continue
+        for param in group["params"]:
+            step = inner.state.get(param, {}).get("step")
+            if isinstance(step, torch.Tensor) and step.device != param.device:
+                inner.state[param]["step"] = step.to(param.device, torch.float32)
 
 
 def remove_partials(output_dir: Path) -> list[Path]:
