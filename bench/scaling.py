@@ -5,11 +5,12 @@ this bench makes with `xc-prep shard` from a generated mix of real photos (bench
 sources: single-image, multi-image multi-turn and text-only records, real tokenizer, hd 18,
 max_length 16,384), in phases:
 
-  scaling   LoRA (fix_vit, fix_sampler) on 1, 2, 4 GPUs, one after another, each rank `--micro-batches` packs per step
-            (weak scaling: the global batch grows with the GPUs). Reported over the steps after
-            `--warmup`: tokens/s over all GPUs, per GPU, and the efficiency = tokens/s per GPU
-            against one GPU's; step time p50; data wait; peak memory per rank. The largest run
-            stops after its steps and keeps a checkpoint for the next phase.
+  scaling   LoRA (fix_vit, fix_sampler) on 1, 2, 4 GPUs, one after another, each rank
+            `--micro-batches` packs per step (weak scaling: the global batch grows with the GPUs).
+            Reported over the steps after `--warmup`: tokens/s over all GPUs, per GPU, and the
+            efficiency = tokens/s per GPU against the smallest run's (one GPU's by default); step
+            time p50; data wait; peak memory per rank. The largest run stops after its steps and
+            keeps a checkpoint for the next phase.
   elastic   that checkpoint resumed twice to `--elastic-steps`: on the same GPUs, and on half of
             them with the same global batch (twice the micro-batches per rank; DeepSpeed's universal
             checkpoint re-splits the ZeRO state). Each step's sample digest (`EpochPlan.step_digest`)
