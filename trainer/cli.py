@@ -76,7 +76,20 @@ def run_train(args: argparse.Namespace, argv: list[str] | None) -> int:
     except (LoaderConfigError, ValueError) as e:
         print(f"xc-train: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        _leave_process_group()
     return 0
+
+
+def _leave_process_group() -> None:
+    """A launched rank (torchrun/deepspeed, several ranks) leaves its process group before the
+    interpreter exits: left to the interpreter's teardown, a rank can abort ("terminate called
+    without an active exception", seen once on two gloo ranks). A single in-process run keeps it
+    for the next call."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.destroy_process_group()
 
 
 # ---------------------------------------------------------------- eval and generate

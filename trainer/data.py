@@ -1079,6 +1079,14 @@ class TimedIterator(Generic[T]):
         waited, self._pending_s = self._pending_s, 0.0
         return waited
 
+    def close(self) -> None:
+        """Close the wrapped iterator now (a generator runs its `finally`: the loader stops its
+        threads and worker processes), not whenever it is garbage-collected: at interpreter exit a
+        still-running loader thread aborts the process."""
+        close = getattr(self._it, "close", None)
+        if close is not None:
+            close()
+
 
 class PackedLoader:
     """One rank's loader: iterate to get PackedBatch micro-batches, `micro_batches_per_step` per step.

@@ -438,6 +438,7 @@ def train(cfg: TrainConfig, argv: list[str] | None = None) -> dict[str, Any]:
                 )
                 break
     finally:
+        batches_iter.close()  # stopped early (max/stop-after steps, an error): the loader's threads end here
         progress.close()
         if writer is not None:
             writer.close()
