@@ -338,11 +338,11 @@ def warm_up(
     started = time.perf_counter()
     rows = [([n], [n]) for n in lengths] + [(list(lengths), list(lengths))]
     rows += [([m], [n]) for n in lengths for m in WARM_UP_QUERY_LENGTHS if m < n]
+
+    def make(t: int, heads: int) -> torch.Tensor:
+        return torch.randn(t, heads, head_dim, device=device, dtype=dtype, requires_grad=True)
+
     for q_lens, k_lens in rows:
-
-        def make(t: int, heads: int) -> torch.Tensor:
-            return torch.randn(t, heads, head_dim, device=device, dtype=dtype, requires_grad=True)
-
         q, k, v = (
             make(sum(q_lens), num_heads),
             make(sum(k_lens), num_kv_heads),

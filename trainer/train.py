@@ -448,11 +448,10 @@ def train(cfg: TrainConfig, argv: list[str] | None = None) -> dict[str, Any]:
     finished = step == total_steps
     if cfg.save_final and finished:
         loaded.save_final(engine, final_dir, d)
-    peaks: list[int | None] = [
-        torch.cuda.max_memory_allocated(d.device) if d.device.type == "cuda" else None
-    ] * d.world_size
+    peak_bytes = torch.cuda.max_memory_allocated(d.device) if d.device.type == "cuda" else None
+    peaks: list[int | None] = [peak_bytes] * d.world_size
     if dist.is_initialized():
-        dist.all_gather_object(peaks, peaks[0])
+        dist.all_gather_object(peaks, peak_bytes)  # every rank's, for the summary
     summary = {
         "steps": step,
         "final_loss": history[-1]["loss"] if history else None,
