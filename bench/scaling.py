@@ -5,23 +5,34 @@ this bench makes with `xc-prep shard` from a generated mix of real photos (bench
 sources: single-image, multi-image multi-turn and text-only records, real tokenizer, hd 18,
 max_length 16,384), in phases:
 
-  scaling   LoRA (fix_vit, fix_sampler) on 1, 2, 4 GPUs, one after another, each rank
-            `--micro-batches` packs per step (weak scaling: the global batch grows with the GPUs).
-            Reported over the steps after `--warmup`: tokens/s over all GPUs, per GPU, and the
-            efficiency = tokens/s per GPU against the smallest run's (one GPU's by default); step
-            time p50; data wait; peak memory per rank. The largest run stops after its steps and
-            keeps a checkpoint for the next phase.
-  elastic   that checkpoint resumed twice to `--elastic-steps`: on the same GPUs, and on half of
-            them with the same global batch (twice the micro-batches per rank; DeepSpeed's universal
-            checkpoint re-splits the ZeRO state). Each step's sample digest (`EpochPlan.step_digest`)
-            and loss are compared.
-  full      the full recipe (every weight but the unused adapters trains, ViT and vision_proj
-            too) with ZeRO-3 on all GPUs: `--full-steps` steps, one pack per rank, every layer
-            recomputed; tokens/s per GPU, peak memory per rank, the size of the final checkpoint.
+  scaling      LoRA (fix_vit, fix_sampler) on 1, 2, 4 GPUs, one after another, each rank
+               `--micro-batches` packs per step (weak scaling: the global batch grows with the
+               GPUs). Reported over steps `--warmup`+1 .. `--steps`: tokens/s over all GPUs, per
+               GPU, and the efficiency = tokens/s per GPU against the smallest run's (one GPU's by
+               default); step time p50; data wait; peak memory per rank. The largest run goes on,
+               uninterrupted, to `--elastic-steps`, saving a checkpoint at step `--steps`: the
+               reference for the elastic phase.
+  elastic      that step-`--steps` checkpoint resumed on half the GPUs with the same global batch
+               (twice the micro-batches per rank; DeepSpeed's universal checkpoint re-splits the
+               ZeRO state) to `--elastic-steps`; each step's sample digest (`EpochPlan.step_digest`)
+               and loss compared with the uninterrupted run's.
+  full         the full recipe (every weight but the unused adapters trains, ViT and vision_proj
+               too) with ZeRO-3 on all GPUs, one pack per rank, every layer recomputed: stops after
+               `--full-stop` of `--full-steps` steps with a checkpoint; tokens/s per GPU, peak
+               memory per rank, checkpoint size and write time. The LoRA runs' checkpoints are
+               deleted first (a 7B full checkpoint is ≈ 110 GB, and the resume writes its own
+               before it deletes the older one).
+  full-resume  that run resumed (`--resume auto`, same GPUs) to `--full-steps`: load time, the
+               losses and digests going on, peak memory.
+
+Each run's summary is kept in --work (`<run>.json`, with the command it ran): invoking the bench
+again with the same --work skips the runs already done with the same arguments, so the phases can
+be spread over several invocations (a GPU lease with a time limit per command).
 
     python bench/scaling.py --tokenizer tokenizer.model --gpus 1,2,4 --out-json scaling.json
-    python bench/scaling.py --tokenizer tokenizer.model --phases elastic,full   # same --work: reuses both
-    python bench/scaling.py --preset tiny --tokenizer tiny --gpus 1,2 --phases scaling,elastic --device cpu
+    python bench/scaling.py --tokenizer tokenizer.model --phases full,full-resume   # same --work
+    python bench/scaling.py --preset tiny --tokenizer tiny --gpus 1,2 --device cpu --hd-num 2 \
+        --max-length 4096 --records 3 --micro-batches 1 --train-args ""
 """
 
 from __future__ import annotations
@@ -45,9 +56,10 @@ sys.path[:0] = [str(BENCH_DIR), str(REPO_ROOT)]
 from prep_throughput import make_photos  # noqa: E402
 from train_throughput import build_shards, make_sources, resolve_tokenizer  # noqa: E402
 
+from trainer import checkpoint as ckpt  # noqa: E402
 from trainer.train import SUMMARY_FILE  # noqa: E402
 
-PHASES = ("scaling", "elastic", "full")
+PHASES = ("scaling", "elastic", "full", "full-resume")
 
 
 def free_port() -> int:
@@ -76,9 +88,30 @@ def xc_train(gpus: int, argv: list[str], log: Path, timeout_s: float, device: st
     return summary
 
 
-def measured(summary: dict[str, Any], gpus: int, warmup: int) -> dict[str, Any]:
-    """Rates over the history's steps after `warmup` (tokens of a step = tokens/s × step time)."""
-    steps = summary["history"][warmup:]
+def run_once(
+    work: Path, name: str, gpus: int, argv: list[str], args: argparse.Namespace, fresh: bool = True
+) -> dict[str, Any]:
+    """`xc_train` unless `work/<name>.json` says this very run is done; `fresh` empties its output
+    folder first (a resume keeps it)."""
+    record = work / f"{name}.json"
+    if record.is_file():
+        done = json.loads(record.read_text())
+        if done["gpus"] == gpus and done["argv"] == argv:
+            print(f"{name}: done before ({record}), reused", flush=True)
+            return dict(done["summary"])
+    if fresh:
+        shutil.rmtree(argv[argv.index("--output-dir") + 1], ignore_errors=True)
+    print(f"{name}: xc-train on {gpus} {args.device} rank(s)", flush=True)
+    summary = xc_train(gpus, argv, work / f"{name}.log", args.run_timeout_s, args.device)
+    tmp = record.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"gpus": gpus, "argv": argv, "summary": summary}))
+    tmp.replace(record)
+    return summary
+
+
+def measured(summary: dict[str, Any], gpus: int, warmup: int, last: int | None = None) -> dict[str, Any]:
+    """Rates over the history's steps warmup+1 .. last (tokens of a step = tokens/s × step time)."""
+    steps = [h for h in summary["history"] if warmup < h["step"] <= (last or h["step"])]
     if not steps:
         raise RuntimeError(f"no step after the {warmup} warm-up step(s)")
     tokens = sum(h["tokens_per_s"] * h["step_s"] for h in steps)
@@ -96,6 +129,7 @@ def measured(summary: dict[str, Any], gpus: int, warmup: int) -> dict[str, Any]:
         "mfu": statistics.median(h["mfu"] for h in steps) if steps[0].get("mfu") is not None else None,
         "peak_gib_per_rank": [p / 2**30 for p in peaks if p is not None],
         "wall_s": summary["wall_s"],
+        "startup_s": summary.get("startup_s"),
     }
 
 
@@ -103,38 +137,45 @@ def dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
+def startup(seconds: dict[str, float]) -> str:
+    return f"{sum(seconds.values()):.0f} s (" + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()) + ")"
+
+
 def print_tables(results: dict[str, Any]) -> None:
     rows = results.get("scaling", [])
     if rows:
         print(
-            "| GPUs | steps | tokens/step | step s p50 | tokens/s | tokens/s per GPU | efficiency | data wait | MFU | peak GiB per rank |"
+            "| GPUs | steps | tokens/step | step s p50 | tokens/s | tokens/s per GPU | efficiency | data wait | MFU | peak GiB per rank | start-up s |"
         )
-        print("|---|---|---|---|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
         for r in rows:
             mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "–"
             peaks = ", ".join(f"{p:.1f}" for p in r["peak_gib_per_rank"]) or "–"
             print(
                 f"| {r['gpus']} | {r['steps']} | {r['tokens_per_step']:,.0f} | {r['step_s_p50']:.3f} | "
                 f"{r['tokens_per_s']:,.0f} | {r['tokens_per_s_per_gpu']:,.0f} | {r['efficiency']:.1%} | "
-                f"{r['data_wait_pct']:.2f} % | {mfu} | {peaks} |"
+                f"{r['data_wait_pct']:.2f} % | {mfu} | {peaks} | {startup(r['startup_s'])} |"
             )
     elastic = results.get("elastic")
     if elastic:
         print(
-            f"elastic: stopped at step {elastic['stopped_at']} on {elastic['gpus']} GPUs, resumed to step "
-            f"{elastic['last_step']}: same samples in every step on {elastic['gpus']} and "
-            f"{elastic['resume_gpus']} GPUs: {elastic['same_samples']}; max |loss difference| "
-            f"{elastic['max_loss_diff']:.2e} (losses {elastic['losses_same_gpus'][:3]}... vs "
-            f"{elastic['losses_fewer_gpus'][:3]}...)"
+            f"elastic: {elastic['gpus']} GPUs uninterrupted vs stopped at step {elastic['stopped_at']} and "
+            f"resumed on {elastic['resume_gpus']} to step {elastic['last_step']}: same samples in every "
+            f"step: {elastic['same_samples']} ({elastic['steps_compared']} steps); max |loss difference| "
+            f"{elastic['max_loss_diff']:.2e}; resumed run {elastic['tokens_per_s_fewer_gpus']:,.0f} tokens/s, "
+            f"checkpoint loaded in {elastic['load_s']:.1f} s"
         )
-    full = results.get("full")
-    if full:
-        peaks = ", ".join(f"{p:.1f}" for p in full["peak_gib_per_rank"])
-        print(
-            f"full (ZeRO-3, {full['gpus']} GPUs): {full['steps']} measured steps, step p50 {full['step_s_p50']:.2f} s, "
-            f"{full['tokens_per_s_per_gpu']:,.0f} tokens/s per GPU, peak GiB per rank {peaks}, "
-            f"checkpoint {full['checkpoint_gb']:.1f} GB, losses {full['losses']}"
-        )
+    for key in ("full", "full-resume"):
+        full = results.get(key)
+        if full:
+            peaks = ", ".join(f"{p:.1f}" for p in full["peak_gib_per_rank"])
+            saves = ", ".join(f"step {s['step']} {s['seconds']:.0f} s" for s in full["checkpoint_saves"])
+            print(
+                f"{key} (ZeRO-3, {full['gpus']} GPUs): steps {full['first_step']}-{full['last_step']}, "
+                f"step p50 {full['step_s_p50']:.2f} s, {full['tokens_per_s_per_gpu']:,.0f} tokens/s per GPU, "
+                f"MFU {full['mfu'] or 0:.1%}, peak GiB per rank {peaks}, checkpoint {full['checkpoint_gb']:.1f} GB "
+                f"saved in {saves}, start-up {startup(full['startup_s'])}, losses {full['losses']}"
+            )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -157,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=3, help="steps left out of the rates")
     parser.add_argument("--steps", type=int, default=12, help="steps of each scaling run (warm-up included)")
     parser.add_argument("--elastic-steps", type=int, default=16, help="the resumed runs' last step")
-    parser.add_argument("--full-steps", type=int, default=5, help="steps of the full-recipe run")
+    parser.add_argument("--full-steps", type=int, default=8, help="steps of the full recipe (both runs)")
+    parser.add_argument("--full-stop", type=int, default=4, help="the full recipe's first run stops here")
     parser.add_argument(
         "--train-args", default="--compile --checkpoint-layers 0", help="extra LoRA xc-train flags"
     )
@@ -169,8 +211,10 @@ def main(argv: list[str] | None = None) -> int:
     phases = [p for p in args.phases.split(",") if p]
     if unknown := set(phases) - set(PHASES):
         parser.error(f"--phases: unknown {sorted(unknown)}; choose from {PHASES}")
-    if "elastic" in phases and (gpus[-1] < 2 or gpus[-1] % 2 or args.elastic_steps <= args.steps):
-        parser.error("--phases elastic needs an even largest --gpus count and --elastic-steps > --steps")
+    if "elastic" in phases and (gpus[-1] < 2 or gpus[-1] % 2):
+        parser.error("--phases elastic needs an even largest --gpus count")
+    if not args.warmup < args.steps < args.elastic_steps or not 0 < args.full_stop < args.full_steps:
+        parser.error("need --warmup < --steps < --elastic-steps and 0 < --full-stop < --full-steps")
 
     results: dict[str, Any] = {
         "bench": "scaling",
@@ -203,30 +247,23 @@ def main(argv: list[str] | None = None) -> int:
     print(f"shards {shards}: {results['data']} in {results['data_prep_s']:.0f} s", flush=True)
 
     common = ["--shards", str(shards), "--model", args.preset, "--max-length", str(args.max_length)]
-    common += [
-        "--num-workers",
-        "2",
-        "--log-every-steps",
-        "1",
-        "--no-save-final",
-        "--save-every-steps",
-        "100000",
-    ]
+    common += ["--num-workers", "2", "--log-every-steps", "1", "--no-save-final"]
     lora = [*common, "--recipe", "lora", *args.train_args.split()]
+    work = args.work
 
-    # --- scaling
+    # --- scaling (the largest run is the elastic phase's uninterrupted reference)
+    largest = gpus[-1]
     if "scaling" in phases:
         results["scaling"] = []
         for n in gpus:
-            out = args.work / f"lora-{n}"
-            shutil.rmtree(out, ignore_errors=True)
-            run = [*lora, "--global-batch-size", str(n * args.micro_batches), "--output-dir", str(out)]
-            if n == gpus[-1]:  # stops and keeps its checkpoint for the elastic phase
-                run += ["--max-steps", str(args.elastic_steps), "--stop-after-steps", str(args.steps)]
+            run = [*lora, "--global-batch-size", str(n * args.micro_batches)]
+            run += ["--output-dir", str(work / f"lora-{n}"), "--keep-last", "100"]
+            if n == largest:
+                run += ["--max-steps", str(args.elastic_steps), "--save-every-steps", str(args.steps)]
             else:
-                run += ["--max-steps", str(args.steps)]
-            summary = xc_train(n, run, args.work / f"lora-{n}.log", args.run_timeout_s, args.device)
-            row = measured(summary, n, args.warmup)
+                run += ["--max-steps", str(args.steps), "--save-every-steps", "100000"]
+            summary = run_once(work, f"lora-{n}", n, run, args)
+            row = measured(summary, n, args.warmup, last=args.steps)
             row["efficiency"] = row["tokens_per_s_per_gpu"] / (
                 results["scaling"][0]["tokens_per_s_per_gpu"]
                 if results["scaling"]
@@ -235,51 +272,65 @@ def main(argv: list[str] | None = None) -> int:
             results["scaling"].append(row)
             write()
 
-    # --- elastic
+    # --- elastic: the largest run's step-`steps` checkpoint resumed on half the GPUs
     if "elastic" in phases:
-        n, half = gpus[-1], gpus[-1] // 2
-        stopped = args.work / f"lora-{n}"
-        if not (stopped / "checkpoints").is_dir():
-            raise SystemExit(f"--phases elastic resumes {stopped}: run the scaling phase first (same --work)")
-        histories = {}
-        for resume_gpus in (n, half):
-            out = args.work / f"elastic-{resume_gpus}"
-            shutil.rmtree(out, ignore_errors=True)
-            shutil.copytree(stopped, out)
-            run = [*lora, "--global-batch-size", str(n * args.micro_batches), "--output-dir", str(out)]
-            run += ["--max-steps", str(args.elastic_steps), "--resume", "auto"]
-            summary = xc_train(
-                resume_gpus, run, args.work / f"elastic-{resume_gpus}.log", args.run_timeout_s, args.device
+        half = largest // 2
+        reference = work / f"lora-{largest}.json"
+        stopped = work / f"lora-{largest}" / "checkpoints" / f"step-{args.steps:08d}"
+        if not reference.is_file() or not (stopped.is_dir() or (work / f"elastic-{half}.json").is_file()):
+            raise SystemExit(
+                f"--phases elastic resumes {stopped} and compares with {reference}: run the scaling "
+                "phase first (same --work; delete the .json to redo a run)"
             )
-            histories[resume_gpus] = summary["history"][args.steps :]
-        same, fewer = histories[n], histories[half]
+        run = [*lora, "--global-batch-size", str(largest * args.micro_batches)]
+        run += ["--output-dir", str(work / f"elastic-{half}"), "--save-every-steps", "100000"]
+        run += ["--max-steps", str(args.elastic_steps), "--resume", str(stopped)]
+        resumed = run_once(work, f"elastic-{half}", half, run, args)
+        after = lambda history: [h for h in history if h["step"] > args.steps]  # noqa: E731
+        same = after(json.loads(reference.read_text())["summary"]["history"])
+        fewer = after(resumed["history"])
         results["elastic"] = {
-            "gpus": n,
+            "gpus": largest,
             "resume_gpus": half,
             "stopped_at": args.steps,
             "last_step": args.elastic_steps,
             "same_samples": [h["samples"] for h in same] == [h["samples"] for h in fewer],
-            "steps_compared": len(same),
-            "losses_same_gpus": [round(h["loss"], 4) for h in same],
-            "losses_fewer_gpus": [round(h["loss"], 4) for h in fewer],
+            "steps_compared": len(fewer),
+            "losses_uninterrupted": [round(h["loss"], 4) for h in same],
+            "losses_resumed": [round(h["loss"], 4) for h in fewer],
             "max_loss_diff": max(abs(a["loss"] - b["loss"]) for a, b in zip(same, fewer, strict=True)),
-            "tokens_per_s_fewer_gpus": measured({"history": fewer, "wall_s": 0}, half, 1)["tokens_per_s"],
+            "tokens_per_s_fewer_gpus": measured(resumed, half, args.steps + 1)["tokens_per_s"],
+            "load_s": resumed["startup_s"].get("resume", 0.0),
+            "peak_gib_per_rank": [p / 2**30 for p in resumed.get("peak_gpu_memory_bytes") or [] if p],
         }
         write()
 
-    # --- full fine-tuning, ZeRO-3
-    if "full" in phases:
-        n = gpus[-1]
-        out = args.work / "full"
-        shutil.rmtree(out, ignore_errors=True)
-        run = [*common, "--recipe", "full", "--zero-stage", "3", "--global-batch-size", str(n)]
-        run += ["--max-steps", str(args.full_steps), "--output-dir", str(out)]
-        summary = xc_train(n, run, args.work / "full.log", args.run_timeout_s, args.device)
-        row = measured(summary, n, min(2, args.full_steps - 1))
-        checkpoints = sorted((out / "checkpoints").glob("step-*"))
+    # --- full fine-tuning, ZeRO-3: stop with a checkpoint, then resume
+    full_dir = work / "full"
+    full = [*common, "--recipe", "full", "--zero-stage", "3", "--global-batch-size", str(largest)]
+    full += ["--max-steps", str(args.full_steps), "--output-dir", str(full_dir), "--keep-last", "1"]
+    for key in ("full", "full-resume"):
+        if key not in phases:
+            continue
+        if key == "full":
+            for old in [*work.glob("lora-*/checkpoints"), *work.glob("elastic-*/checkpoints")]:
+                shutil.rmtree(old)  # disk: the 7B full checkpoints are ≈ 110 GB each
+            run, warmup = [*full, "--stop-after-steps", str(args.full_stop)], 1
+        else:
+            if not ckpt.complete_checkpoints(full_dir):
+                raise SystemExit(f"--phases full-resume resumes {full_dir}: run the full phase first")
+            run, warmup = [*full, "--resume", "auto"], args.full_stop + 1
+        free_gb = shutil.disk_usage(work).free / 1e9
+        summary = run_once(work, key, largest, run, args, fresh=key == "full")
+        row = measured(summary, largest, warmup)
+        checkpoints = ckpt.complete_checkpoints(full_dir)
         row["checkpoint_gb"] = dir_bytes(checkpoints[-1]) / 1e9 if checkpoints else 0.0
+        row["disk_free_gb_before"] = free_gb
+        row["checkpoint_saves"] = summary["checkpoint_saves"]
+        row["first_step"], row["last_step"] = warmup + 1, summary["steps"]
         row["losses"] = [round(h["loss"], 3) for h in summary["history"]]
-        results["full"] = row
+        row["digests"] = [h["samples"] for h in summary["history"]]
+        results[key] = row
         write()
     print_tables(results)
     return 0

@@ -264,6 +264,8 @@ def train(cfg: TrainConfig, argv: list[str] | None = None) -> dict[str, Any]:
     from tqdm import tqdm
 
     cfg = cfg.resolve()
+    started = time.perf_counter()
+    startup: dict[str, float] = {}  # seconds per start-up phase (setup = process group + shard check)
     d = setup_distributed()
     torch.manual_seed(cfg.seed + d.rank)
     output_dir = Path(cfg.output_dir)
@@ -288,7 +290,9 @@ def train(cfg: TrainConfig, argv: list[str] | None = None) -> dict[str, Any]:
     if d.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
         ckpt.remove_partials(output_dir)
+    startup["setup"] = time.perf_counter() - started
     loaded = load_for_training(cfg, manifest_dir=Path(cfg.shards), output_dir=output_dir, dtype=dtype, d=d)
+    startup["model"] = time.perf_counter() - started - sum(startup.values())
     model: IXCModel = loaded.model
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
@@ -322,6 +326,7 @@ def train(cfg: TrainConfig, argv: list[str] | None = None) -> dict[str, Any]:
             # Elastic resume: same global batch, another number of ranks.
             ckpt.convert_to_universal(resume_from)
             ds_config["checkpoint"] = {"load_universal": True}
+            startup["universal"] = time.perf_counter() - started - sum(startup.values())
 
     def schedule(opt: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
         # Built by DeepSpeed on the optimizer it actually steps (ZeRO wraps ours).
@@ -332,6 +337,7 @@ def train(cfg: TrainConfig, argv: list[str] | None = None) -> dict[str, Any]:
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=schedule, config=ds_config
     )
+    startup["deepspeed"] = time.perf_counter() - started - sum(startup.values())
 
     # --- resume
     step = 0
@@ -341,7 +347,8 @@ def train(cfg: TrainConfig, argv: list[str] | None = None) -> dict[str, Any]:
         loader.load_state_dict(state["loader"])
         step = int(state["step"])
         history = list(state.get("history", []))
-        log_line(d, f"resumed from {resume_from} at step {step}")
+        startup["resume"] = time.perf_counter() - started - sum(startup.values())
+        log_line(d, f"resumed from {resume_from} at step {step} (loaded in {startup['resume']:.1f} s)")
 
     # --- start-up summary, resolved config beside the outputs
     trainable = num_parameters(model, trainable_only=True)
@@ -363,6 +370,8 @@ def train(cfg: TrainConfig, argv: list[str] | None = None) -> dict[str, Any]:
                 f"rank(s) | {total_steps} optimizer steps | lr {cfg.learning_rate:g} cosine, warmup "
                 f"{cfg.warmup_ratio:.0%}",
                 loader.summary(),
+                f"start-up {sum(startup.values()):.1f} s: "
+                + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in startup.items()),
             ]
         ),
     )
@@ -380,6 +389,7 @@ def train(cfg: TrainConfig, argv: list[str] | None = None) -> dict[str, Any]:
         dynamic_ncols=True,
     )
     skipped_total: list[Any] = []
+    saves: list[dict[str, float]] = []  # checkpoint write times
     start_step = step
     step_time = time.perf_counter()
     try:
@@ -425,13 +435,16 @@ def train(cfg: TrainConfig, argv: list[str] | None = None) -> dict[str, Any]:
                     )
             stop_now = cfg.stop_after_steps is not None and step - start_step >= cfg.stop_after_steps
             if step % cfg.save_every_steps == 0 or step == total_steps or stop_now:
-                ckpt.save_checkpoint(
+                save_started = time.perf_counter()
+                saved_to = ckpt.save_checkpoint(
                     engine,
                     output_dir,
                     step,
                     {"loader": loader.state_dict(), "config": cfg.to_json(), "history": history},
                     cfg.keep_last,
                 )
+                saves.append({"step": step, "seconds": time.perf_counter() - save_started})
+                log_line(d, f"checkpoint {saved_to} saved in {saves[-1]['seconds']:.1f} s")
             if stop_now:
                 log_line(
                     d, f"stopping after {cfg.stop_after_steps} step(s) as asked; resume with --resume auto"
@@ -460,6 +473,8 @@ def train(cfg: TrainConfig, argv: list[str] | None = None) -> dict[str, Any]:
         "final_dir": str(final_dir) if cfg.save_final and finished else None,
         "peak_gpu_memory_bytes": peaks if d.device.type == "cuda" else None,
         "world_size": d.world_size,
+        "startup_s": startup,
+        "checkpoint_saves": saves,
     }
     if d.is_main:
         (output_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
