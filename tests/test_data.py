@@ -25,6 +25,7 @@ from trainer.data import (
     SampleIndex,
     ShardDataError,
     TimedIterator,
+    assign_ranks,
     collate,
     format_plan,
     pack_samples,
@@ -293,13 +294,27 @@ def test_ranks_cover_the_plan_exactly_once(index: SampleIndex, workers: int):
         assert sum(map(len, text)) == len(set().union(*text)) == 100  # ranks disjoint
 
 
-def test_ranks_balance_tiles(index: SampleIndex):
-    plan = plan_epoch(index, config(), 0, GLOBAL_BATCH)
+def test_ranks_get_balanced_estimated_compute(index: SampleIndex):
+    attention, tile = 1e-3, 50.0
+    plan = plan_epoch(index, config(attention_cost=attention, tile_cost=tile), 0, GLOBAL_BATCH)
+    p = 0  # a pack's cost: tokens + attention·Σ s² + tile·tiles
+    lengths = index.num_tokens[plan.pack(p)]
+    assert plan.pack_cost[p] == pytest.approx(
+        lengths.sum() + attention * (lengths**2).sum() + tile * plan.pack_tiles[p]
+    )
+    assert plan_epoch(index, config(), 0, GLOBAL_BATCH).plan_id == plan.plan_id  # same samples per step
     for step in range(plan.steps):
-        step_tiles = plan.pack_tiles[plan.step_packs(step).start : plan.step_packs(step).stop]
-        rank_tiles = [sum(plan.pack_tiles[p] for p in plan.rank_packs(step, r, 3)) for r in range(3)]
-        assert sum(rank_tiles) == step_tiles.sum()
-        assert max(rank_tiles) - min(rank_tiles) <= step_tiles.max()
+        packs = plan.step_packs(step)
+        rank_cost = [sum(plan.pack_cost[p] for p in plan.rank_packs(step, r, 3)) for r in range(3)]
+        assert sum(rank_cost) == pytest.approx(plan.pack_cost[packs.start : packs.stop].sum())
+        assert max(rank_cost) - min(rank_cost) <= plan.pack_cost[packs.start : packs.stop].max()
+
+
+def test_assign_ranks_splits_the_costly_packs_and_breaks_ties_by_tiles():
+    # equal tokens, but two packs hold one long sample each (quadratic attention): one per rank
+    assert assign_ranks(np.array([9.0, 1.0, 9.0, 1.0]), np.zeros(4), 2) == [[0, 1], [2, 3]]
+    # equal cost: tiles balanced
+    assert assign_ranks(np.ones(4), np.array([5, 5, 0, 0]), 2) == [[0, 2], [1, 3]]
 
 
 # --------------------------------------------------------------------------- resume

@@ -55,9 +55,10 @@ def run_train(args: argparse.Namespace, argv: list[str] | None) -> int:
         try:
             if args.world_size < 1:
                 raise LoaderConfigError(f"--world-size ({args.world_size}) must be >= 1")
-            from trainer.train import loader_config
+            from trainer.train import loader_config, model_config
 
-            plan_main(Path(cfg.shards), loader_config(cfg, args.world_size), world_size=args.world_size)
+            config = loader_config(cfg, args.world_size, model_config(cfg))
+            plan_main(Path(cfg.shards), config, world_size=args.world_size)
         except (LoaderConfigError, ValueError) as e:
             print(f"xc-train: error: {e}", file=sys.stderr)
             return 1 if isinstance(e, ShardDataError) else 2

@@ -109,6 +109,12 @@ class LoaderConfig:
     """Dataloader worker processes per rank (0: read in the training process)."""
     prefetch: int = 2
     """Micro-batches each worker keeps ready (raised to cover one optimizer step)."""
+    attention_cost: float = 0.0
+    """Ranks get each step's packs by estimated compute, in tokens: a pack costs its tokens +
+    attention_cost·Σ s² over its samples' lengths s + tile_cost·tiles (`trainer.flops.pack_cost_weights`
+    derives both from the model; 0: tokens only). Changes which rank trains a pack, never the plan."""
+    tile_cost: float = 0.0
+    """See attention_cost."""
 
     def validate(self) -> None:
         """Raise LoaderConfigError listing every invalid field."""
@@ -508,22 +514,23 @@ def split_packs(packs: list[list[int]], tokens: np.ndarray, count: int) -> int:
     return done
 
 
-def assign_ranks(pack_tiles: np.ndarray, pack_tokens: np.ndarray, world_size: int) -> list[list[int]]:
+def assign_ranks(pack_cost: np.ndarray, pack_tiles: np.ndarray, world_size: int) -> list[list[int]]:
     """Deal one global step's packs to ranks: positions in the step, per rank, ascending.
 
-    Packs sorted by (tiles, tokens) descending go to the rank with the least (tiles, tokens) load
-    that still needs one; every rank gets len / world_size packs.
+    Longest processing time first: packs by estimated compute descending (then tiles) go to the
+    rank with the least (compute, tiles) load that still needs one; every rank gets len /
+    world_size packs. The step waits for its slowest rank, so this bounds the waiting.
     """
-    n = len(pack_tiles)
+    n = len(pack_cost)
     assert n % world_size == 0, f"{n} packs do not split over {world_size} ranks"
     per_rank = n // world_size
-    order = sorted(range(n), key=lambda i: (-int(pack_tiles[i]), -int(pack_tokens[i]), i))
-    loads = [(0, 0)] * world_size
+    order = sorted(range(n), key=lambda i: (-float(pack_cost[i]), -int(pack_tiles[i]), i))
+    loads = [(0.0, 0)] * world_size
     ranks: list[list[int]] = [[] for _ in range(world_size)]
     for i in order:
         r = min((r for r in range(world_size) if len(ranks[r]) < per_rank), key=lambda r: (loads[r], r))
         ranks[r].append(i)
-        loads[r] = (loads[r][0] + int(pack_tiles[i]), loads[r][1] + int(pack_tokens[i]))
+        loads[r] = (loads[r][0] + float(pack_cost[i]), loads[r][1] + int(pack_tiles[i]))
     return [sorted(r) for r in ranks]
 
 
@@ -574,6 +581,8 @@ class EpochPlan:
     pack_tokens: np.ndarray
     pack_trained: np.ndarray
     pack_tiles: np.ndarray
+    pack_cost: np.ndarray
+    """float64[packs] estimated compute in tokens (LoaderConfig.attention_cost): deals packs to ranks."""
     sources: list[SourcePlan]
     min_packs: int
     """Packs best-fit decreasing needs (before making the count a multiple of global_batch)."""
@@ -632,11 +641,13 @@ class EpochPlan:
             raise LoaderConfigError(
                 f"global batch ({self.global_batch} packs) is not divisible by world size {world_size}"
             )
+        start = self.step_packs(step).start
+        return [start + i for i in self.step_ranks(step, world_size)[rank]]
+
+    def step_ranks(self, step: int, world_size: int) -> list[list[int]]:
+        """Every rank's positions within `step` (see assign_ranks)."""
         s = self.step_packs(step)
-        ranks = assign_ranks(
-            self.pack_tiles[s.start : s.stop], self.pack_tokens[s.start : s.stop], world_size
-        )
-        return [s.start + i for i in ranks[rank]]
+        return assign_ranks(self.pack_cost[s.start : s.stop], self.pack_tiles[s.start : s.stop], world_size)
 
 
 def resolve_max_length(index: SampleIndex, config: LoaderConfig) -> int:
@@ -735,6 +746,10 @@ def plan_epoch(index: SampleIndex, config: LoaderConfig, epoch: int, global_batc
         pack_tokens=pack_tokens,
         pack_trained=sum_by_pack(index.num_trained[sample_ids]),
         pack_tiles=pack_tiles,
+        pack_cost=pack_tokens
+        + config.attention_cost
+        * np.bincount(pack_of, weights=index.num_tokens[sample_ids] ** 2.0, minlength=len(packs))
+        + config.tile_cost * pack_tiles,
         sources=plans,
         min_packs=min_packs,
         rebalanced=rebalanced,
@@ -801,17 +816,18 @@ def format_plan(plan: EpochPlan, world_size: int | None = None) -> str:
             f"of the global batch ({plan.global_batch})"
         )
     if world_size and world_size > 1:
-        spread = []
+        spread, over = [], []
         for step in range(plan.steps):
-            span = plan.step_packs(step)
-            ranks = assign_ranks(
-                plan.pack_tiles[span.start : span.stop], plan.pack_tokens[span.start : span.stop], world_size
-            )
-            rank_tiles = [int(plan.pack_tiles[span.start + np.asarray(r)].sum()) for r in ranks]
+            start = plan.step_packs(step).start
+            ranks = [start + np.asarray(r) for r in plan.step_ranks(step, world_size)]
+            rank_tiles = [int(plan.pack_tiles[r].sum()) for r in ranks]
+            rank_cost = [float(plan.pack_cost[r].sum()) for r in ranks]
             spread.append(max(rank_tiles) - min(rank_tiles))
+            over.append(max(rank_cost) / np.mean(rank_cost) - 1)
         lines.append(
-            f"{world_size} ranks × {plan.global_batch // world_size} micro-batches: tiles per rank per step "
-            f"differ by at most {max(spread)} (mean {np.mean(spread):.1f})"
+            f"{world_size} ranks × {plan.global_batch // world_size} micro-batches: the busiest rank's estimated "
+            f"compute is {np.mean(over):.1%} above the mean per step (at most {max(over):.1%}); tiles per "
+            f"rank per step differ by at most {max(spread)} (mean {np.mean(spread):.1f})"
         )
     return "\n".join(lines)
 

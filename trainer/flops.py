@@ -51,6 +51,16 @@ def vit_flops(config: ModelConfig, num_views: int, trains: bool) -> float:
     return forward * (3 if trains else 1)
 
 
+def pack_cost_weights(config: ModelConfig, lora: bool, vit_trains: bool) -> tuple[float, float]:
+    """(attention_cost, tile_cost) of `LoaderConfig`, which deals each step's packs to ranks by
+    estimated compute: the step FLOPs of attention per unit of Σ s_i² (s_i = a sample's tokens)
+    and of one 560-px view through the ViT, in units of one token's linear-layer FLOPs."""
+    factor = 2 if lora else 3
+    per_token = factor * 2 * llm_matmul_params(config)
+    attention = factor * 2 * config.num_hidden_layers * config.hidden_size / per_token
+    return attention, vit_flops(config, 1, vit_trains) / per_token
+
+
 def peak_bf16_flops(device: torch.device) -> float | None:
     """The card's datasheet bf16 dense peak, or None (CPU, unknown card)."""
     if device.type != "cuda":

@@ -32,10 +32,19 @@ from trainer import checkpoint as ckpt
 from trainer.attention import resolve_backend
 from trainer.config import TrainConfig, batch_layout, deepspeed_config, warmup_cosine
 from trainer.data import LoaderConfig, PackedBatch, PackedLoader, SampleIndex, ShardDataError, TimedIterator
-from trainer.flops import peak_bf16_flops, step_flops
+from trainer.flops import pack_cost_weights, peak_bf16_flops, step_flops
 from trainer.loss import segment_losses
-from trainer.model import PRESETS, IXCModel, compile_layers, num_parameters, row_token_losses
+from trainer.model import (
+    PRESETS,
+    IXCModel,
+    ModelConfig,
+    compile_layers,
+    num_parameters,
+    preset_config,
+    row_token_losses,
+)
 from trainer.modelio import BASE_DIR_NAME, load_for_training, resolve_model_dir
+from trainer.weights import load_config
 
 SUMMARY_FILE = "train_summary.json"
 
@@ -91,10 +100,16 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def loader_config(cfg: TrainConfig, world_size: int) -> LoaderConfig:
-    """The loader settings a training config implies (one packed row per micro-step)."""
+def loader_config(cfg: TrainConfig, world_size: int, model: ModelConfig | None = None) -> LoaderConfig:
+    """The loader settings a training config implies (one packed row per micro-step); `model`
+    gives the compute estimate that deals packs to ranks (tokens only without it)."""
     _, accumulation = batch_layout(cfg.global_batch_size, world_size)
+    attention_cost, tile_cost = (
+        pack_cost_weights(model, lora=bool(cfg.use_lora), vit_trains=not cfg.fix_vit) if model else (0.0, 0.0)
+    )
     return LoaderConfig(
+        attention_cost=attention_cost,
+        tile_cost=tile_cost,
         max_length=cfg.max_length,
         max_tiles=cfg.max_tiles,
         seed=cfg.seed,
@@ -104,6 +119,17 @@ def loader_config(cfg: TrainConfig, world_size: int) -> LoaderConfig:
         source_samples=cfg.source_sample_overrides(),
         num_workers=cfg.num_workers,
     )
+
+
+def model_config(cfg: TrainConfig) -> ModelConfig | None:
+    """The architecture --model names, without loading weights or looking online (None: not a
+    preset nor a readable local folder)."""
+    if cfg.model in PRESETS:
+        return preset_config(cfg.model)
+    try:
+        return load_config(Path(cfg.model).expanduser())
+    except (OSError, ValueError):
+        return None
 
 
 def verify_on_all_ranks(shards: Path, checksums: bool, d: Dist) -> None:
@@ -167,52 +193,57 @@ def train_step(
 ) -> dict[str, Any]:
     """Forward/backward every micro-batch of one global step on this rank, then the optimizer step."""
     loss_sum = torch.zeros((), dtype=torch.float64, device=d.device)
-    skipped: list[Any] = []
+    bad_keys: list[Any] = []  # samples of this rank's micro-batches whose loss is non-finite
     source_sums: dict[str, list[float]] = {}
-    for batch in batches:
+    for micro, batch in enumerate(batches):
         # Dropout (LoRA, Plora) draws from a stream named by the micro-batch, not by the rank: the
         # run is the same on any world size, and a resumed run replays the same masks.
         torch.manual_seed(micro_batch_seed(cfg.seed, batch.epoch, batch.pack))
         out = engine(**batch.model_inputs(), targets=batch.targets)
-        # All ranks agree on whether this micro-batch is finite, so collectives stay in step.
-        bad = (~torch.isfinite(out.loss_sum.detach())).to(torch.int32).reshape(1)
-        if d.world_size > 1:
-            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-        if bad.item():
-            keys = _gather_keys(batch.sample_keys, d)
-            if cfg.nan_policy == "stop":
-                raise TrainingHalted(
-                    f"non-finite loss at epoch {batch.epoch} step {batch.step} micro-batch {batch.micro_step}; "
-                    f"samples (source, index, id): {keys}. The last checkpoint under "
-                    f"{ckpt.checkpoint_root(cfg.output_dir)} is intact; rerun with --nan-policy skip to drop such "
-                    "micro-batches"
-                )
-            skipped.extend(keys)
-            # The micro-batch adds nothing, but ZeRO's gradient hooks must still fire on every
-            # rank: back-propagate an exact zero that touches each trainable parameter (and none
-            # of this micro-batch's non-finite activations).
+        # Each rank decides for its own micro-batch (no collective here, so a rank that finishes
+        # its forward first goes on to its backward instead of waiting for the slowest rank).
+        if bool(torch.isfinite(out.loss_sum.detach())):
+            scale = d.world_size * accumulation / max(1, batch.global_num_trained)
+            engine.backward(out.loss_sum * scale)
+            loss_sum += out.loss_sum.detach().double()
+            if per_source:
+                with torch.no_grad():
+                    unwrapped = engine.module
+                    losses = row_token_losses(unwrapped.output, out, batch.targets[0])
+                    sums, counts = segment_losses(losses, batch.targets[0], batch.cu_seqlens)
+                for (source, _, _), s, c in zip(
+                    batch.sample_keys, sums.tolist(), counts.tolist(), strict=True
+                ):
+                    acc = source_sums.setdefault(source, [0.0, 0])
+                    acc[0] += s
+                    acc[1] += c
+        else:
+            bad_keys.extend(batch.sample_keys)
+            # The micro-batch adds nothing, but ZeRO's gradient hooks must still fire as on every
+            # other rank: back-propagate an exact zero that touches each trainable parameter (and
+            # none of this micro-batch's non-finite activations).
             zero = sum(
                 (p.sum() * 0.0 for p in engine.module.parameters() if p.requires_grad),
                 torch.zeros((), device=d.device),
             )
             engine.backward(zero)
-            engine.step()
-            continue
-        scale = d.world_size * accumulation / max(1, batch.global_num_trained)
-        engine.backward(out.loss_sum * scale)
+        if micro == len(batches) - 1:
+            # Before the optimizer step (the last engine.step): one collective for the step's loss
+            # and for whether any rank met a non-finite loss.
+            totals = torch.stack([loss_sum, torch.tensor(float(len(bad_keys)), device=d.device).double()])
+            if d.world_size > 1:
+                dist.all_reduce(totals)
+            loss_sum = totals[0]
+            if totals[1].item():
+                bad_keys = _gather_keys(bad_keys, d)
+                if cfg.nan_policy == "stop":
+                    raise TrainingHalted(
+                        f"non-finite loss at epoch {batch.epoch} step {batch.step}; samples (source, index, id): "
+                        f"{bad_keys}. The last checkpoint under {ckpt.checkpoint_root(cfg.output_dir)} is "
+                        "intact; rerun with --nan-policy skip to drop such micro-batches"
+                    )
         engine.step()
-        loss_sum += out.loss_sum.detach().double()
-        if per_source:
-            with torch.no_grad():
-                unwrapped = engine.module
-                losses = row_token_losses(unwrapped.output, out, batch.targets[0])
-                sums, counts = segment_losses(losses, batch.targets[0], batch.cu_seqlens)
-            for (source, _, _), s, c in zip(batch.sample_keys, sums.tolist(), counts.tolist(), strict=True):
-                acc = source_sums.setdefault(source, [0.0, 0])
-                acc[0] += s
-                acc[1] += c
-    if d.world_size > 1:
-        dist.all_reduce(loss_sum)
+    skipped = bad_keys  # every rank's, gathered (none on any rank when the step was clean)
     global_trained = max(1, batches[0].global_num_trained)
     grad_norm = engine.get_global_grad_norm()
     grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
@@ -305,7 +336,9 @@ def train(cfg: TrainConfig, argv: list[str] | None = None) -> dict[str, Any]:
         )
 
     # --- data
-    loader = PackedLoader(index, loader_config(cfg, d.world_size), rank=d.rank, world_size=d.world_size)
+    loader = PackedLoader(
+        index, loader_config(cfg, d.world_size, model.config), rank=d.rank, world_size=d.world_size
+    )
     total_steps = loader.total_steps if cfg.max_steps is None else min(cfg.max_steps, loader.total_steps)
     if total_steps <= 0:
         raise ValueError(f"{cfg.shards}: the epoch plan has no optimizer step (too few samples?)")
