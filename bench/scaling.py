@@ -7,9 +7,14 @@ max_length 16,384), in phases:
 
   scaling      LoRA (fix_vit, fix_sampler) on 1, 2, 4 GPUs, one after another, each rank
                `--micro-batches` packs per step (weak scaling: the global batch grows with the
-               GPUs). Reported over steps `--warmup`+1 .. `--steps`: tokens/s over all GPUs, per
-               GPU, and the efficiency = tokens/s per GPU against the smallest run's (one GPU's by
-               default); step time p50; data wait; peak memory per rank. The largest run goes on,
+               GPUs, so each run trains other samples), or `--global-batch` packs per step on
+               every GPU count (strong scaling: the same samples in every step, fewer
+               micro-batches per rank on more GPUs). Reported over steps `--warmup`+1 .. `--steps`:
+               tokens/s over all GPUs, per GPU, and the efficiency = tokens/s per GPU against the
+               smallest run's (one GPU's by default); the same for model FLOPs (trainer/flops.py,
+               every rank's packs), which weighs what weak scaling's different samples cost
+               (attention grows with the square of a sample's length); step time p50; data wait;
+               peak memory per rank. The largest run goes on,
                uninterrupted, to `--elastic-steps`, saving a checkpoint at step `--steps`: the
                reference for the elastic phase.
   elastic      that step-`--steps` checkpoint resumed on half the GPUs with the same global batch
@@ -116,6 +121,7 @@ def measured(summary: dict[str, Any], gpus: int, warmup: int, last: int | None =
         raise RuntimeError(f"no step after the {warmup} warm-up step(s)")
     tokens = sum(h["tokens_per_s"] * h["step_s"] for h in steps)
     seconds = sum(h["step_s"] for h in steps)
+    flops = sum(h.get("model_flops") or 0.0 for h in steps)
     peaks = summary.get("peak_gpu_memory_bytes") or []
     return {
         "gpus": gpus,
@@ -125,6 +131,7 @@ def measured(summary: dict[str, Any], gpus: int, warmup: int, last: int | None =
         "step_s_max": max(h["step_s"] for h in steps),
         "tokens_per_s": tokens / seconds,
         "tokens_per_s_per_gpu": tokens / seconds / gpus,
+        "model_tflops_per_s_per_gpu": flops / seconds / gpus / 1e12,
         "data_wait_pct": sum(h["data_wait_pct"] * h["step_s"] for h in steps) / seconds,
         "mfu": statistics.median(h["mfu"] for h in steps) if steps[0].get("mfu") is not None else None,
         "peak_gib_per_rank": [p / 2**30 for p in peaks if p is not None],
@@ -145,15 +152,16 @@ def print_tables(results: dict[str, Any]) -> None:
     rows = results.get("scaling", [])
     if rows:
         print(
-            "| GPUs | steps | tokens/step | step s p50 | tokens/s | tokens/s per GPU | efficiency | data wait | MFU | peak GiB per rank | start-up s |"
+            "| GPUs | steps | tokens/step | step s p50 | tokens/s | tokens/s per GPU | efficiency | model TFLOP/s per GPU | efficiency (FLOPs) | data wait | MFU | peak GiB per rank | start-up s |"
         )
-        print("|---|---|---|---|---|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for r in rows:
             mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "–"
             peaks = ", ".join(f"{p:.1f}" for p in r["peak_gib_per_rank"]) or "–"
             print(
                 f"| {r['gpus']} | {r['steps']} | {r['tokens_per_step']:,.0f} | {r['step_s_p50']:.3f} | "
                 f"{r['tokens_per_s']:,.0f} | {r['tokens_per_s_per_gpu']:,.0f} | {r['efficiency']:.1%} | "
+                f"{r['model_tflops_per_s_per_gpu']:.3g} | {r['efficiency_flops']:.1%} | "
                 f"{r['data_wait_pct']:.2f} % | {mfu} | {peaks} | {startup(r['startup_s'])} |"
             )
     elastic = results.get("elastic")
@@ -194,7 +202,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--records", type=int, default=64, help="records per kind (single, multi, text)")
     parser.add_argument("--hd-num", type=int, default=18)
     parser.add_argument("--max-length", type=int, default=16384)
-    parser.add_argument("--micro-batches", type=int, default=2, help="packs per rank per step (scaling)")
+    parser.add_argument("--micro-batches", type=int, default=2, help="packs per rank per step (weak scaling)")
+    parser.add_argument(
+        "--global-batch",
+        type=int,
+        default=None,
+        help="packs per step on every GPU count (strong scaling: the same samples in every step)",
+    )
     parser.add_argument("--warmup", type=int, default=3, help="steps left out of the rates")
     parser.add_argument("--steps", type=int, default=12, help="steps of each scaling run (warm-up included)")
     parser.add_argument("--elastic-steps", type=int, default=16, help="the resumed runs' last step")
@@ -211,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     phases = [p for p in args.phases.split(",") if p]
     if unknown := set(phases) - set(PHASES):
         parser.error(f"--phases: unknown {sorted(unknown)}; choose from {PHASES}")
+    if args.global_batch is not None and any(args.global_batch % n for n in gpus):
+        parser.error(f"--global-batch {args.global_batch} must be a multiple of every --gpus count")
     if "elastic" in phases and (gpus[-1] < 2 or gpus[-1] % 2):
         parser.error("--phases elastic needs an even largest --gpus count")
     if not args.warmup < args.steps < args.elastic_steps or not 0 < args.full_stop < args.full_steps:
@@ -250,13 +266,14 @@ def main(argv: list[str] | None = None) -> int:
     common += ["--num-workers", "2", "--log-every-steps", "1", "--no-save-final"]
     lora = [*common, "--recipe", "lora", *args.train_args.split()]
     work = args.work
+    global_batch = lambda n: args.global_batch or n * args.micro_batches  # noqa: E731
 
     # --- scaling (the largest run is the elastic phase's uninterrupted reference)
     largest = gpus[-1]
     if "scaling" in phases:
         results["scaling"] = []
         for n in gpus:
-            run = [*lora, "--global-batch-size", str(n * args.micro_batches)]
+            run = [*lora, "--global-batch-size", str(global_batch(n))]
             run += ["--output-dir", str(work / f"lora-{n}"), "--keep-last", "100"]
             if n == largest:
                 run += ["--max-steps", str(args.elastic_steps), "--save-every-steps", str(args.steps)]
@@ -264,10 +281,10 @@ def main(argv: list[str] | None = None) -> int:
                 run += ["--max-steps", str(args.steps), "--save-every-steps", "100000"]
             summary = run_once(work, f"lora-{n}", n, run, args)
             row = measured(summary, n, args.warmup, last=args.steps)
-            row["efficiency"] = row["tokens_per_s_per_gpu"] / (
-                results["scaling"][0]["tokens_per_s_per_gpu"]
-                if results["scaling"]
-                else row["tokens_per_s_per_gpu"]
+            first = results["scaling"][0] if results["scaling"] else row
+            row["efficiency"] = row["tokens_per_s_per_gpu"] / first["tokens_per_s_per_gpu"]
+            row["efficiency_flops"] = row["model_tflops_per_s_per_gpu"] / (
+                first["model_tflops_per_s_per_gpu"] or float("nan")
             )
             results["scaling"].append(row)
             write()
@@ -282,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"--phases elastic resumes {stopped} and compares with {reference}: run the scaling "
                 "phase first (same --work; delete the .json to redo a run)"
             )
-        run = [*lora, "--global-batch-size", str(largest * args.micro_batches)]
+        run = [*lora, "--global-batch-size", str(global_batch(largest))]
         run += ["--output-dir", str(work / f"elastic-{half}"), "--save-every-steps", "100000"]
         run += ["--max-steps", str(args.elastic_steps), "--resume", str(stopped)]
         resumed = run_once(work, f"elastic-{half}", half, run, args)

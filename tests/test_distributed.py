@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from trainer.checkpoint import complete_checkpoints
 from trainer.cli import main as train_main
 from trainer.weights import load_model
 
@@ -87,6 +88,12 @@ def test_two_ranks_stop_then_resume_on_one_rank_matches(
     assert losses(out) == pytest.approx(reference, rel=1e-4)
     assert step_samples(out) == step_samples(reference_run)  # the same samples in every global step
     assert len(set(step_samples(out))) > 1
+    # MFU counts every rank's packs of the step (from the plan): the same FLOPs on 2 ranks as on 1
+    flops = [h["model_flops"] for h in json.loads((out / "train_summary.json").read_text())["history"]]
+    reference_flops = [
+        h["model_flops"] for h in json.loads((reference_run / "train_summary.json").read_text())["history"]
+    ]
+    assert flops == reference_flops and min(flops) > 0
 
 
 def test_zero3_on_two_ranks_trains_like_zero2_and_saves_a_full_checkpoint(
@@ -114,3 +121,50 @@ def test_deepspeed_launcher_runs_the_same_training(
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
     assert losses(out) == pytest.approx(reference, rel=1e-4)
+
+
+POISON_RANK_1 = """
+import os, sys
+from trainer.cli import main
+from trainer.model import IXCModel
+
+real_forward, calls = IXCModel.forward, [0]
+
+def forward(self, *args, **kwargs):  # rank 1's 3rd micro-batch (step 3) gets an infinite loss
+    out = real_forward(self, *args, **kwargs)
+    calls[0] += 1
+    if os.environ["RANK"] == "1" and calls[0] == 3 and out.loss_sum is not None:
+        out.loss_sum = out.loss_sum * float("inf")
+    return out
+
+IXCModel.forward = forward
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("policy", ["skip", "stop"])
+def test_a_non_finite_loss_on_one_rank(tiny_text_shards: Path, tmp_path: Path, policy: str) -> None:
+    """The ranks agree on every micro-batch before its backward (ZeRO's gradient collectives must
+    stay in step): skip drops that micro-batch on every rank, stop halts every rank. Neither hangs."""
+    script = tmp_path / "poisoned.py"
+    script.write_text(POISON_RANK_1)
+    out = tmp_path / "run"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--nnodes=1", "--rdzv-backend=c10d",
+        f"--rdzv-endpoint=127.0.0.1:{free_port()}", str(script),
+        *args(tiny_text_shards, out, "--nan-policy", policy, "--no-save-final", "--save-every-steps", "2"),
+    ]  # fmt: skip
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    if policy == "skip":
+        assert done.returncode == 0, done.stderr[-3000:]
+        summary = json.loads((out / "train_summary.json").read_text())
+        assert summary["skipped_samples"] and all(k[0] == "001-text" for k in summary["skipped_samples"])
+        assert len(summary["skipped_samples"]) >= 2  # both ranks' packs of the micro-batch
+        step3 = summary["history"][2]
+        assert step3["step"] == 3 and step3["loss"] == 0.0  # nothing of step 3 trained
+        assert all(0 < h["loss"] < float("inf") for h in summary["history"] if h["step"] != 3)
+    else:
+        assert done.returncode != 0
+        assert "non-finite loss at epoch 0 step 2 micro-batch 0; samples (source, index, id)" in done.stderr
+        assert [p.name for p in complete_checkpoints(out)] == ["step-00000002"]

@@ -193,57 +193,52 @@ def train_step(
 ) -> dict[str, Any]:
     """Forward/backward every micro-batch of one global step on this rank, then the optimizer step."""
     loss_sum = torch.zeros((), dtype=torch.float64, device=d.device)
-    bad_keys: list[Any] = []  # samples of this rank's micro-batches whose loss is non-finite
+    skipped: list[Any] = []
     source_sums: dict[str, list[float]] = {}
-    for micro, batch in enumerate(batches):
+    for batch in batches:
         # Dropout (LoRA, Plora) draws from a stream named by the micro-batch, not by the rank: the
         # run is the same on any world size, and a resumed run replays the same masks.
         torch.manual_seed(micro_batch_seed(cfg.seed, batch.epoch, batch.pack))
         out = engine(**batch.model_inputs(), targets=batch.targets)
-        # Each rank decides for its own micro-batch (no collective here, so a rank that finishes
-        # its forward first goes on to its backward instead of waiting for the slowest rank).
-        if bool(torch.isfinite(out.loss_sum.detach())):
-            scale = d.world_size * accumulation / max(1, batch.global_num_trained)
-            engine.backward(out.loss_sum * scale)
-            loss_sum += out.loss_sum.detach().double()
-            if per_source:
-                with torch.no_grad():
-                    unwrapped = engine.module
-                    losses = row_token_losses(unwrapped.output, out, batch.targets[0])
-                    sums, counts = segment_losses(losses, batch.targets[0], batch.cu_seqlens)
-                for (source, _, _), s, c in zip(
-                    batch.sample_keys, sums.tolist(), counts.tolist(), strict=True
-                ):
-                    acc = source_sums.setdefault(source, [0.0, 0])
-                    acc[0] += s
-                    acc[1] += c
-        else:
-            bad_keys.extend(batch.sample_keys)
-            # The micro-batch adds nothing, but ZeRO's gradient hooks must still fire as on every
-            # other rank: back-propagate an exact zero that touches each trainable parameter (and
-            # none of this micro-batch's non-finite activations).
+        # All ranks agree on whether this micro-batch is finite, so collectives stay in step.
+        bad = (~torch.isfinite(out.loss_sum.detach())).to(torch.int32).reshape(1)
+        if d.world_size > 1:
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        if bad.item():
+            keys = _gather_keys(batch.sample_keys, d)
+            if cfg.nan_policy == "stop":
+                raise TrainingHalted(
+                    f"non-finite loss at epoch {batch.epoch} step {batch.step} micro-batch {batch.micro_step}; "
+                    f"samples (source, index, id): {keys}. The last checkpoint under "
+                    f"{ckpt.checkpoint_root(cfg.output_dir)} is intact; rerun with --nan-policy skip to drop such "
+                    "micro-batches"
+                )
+            skipped.extend(keys)
+            # The micro-batch adds nothing, but ZeRO's gradient hooks must still fire on every
+            # rank: back-propagate an exact zero that touches each trainable parameter (and none
+            # of this micro-batch's non-finite activations).
             zero = sum(
                 (p.sum() * 0.0 for p in engine.module.parameters() if p.requires_grad),
                 torch.zeros((), device=d.device),
             )
             engine.backward(zero)
-        if micro == len(batches) - 1:
-            # Before the optimizer step (the last engine.step): one collective for the step's loss
-            # and for whether any rank met a non-finite loss.
-            totals = torch.stack([loss_sum, torch.tensor(float(len(bad_keys)), device=d.device).double()])
-            if d.world_size > 1:
-                dist.all_reduce(totals)
-            loss_sum = totals[0]
-            if totals[1].item():
-                bad_keys = _gather_keys(bad_keys, d)
-                if cfg.nan_policy == "stop":
-                    raise TrainingHalted(
-                        f"non-finite loss at epoch {batch.epoch} step {batch.step}; samples (source, index, id): "
-                        f"{bad_keys}. The last checkpoint under {ckpt.checkpoint_root(cfg.output_dir)} is "
-                        "intact; rerun with --nan-policy skip to drop such micro-batches"
-                    )
+            engine.step()
+            continue
+        scale = d.world_size * accumulation / max(1, batch.global_num_trained)
+        engine.backward(out.loss_sum * scale)
         engine.step()
-    skipped = bad_keys  # every rank's, gathered (none on any rank when the step was clean)
+        loss_sum += out.loss_sum.detach().double()
+        if per_source:
+            with torch.no_grad():
+                unwrapped = engine.module
+                losses = row_token_losses(unwrapped.output, out, batch.targets[0])
+                sums, counts = segment_losses(losses, batch.targets[0], batch.cu_seqlens)
+            for (source, _, _), s, c in zip(batch.sample_keys, sums.tolist(), counts.tolist(), strict=True):
+                acc = source_sums.setdefault(source, [0.0, 0])
+                acc[0] += s
+                acc[1] += c
+    if d.world_size > 1:
+        dist.all_reduce(loss_sum)
     global_trained = max(1, batches[0].global_num_trained)
     grad_norm = engine.get_global_grad_norm()
     grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
@@ -269,7 +264,6 @@ def train_step(
         "trained_tokens": global_trained,
         "skipped": skipped,
         "source_loss": {k: s / max(1, c) for k, (s, c) in source_sums.items()},
-        "packs": [b.cu_seqlens.diff().tolist() for b in batches],
     }
 
 
@@ -440,7 +434,10 @@ def train(cfg: TrainConfig, argv: list[str] | None = None) -> dict[str, Any]:
             elapsed, step_time = now - step_time, now
             step += 1
             skipped_total.extend(result["skipped"])
-            flops = step_flops(model.config, result["packs"], lora=bool(cfg.use_lora)) * d.world_size
+            # Every rank's packs of the step, from the plan (no collective): exact on any world size.
+            plan = loader.plan(batches[0].epoch)
+            packs = [index.num_tokens[plan.pack(p)].tolist() for p in plan.step_packs(batches[0].step)]
+            flops = step_flops(model.config, packs, lora=bool(cfg.use_lora))
             record = {
                 "step": step,
                 "samples": loader.plan(batches[0].epoch).step_digest(batches[0].step),
@@ -450,6 +447,7 @@ def train(cfg: TrainConfig, argv: list[str] | None = None) -> dict[str, Any]:
                 "step_s": elapsed,
                 "tokens_per_s": result["tokens"] / elapsed,
                 "data_wait_pct": 100.0 * wait_s / elapsed,
+                "model_flops": flops,
                 "mfu": flops / elapsed / (peak * d.world_size) if peak else None,
                 "source_loss": result["source_loss"],
             }
