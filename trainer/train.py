@@ -476,6 +476,7 @@ def train(cfg: TrainConfig, argv: list[str] | None = None) -> dict[str, Any]:
                 )
                 saves.append({"step": step, "seconds": time.perf_counter() - save_started})
                 log_line(d, f"checkpoint {saved_to} saved in {saves[-1]['seconds']:.1f} s")
+                step_time = time.perf_counter()  # the next step's time leaves the write out
             if stop_now:
                 log_line(
                     d, f"stopping after {cfg.stop_after_steps} step(s) as asked; resume with --resume auto"
