@@ -440,7 +440,7 @@ def train(cfg: TrainConfig, argv: list[str] | None = None) -> dict[str, Any]:
             flops = step_flops(model.config, packs, lora=bool(cfg.use_lora))
             record = {
                 "step": step,
-                "samples": loader.plan(batches[0].epoch).step_digest(batches[0].step),
+                "samples": plan.step_digest(batches[0].step),
                 "loss": result["loss"],
                 "lr": lr,
                 "grad_norm": result["grad_norm"],
