@@ -4,7 +4,8 @@
 each node; the trainer reads RANK/WORLD_SIZE/LOCAL_RANK from it. Checked here: a 2-rank run
 stopped mid-way resumes on ONE rank with the same global batch (DeepSpeed universal checkpoint)
 and gives the loss history of an uninterrupted run; ZeRO-3 on two ranks trains the same losses
-as ZeRO-2 and writes a full checkpoint that loads.
+as ZeRO-2 and writes a full checkpoint that loads; a non-finite loss on one rank is skipped or
+stops the run on both ranks, with no hang.
 """
 
 from __future__ import annotations
