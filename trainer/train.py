@@ -291,6 +291,10 @@ def train(cfg: TrainConfig, argv: list[str] | None = None) -> dict[str, Any]:
     cfg = cfg.resolve()
     started = time.perf_counter()
     startup: dict[str, float] = {}  # seconds per start-up phase (setup = process group + shard check)
+
+    def phase_done(name: str) -> None:
+        startup[name] = time.perf_counter() - started - sum(startup.values())
+
     d = setup_distributed()
     torch.manual_seed(cfg.seed + d.rank)
     output_dir = Path(cfg.output_dir)
@@ -315,9 +319,9 @@ def train(cfg: TrainConfig, argv: list[str] | None = None) -> dict[str, Any]:
     if d.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
         ckpt.remove_partials(output_dir)
-    startup["setup"] = time.perf_counter() - started
+    phase_done("setup")
     loaded = load_for_training(cfg, manifest_dir=Path(cfg.shards), output_dir=output_dir, dtype=dtype, d=d)
-    startup["model"] = time.perf_counter() - started - sum(startup.values())
+    phase_done("model")
     model: IXCModel = loaded.model
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
@@ -353,7 +357,7 @@ def train(cfg: TrainConfig, argv: list[str] | None = None) -> dict[str, Any]:
             # Elastic resume: same global batch, another number of ranks.
             ckpt.convert_to_universal(resume_from)
             ds_config["checkpoint"] = {"load_universal": True}
-            startup["universal"] = time.perf_counter() - started - sum(startup.values())
+            phase_done("universal")
 
     def schedule(opt: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
         # Built by DeepSpeed on the optimizer it actually steps (ZeRO wraps ours).
@@ -364,7 +368,7 @@ def train(cfg: TrainConfig, argv: list[str] | None = None) -> dict[str, Any]:
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=schedule, config=ds_config
     )
-    startup["deepspeed"] = time.perf_counter() - started - sum(startup.values())
+    phase_done("deepspeed")
 
     # --- resume
     step = 0
@@ -374,7 +378,7 @@ def train(cfg: TrainConfig, argv: list[str] | None = None) -> dict[str, Any]:
         loader.load_state_dict(state["loader"])
         step = int(state["step"])
         history = list(state.get("history", []))
-        startup["resume"] = time.perf_counter() - started - sum(startup.values())
+        phase_done("resume")
         log_line(d, f"resumed from {resume_from} at step {step} (loaded in {startup['resume']:.1f} s)")
 
     # --- start-up summary, resolved config beside the outputs
