@@ -3,9 +3,9 @@
 `torchrun` with a c10d rendezvous starts two gloo ranks exactly as it starts one rank per GPU on
 each node; the trainer reads RANK/WORLD_SIZE/LOCAL_RANK from it. Checked here: a 2-rank run
 stopped mid-way resumes on ONE rank with the same global batch (DeepSpeed universal checkpoint)
-and gives the loss history of an uninterrupted run; ZeRO-3 on two ranks trains the same losses
-as ZeRO-2 and writes a full checkpoint that loads; a non-finite loss on one rank is skipped or
-stops the run on both ranks, with no hang.
+and gives the loss history of an uninterrupted run, from ZeRO-2 and from ZeRO-1; ZeRO-3 on two
+ranks trains the same losses as ZeRO-2 and writes a full checkpoint that loads; a non-finite loss
+on one rank is skipped or stops the run on both ranks, with no hang.
 """
 
 from __future__ import annotations
@@ -71,19 +71,23 @@ def reference(reference_run: Path) -> list[float]:
     return losses(reference_run)
 
 
+@pytest.mark.parametrize("stage", ["2", "1"])
 def test_two_ranks_stop_then_resume_on_one_rank_matches(
     tiny_text_shards: Path,
     tmp_path: Path,
     reference: list[float],
     reference_run: Path,
     capsys: pytest.CaptureFixture,
+    stage: str,
 ) -> None:
+    """ZeRO-2 (the full recipe's default) and ZeRO-1 (LoRA's: gradients reduced once per step)."""
     out = tmp_path / "run"
-    done = torchrun(args(tiny_text_shards, out, "--stop-after-steps", "3", "--no-save-final"))
+    zero = ("--zero-stage", stage)
+    done = torchrun(args(tiny_text_shards, out, "--stop-after-steps", "3", "--no-save-final", *zero))
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "stopping after 3 step(s)" in done.stderr
+    assert "stopping after 3 step(s)" in done.stderr and f"ZeRO {stage}" in done.stderr
     assert json.loads((out / "checkpoints/step-00000003/trainer_state.json").read_text())["world_size"] == 2
-    assert train_main(args(tiny_text_shards, out, "--resume", "auto", "--no-save-final")) == 0
+    assert train_main(args(tiny_text_shards, out, "--resume", "auto", "--no-save-final", *zero)) == 0
     assert "resumed from" in capsys.readouterr().err
     assert (out / "checkpoints/step-00000003/universal").is_dir()  # DeepSpeed re-split ZeRO's state
     assert losses(out) == pytest.approx(reference, rel=1e-4)
@@ -143,29 +147,38 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-@pytest.mark.parametrize("policy", ["skip", "stop"])
-def test_a_non_finite_loss_on_one_rank(tiny_text_shards: Path, tmp_path: Path, policy: str) -> None:
-    """The ranks agree on every micro-batch before its backward (ZeRO's gradient collectives must
-    stay in step): skip drops that micro-batch on every rank, stop halts every rank. Neither hangs."""
+@pytest.mark.parametrize(("stage", "policy"), [("2", "skip"), ("2", "stop"), ("1", "skip"), ("1", "stop")])
+def test_a_non_finite_loss_on_one_rank(tiny_text_shards: Path, tmp_path: Path, stage: str, policy: str) -> None:
+    """ZeRO-2 reduces gradients in every backward, so the ranks agree on each micro-batch before
+    its backward and all skip it (a zero gradient on one rank alone puts the collectives out of
+    step). ZeRO-1 reduces once per step: only rank 1 skips its micro-batch, and the ranks agree
+    before the optimizer step. Stop halts every rank before it. Nothing hangs."""
     script = tmp_path / "poisoned.py"
     script.write_text(POISON_RANK_1)
     out = tmp_path / "run"
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--nnodes=1", "--rdzv-backend=c10d",
         f"--rdzv-endpoint=127.0.0.1:{free_port()}", str(script),
-        *args(tiny_text_shards, out, "--nan-policy", policy, "--no-save-final", "--save-every-steps", "2"),
+        *args(tiny_text_shards, out, "--nan-policy", policy, "--no-save-final", "--save-every-steps", "2",
+              "--zero-stage", stage),
     ]  # fmt: skip
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     if policy == "skip":
         assert done.returncode == 0, done.stderr[-3000:]
         summary = json.loads((out / "train_summary.json").read_text())
-        assert summary["skipped_samples"] and all(k[0] == "001-text" for k in summary["skipped_samples"])
-        assert len(summary["skipped_samples"]) >= 2  # both ranks' packs of the micro-batch
+        skipped = summary["skipped_samples"]
+        assert skipped and all(k[0] == "001-text" for k in skipped)
         step3 = summary["history"][2]
-        assert step3["step"] == 3 and step3["loss"] == 0.0  # nothing of step 3 trained
+        assert step3["step"] == 3
+        if stage == "2":
+            assert len(skipped) >= 2  # both ranks' packs of the micro-batch
+            assert step3["loss"] == 0.0  # nothing of step 3 trained
+        else:
+            assert 0 < step3["loss"] < float("inf")  # rank 0's pack of step 3 trained, rank 1's skipped
         assert all(0 < h["loss"] < float("inf") for h in summary["history"] if h["step"] != 3)
     else:
         assert done.returncode != 0
-        assert "non-finite loss at epoch 0 step 2 micro-batch 0; samples (source, index, id)" in done.stderr
+        where = "micro-batch 0" if stage == "2" else "micro-batch 0 on rank 1"
+        assert f"non-finite loss at epoch 0 step 2 {where}; samples (source, index, id)" in done.stderr
         assert [p.name for p in complete_checkpoints(out)] == ["step-00000002"]

@@ -25,8 +25,8 @@ LORA_TARGETS = ("attention.wqkv", "attention.wo", "feed_forward.w1", "feed_forwa
 
 # SPEC §6: the official recipes. Keys are TrainConfig fields that are None until resolved.
 RECIPES: dict[str, dict[str, Any]] = {
-    "full": {"learning_rate": 1e-5, "fix_vit": False, "fix_sampler": False, "use_lora": False},
-    "lora": {"learning_rate": 5e-5, "fix_vit": True, "fix_sampler": True, "use_lora": True},
+    "full": {"learning_rate": 1e-5, "fix_vit": False, "fix_sampler": False, "use_lora": False, "zero_stage": 2},
+    "lora": {"learning_rate": 5e-5, "fix_vit": True, "fix_sampler": True, "use_lora": True, "zero_stage": 1},
 }
 
 
@@ -111,8 +111,11 @@ class TrainConfig:
     # --- engine
     deepspeed: Path | None = None
     """A DeepSpeed JSON config to use as is, instead of the built-in preset."""
-    zero_stage: int = 2
-    """Built-in DeepSpeed preset: ZeRO stage 2 (default) or 3."""
+    zero_stage: int | None = None
+    """ZeRO stage of the built-in DeepSpeed preset (recipe default: 2 for full, 1 for LoRA). ZeRO-2
+    reduces gradients in every micro-batch's backward, so ranks wait for each other after each one;
+    ZeRO-1 reduces once per step (the adapters' gradients are small): ranks run their micro-batches
+    without waiting. 3 partitions the weights too (full fine-tuning on 80 GB cards)."""
     attention: Literal["auto", "flash", "fa4", "varlen", "sdpa"] = "auto"
     """Attention kernel: FlashAttention-4 (sm90/sm100) or flash-attn if installed, torch varlen on
     CUDA, per-sample SDPA otherwise."""
@@ -200,10 +203,14 @@ def deepspeed_config(cfg: TrainConfig, *, world_size: int, bf16: bool) -> dict[s
                     'remove it or set it to "auto" (it is computed from --global-batch-size)'
                 )
         return {**user, **derived, "bf16": {"enabled": bf16}}
-    zero: dict[str, Any] = {"stage": cfg.zero_stage}
-    if cfg.zero_stage >= 2:
+    stage = cfg.zero_stage
+    assert stage is not None, "deepspeed_config takes a resolved TrainConfig"
+    zero: dict[str, Any] = {"stage": stage}
+    if stage == 1:  # no gradient hooks: gradients meet once, at the step's last micro-batch, in parameter order
+        zero.update(overlap_comm=False, contiguous_gradients=False, reduce_bucket_size=5e8)
+    if stage >= 2:
         zero.update(overlap_comm=True, contiguous_gradients=True, reduce_bucket_size=5e8)
-    if cfg.zero_stage == 3:
+    if stage == 3:
         zero.update(stage3_gather_16bit_weights_on_model_save=True, stage3_param_persistence_threshold=1e5)
     return {
         **derived,

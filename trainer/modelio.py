@@ -172,7 +172,7 @@ def apply_recipe(loaded: Loaded, cfg: TrainConfig) -> Loaded:
         model.vision_proj.requires_grad_(not cfg.fix_sampler)
     # Features are taken before post_layernorm (SPEC §5): it never gets a gradient.
     vision_post_ln.requires_grad_(False)
-    loaded.zero_stage = cfg.zero_stage
+    loaded.zero_stage = cfg.zero_stage or 0
     return loaded
 
 

@@ -188,47 +188,58 @@ def log_line(d: Dist, text: str) -> None:
 # ---------------------------------------------------------------- one optimizer step
 
 
+def reduces_every_micro_batch(engine: Any) -> bool:
+    """Whether DeepSpeed reduces gradients inside every micro-batch's backward, in the order its
+    gradient hooks fire (ZeRO-2/3, or overlap_comm): then every rank must run the same backward at
+    the same micro-batch. Otherwise (ZeRO-0/1) gradients meet once, in parameter order, at the
+    step's last micro-batch, and the ranks need not wait for each other before it."""
+    return bool(engine.zero_optimization_partition_gradients() or engine.zero_overlap_comm())
+
+
 def train_step(
     engine: Any, batches: list[PackedBatch], d: Dist, accumulation: int, cfg: TrainConfig, per_source: bool
 ) -> dict[str, Any]:
-    """Forward/backward every micro-batch of one global step on this rank, then the optimizer step."""
+    """Forward/backward every micro-batch of one global step on this rank, then the optimizer step.
+
+    A micro-batch with a non-finite loss adds nothing (nan-policy skip) or halts every rank before
+    the optimizer step (stop). Where gradients are reduced in every backward, the ranks agree on
+    each micro-batch first and all skip it; otherwise only its rank skips it, and the ranks agree
+    once, after the step's last backward."""
     loss_sum = torch.zeros((), dtype=torch.float64, device=d.device)
     skipped: list[Any] = []
+    bad_here: list[PackedBatch] = []
     source_sums: dict[str, list[float]] = {}
-    for batch in batches:
+    in_step = reduces_every_micro_batch(engine)
+    trainable = [p for p in engine.module.parameters() if p.requires_grad]
+    for i, batch in enumerate(batches):
+        last = i == len(batches) - 1
         # Dropout (LoRA, Plora) draws from a stream named by the micro-batch, not by the rank: the
         # run is the same on any world size, and a resumed run replays the same masks.
         torch.manual_seed(micro_batch_seed(cfg.seed, batch.epoch, batch.pack))
         out = engine(**batch.model_inputs(), targets=batch.targets)
-        # All ranks agree on whether this micro-batch is finite, so collectives stay in step.
         bad = (~torch.isfinite(out.loss_sum.detach())).to(torch.int32).reshape(1)
-        if d.world_size > 1:
+        if in_step and d.world_size > 1:
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-        if bad.item():
-            keys = _gather_keys(batch.sample_keys, d)
-            if cfg.nan_policy == "stop":
-                raise TrainingHalted(
-                    f"non-finite loss at epoch {batch.epoch} step {batch.step} micro-batch {batch.micro_step}; "
-                    f"samples (source, index, id): {keys}. The last checkpoint under "
-                    f"{ckpt.checkpoint_root(cfg.output_dir)} is intact; rerun with --nan-policy skip to drop such "
-                    "micro-batches"
-                )
-            skipped.extend(keys)
-            # The micro-batch adds nothing, but ZeRO's gradient hooks must still fire on every
-            # rank: back-propagate an exact zero that touches each trainable parameter (and none
-            # of this micro-batch's non-finite activations).
-            zero = sum(
-                (p.sum() * 0.0 for p in engine.module.parameters() if p.requires_grad),
-                torch.zeros((), device=d.device),
-            )
-            engine.backward(zero)
-            engine.step()
-            continue
-        scale = d.world_size * accumulation / max(1, batch.global_num_trained)
-        engine.backward(out.loss_sum * scale)
+        finite = not bad.item()
+        # An exact zero that touches each trainable parameter: a skipped micro-batch still fires
+        # ZeRO's gradient hooks on every rank, and every parameter has a gradient when gradients are
+        # reduced once per step (else one rank's text-only rows leave the ViT's out of the reduction).
+        touch = not finite or (not in_step and last and d.world_size > 1)
+        zero = sum((p.sum() * 0.0 for p in trainable), torch.zeros((), device=d.device)) if touch else 0.0
+        if not finite:
+            bad_here.append(batch)
+            engine.backward(zero)  # and none of this micro-batch's non-finite activations
+        else:
+            scale = d.world_size * accumulation / max(1, batch.global_num_trained)
+            engine.backward(out.loss_sum * scale + zero)
+            loss_sum += out.loss_sum.detach().double()
+        if in_step:
+            skipped.extend(_halt_or_skip(bad_here, batches[0], d, cfg))
+            bad_here = []
+        elif last:  # before the optimizer step: one agreement for the whole step
+            skipped.extend(_halt_or_skip(bad_here, batches[0], d, cfg, agree=True))
         engine.step()
-        loss_sum += out.loss_sum.detach().double()
-        if per_source:
+        if per_source and finite:
             with torch.no_grad():
                 unwrapped = engine.module
                 losses = row_token_losses(unwrapped.output, out, batch.targets[0])
@@ -271,6 +282,39 @@ def micro_batch_seed(seed: int, epoch: int, pack: int) -> int:
     """The torch seed of one micro-batch: a function of (seed, epoch, pack id in the plan) only."""
     return int(np.random.SeedSequence([seed, epoch, pack]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
+
+def _halt_or_skip(
+    bad: list[PackedBatch], step: PackedBatch, d: Dist, cfg: TrainConfig, agree: bool = False
+) -> list[Any]:
+    """The sample keys of the non-finite micro-batches (this rank's `bad`, gathered from every
+    rank), or TrainingHalted on every rank under nan-policy stop. `agree`: the ranks first learn
+    whether any of them has one (else they agreed on the micro-batch already and all hold it)."""
+    if agree and d.world_size > 1:
+        count = torch.tensor([len(bad)], dtype=torch.int64, device=d.device)
+        dist.all_reduce(count)
+        if not count.item():
+            return []
+    elif not bad:
+        return []
+    mine = [(d.rank, b.micro_step, list(b.sample_keys)) for b in bad]
+    found: list[tuple[int, int, list[Any]]] = mine
+    if d.world_size > 1:
+        parts: list[list[Any]] = [[] for _ in range(d.world_size)]
+        dist.all_gather_object(parts, mine)
+        found = [entry for part in parts for entry in part]
+    keys = [k for _, _, ks in found for k in ks]
+    if cfg.nan_policy == "stop":
+        micro = sorted({m for _, m, _ in found})
+        where = f"micro-batch{'es' if len(micro) > 1 else ''} {', '.join(map(str, micro))}"
+        if agree and d.world_size > 1:
+            ranks = sorted({r for r, _, _ in found})
+            where += f" on rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}"
+        raise TrainingHalted(
+            f"non-finite loss at epoch {step.epoch} step {step.step} {where}; samples (source, index, id): "
+            f"{keys}. The last checkpoint under {ckpt.checkpoint_root(cfg.output_dir)} is intact; rerun "
+            "with --nan-policy skip to drop such micro-batches"
+        )
+    return keys
 
 def _gather_keys(keys: list[Any], d: Dist) -> list[Any]:
     if d.world_size == 1:
