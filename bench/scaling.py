@@ -179,7 +179,7 @@ def print_tables(results: dict[str, Any]) -> None:
             peaks = ", ".join(f"{p:.1f}" for p in full["peak_gib_per_rank"])
             saves = ", ".join(f"step {s['step']} {s['seconds']:.0f} s" for s in full["checkpoint_saves"])
             print(
-                f"{key} (ZeRO-3, {full['gpus']} GPUs): steps {full['first_step']}-{full['last_step']}, "
+                f"{key} (ZeRO-{full['zero_stage']}, {full['gpus']} GPUs): steps {full['first_step']}-{full['last_step']}, "
                 f"step p50 {full['step_s_p50']:.2f} s, {full['tokens_per_s_per_gpu']:,.0f} tokens/s per GPU, "
                 f"MFU {full['mfu'] or 0:.1%}, peak GiB per rank {peaks}, checkpoint {full['checkpoint_gb']:.1f} GB "
                 f"saved in {saves}, start-up {startup(full['startup_s'])}, losses {full['losses']}"
@@ -214,6 +214,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--elastic-steps", type=int, default=16, help="the resumed runs' last step")
     parser.add_argument("--full-steps", type=int, default=8, help="steps of the full recipe (both runs)")
     parser.add_argument("--full-stop", type=int, default=4, help="the full recipe's first run stops here")
+    parser.add_argument(
+        "--full-zero-stage", type=int, default=3, choices=(2, 3), help="ZeRO stage of the full recipe"
+    )
     parser.add_argument(
         "--train-args", default="--compile --checkpoint-layers 0", help="extra LoRA xc-train flags"
     )
@@ -322,9 +325,10 @@ def main(argv: list[str] | None = None) -> int:
         }
         write()
 
-    # --- full fine-tuning, ZeRO-3: stop with a checkpoint, then resume
+    # --- full fine-tuning (ZeRO-3 by default): stop with a checkpoint, then resume
     full_dir = work / "full"
-    full = [*common, "--recipe", "full", "--zero-stage", "3", "--global-batch-size", str(largest)]
+    full = [*common, "--recipe", "full", "--zero-stage", str(args.full_zero_stage)]
+    full += ["--global-batch-size", str(largest)]
     full += ["--max-steps", str(args.full_steps), "--output-dir", str(full_dir), "--keep-last", "1"]
     for key in ("full", "full-resume"):
         if key not in phases:
@@ -345,6 +349,7 @@ def main(argv: list[str] | None = None) -> int:
         row["checkpoint_gb"] = dir_bytes(checkpoints[-1]) / 1e9 if checkpoints else 0.0
         row["disk_free_gb_before"] = free_gb
         row["checkpoint_saves"] = summary["checkpoint_saves"]
+        row["zero_stage"] = args.full_zero_stage
         row["first_step"], row["last_step"] = warmup + 1, summary["steps"]
         row["losses"] = [round(h["loss"], 3) for h in summary["history"]]
         row["digests"] = [h["samples"] for h in summary["history"]]
