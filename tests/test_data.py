@@ -315,6 +315,9 @@ def test_assign_ranks_splits_the_costly_packs_and_breaks_ties_by_tiles():
     assert assign_ranks(np.array([9.0, 1.0, 9.0, 1.0]), np.zeros(4), 2) == [[0, 1], [2, 3]]
     # equal cost: tiles balanced
     assert assign_ranks(np.ones(4), np.array([5, 5, 0, 0]), 2) == [[0, 2], [1, 3]]
+    # each rank's packs costliest first: the i-th micro-batches of all ranks are alike (under
+    # ZeRO-2 the ranks wait for each other after every micro-batch)
+    assert assign_ranks(np.array([1.0, 5.0, 3.0, 9.0, 2.0, 4.0]), np.zeros(6), 2) == [[3, 2, 0], [1, 5, 4]]
 
 
 # --------------------------------------------------------------------------- resume

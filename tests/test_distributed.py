@@ -148,7 +148,9 @@ sys.exit(main(sys.argv[1:]))
 
 
 @pytest.mark.parametrize(("stage", "policy"), [("2", "skip"), ("2", "stop"), ("1", "skip"), ("1", "stop")])
-def test_a_non_finite_loss_on_one_rank(tiny_text_shards: Path, tmp_path: Path, stage: str, policy: str) -> None:
+def test_a_non_finite_loss_on_one_rank(
+    tiny_text_shards: Path, tmp_path: Path, stage: str, policy: str
+) -> None:
     """ZeRO-2 reduces gradients in every backward, so the ranks agree on each micro-batch before
     its backward and all skip it (a zero gradient on one rank alone puts the collectives out of
     step). ZeRO-1 reduces once per step: only rank 1 skips its micro-batch, and the ranks agree

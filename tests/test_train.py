@@ -514,6 +514,17 @@ def test_deepspeed_config_derives_batch_fields_and_refuses_conflicts(tmp_path: P
         ]
         == 8
     )  # the official 8 per rank by default
+    # recipe defaults: full fine-tuning ZeRO-2 (gradients reduced in every backward, overlapped);
+    # LoRA ZeRO-1 without gradient hooks (its small gradients reduced once per step)
+    full = deepspeed_config(TrainConfig(shards=Path("s"), recipe="full").resolve(), world_size=2, bf16=True)
+    assert full["zero_optimization"]["stage"] == 2 and full["zero_optimization"]["overlap_comm"] is True
+    lora = deepspeed_config(TrainConfig(shards=Path("s"), recipe="lora").resolve(), world_size=2, bf16=True)
+    assert lora["zero_optimization"] == {
+        "stage": 1,
+        "overlap_comm": False,
+        "contiguous_gradients": False,
+        "reduce_bucket_size": 5e8,
+    }
     with pytest.raises(ValueError, match=r"--global-batch-size \(15\) must be divisible .* use 14 or 16"):
         deepspeed_config(
             TrainConfig(shards=Path("s"), global_batch_size=15).resolve(), world_size=2, bf16=False

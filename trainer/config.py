@@ -25,8 +25,20 @@ LORA_TARGETS = ("attention.wqkv", "attention.wo", "feed_forward.w1", "feed_forwa
 
 # SPEC §6: the official recipes. Keys are TrainConfig fields that are None until resolved.
 RECIPES: dict[str, dict[str, Any]] = {
-    "full": {"learning_rate": 1e-5, "fix_vit": False, "fix_sampler": False, "use_lora": False, "zero_stage": 2},
-    "lora": {"learning_rate": 5e-5, "fix_vit": True, "fix_sampler": True, "use_lora": True, "zero_stage": 1},
+    "full": {
+        "learning_rate": 1e-5,
+        "fix_vit": False,
+        "fix_sampler": False,
+        "use_lora": False,
+        "zero_stage": 2,
+    },
+    "lora": {
+        "learning_rate": 5e-5,
+        "fix_vit": True,
+        "fix_sampler": True,
+        "use_lora": True,
+        "zero_stage": 1,
+    },
 }
 
 
@@ -206,7 +218,8 @@ def deepspeed_config(cfg: TrainConfig, *, world_size: int, bf16: bool) -> dict[s
     stage = cfg.zero_stage
     assert stage is not None, "deepspeed_config takes a resolved TrainConfig"
     zero: dict[str, Any] = {"stage": stage}
-    if stage == 1:  # no gradient hooks: gradients meet once, at the step's last micro-batch, in parameter order
+    # ZeRO-1 without gradient hooks: gradients meet once, at the step's last micro-batch, in parameter order
+    if stage == 1:
         zero.update(overlap_comm=False, contiguous_gradients=False, reduce_bucket_size=5e8)
     if stage >= 2:
         zero.update(overlap_comm=True, contiguous_gradients=True, reduce_bucket_size=5e8)

@@ -209,7 +209,7 @@ def train_step(
     skipped: list[Any] = []
     bad_here: list[PackedBatch] = []
     source_sums: dict[str, list[float]] = {}
-    in_step = reduces_every_micro_batch(engine)
+    reduce_each = reduces_every_micro_batch(engine)
     trainable = [p for p in engine.module.parameters() if p.requires_grad]
     for i, batch in enumerate(batches):
         last = i == len(batches) - 1
@@ -218,13 +218,13 @@ def train_step(
         torch.manual_seed(micro_batch_seed(cfg.seed, batch.epoch, batch.pack))
         out = engine(**batch.model_inputs(), targets=batch.targets)
         bad = (~torch.isfinite(out.loss_sum.detach())).to(torch.int32).reshape(1)
-        if in_step and d.world_size > 1:
+        if reduce_each and d.world_size > 1:
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)
         finite = not bad.item()
         # An exact zero that touches each trainable parameter: a skipped micro-batch still fires
         # ZeRO's gradient hooks on every rank, and every parameter has a gradient when gradients are
         # reduced once per step (else one rank's text-only rows leave the ViT's out of the reduction).
-        touch = not finite or (not in_step and last and d.world_size > 1)
+        touch = not finite or (not reduce_each and last and d.world_size > 1)
         zero = sum((p.sum() * 0.0 for p in trainable), torch.zeros((), device=d.device)) if touch else 0.0
         if not finite:
             bad_here.append(batch)
@@ -233,7 +233,7 @@ def train_step(
             scale = d.world_size * accumulation / max(1, batch.global_num_trained)
             engine.backward(out.loss_sum * scale + zero)
             loss_sum += out.loss_sum.detach().double()
-        if in_step:
+        if reduce_each:
             skipped.extend(_halt_or_skip(bad_here, batches[0], d, cfg))
             bad_here = []
         elif last:  # before the optimizer step: one agreement for the whole step
@@ -315,6 +315,7 @@ def _halt_or_skip(
             "with --nan-policy skip to drop such micro-batches"
         )
     return keys
+
 
 def _gather_keys(keys: list[Any], d: Dist) -> list[Any]:
     if d.world_size == 1:
