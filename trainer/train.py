@@ -364,6 +364,11 @@ def train(cfg: TrainConfig, argv: list[str] | None = None) -> dict[str, Any]:
     if d.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
         ckpt.remove_partials(output_dir)
+    # the checkpoint to resume is checked before the model is built (a 7B takes tens of seconds)
+    resume_from = ckpt.resolve_resume(output_dir, cfg.resume)
+    saved = ckpt.verify_checkpoint(resume_from) if resume_from is not None else {}
+    if resume_from is not None:
+        ckpt.check_same_model(saved, cfg.to_json(), resume_from)
     phase_done("setup")
     loaded = load_for_training(cfg, manifest_dir=Path(cfg.shards), output_dir=output_dir, dtype=dtype, d=d)
     phase_done("model")
@@ -394,10 +399,7 @@ def train(cfg: TrainConfig, argv: list[str] | None = None) -> dict[str, Any]:
         fused=d.device.type == "cuda",
     )
     ds_config["zero_allow_untested_optimizer"] = True  # torch's (fused) AdamW under ZeRO
-    resume_from = ckpt.resolve_resume(output_dir, cfg.resume)
     if resume_from is not None:
-        saved = ckpt.verify_checkpoint(resume_from)
-        ckpt.check_same_model(saved, cfg.to_json(), resume_from)
         if ckpt.needs_universal(saved, d.world_size):
             # Elastic resume: same global batch, another number of ranks.
             ckpt.convert_to_universal(resume_from)
