@@ -436,7 +436,9 @@ def test_sigkill_then_resume_gives_the_uninterrupted_loss_curve(
     module = torch.load(latest / "ds/state/mp_rank_00_model_states.pt", weights_only=False)["module"]
     assert module and all(re.search(r"\.lora_[AB]\.default\.weight$", k) for k in module), sorted(module)[:5]
     capfd.readouterr()
-    assert xc_train(argv + ["--resume", "auto", "--seed", "7"]) == 1
+    with pytest.MonkeyPatch.context() as mp:  # refused before the model is built
+        mp.setattr(train_module, "load_for_training", lambda *a, **k: pytest.fail("model built"))
+        assert xc_train(argv + ["--resume", "auto", "--seed", "7"]) == 1
     assert "saved by a run with --seed 42, this run has --seed 7" in capfd.readouterr().err
 
     capfd.readouterr()
