@@ -818,6 +818,13 @@ class IXCModel(nn.Module):
 
     # ---- pieces
 
+    def vision_trains(self) -> bool:
+        """Whether any parameter of the vision side (ViT, separators, vision_proj) trains."""
+        parts = (self.vit, self.vision_proj)
+        return any(p.requires_grad for m in parts for p in m.parameters()) or any(
+            p.requires_grad for p in (self.plora_glb_GN, self.plora_sub_GN)
+        )
+
     def encode_images(self, tiles: torch.Tensor, grids: list[tuple[int, int]]) -> torch.Tensor:
         """uint8[N, 560, 560, 3] + I grids -> [sum image_token_count(grid), hidden] (after vision_proj)."""
         # Read from a bare parameter: PEFT's modules_to_save may wrap vit and vision_proj.
@@ -848,7 +855,16 @@ class IXCModel(nn.Module):
         embeds = self.model.tok_embeddings(input_ids.to(device).clamp_min(0))
         grids = [] if image_grids is None else [(int(r), int(c)) for r, c in image_grids.tolist()]
         if not grids:
-            return embeds, torch.zeros(0, dtype=torch.long, device=device)
+            no_images = torch.zeros(0, dtype=torch.long, device=device)
+            if torch.is_grad_enabled() and self.vision_trains():
+                # A row without images while the vision side trains: a blank 1×1 image runs through
+                # it and adds nothing (zero rows copied in, exact zero gradients), so the backward
+                # reaches the same parameters in the same order as a row with images. ZeRO-2/3
+                # reduce gradients in that order; a rank whose row skipped the ViT put them out of step.
+                blank = torch.zeros(1, TILE_SIZE, TILE_SIZE, 3, dtype=torch.uint8)
+                features = self.encode_images(blank, [(1, 1)])[:0]
+                return embeds.index_copy(0, no_images, features.to(embeds.dtype)), no_images
+            return embeds, no_images
         if tiles is None or image_starts is None:
             raise ValueError("image_grids given without tiles or image_starts")
         starts = [int(s) for s in image_starts.tolist()]
