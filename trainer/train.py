@@ -223,7 +223,7 @@ def train_step(
         finite = not bad.item()
         # An exact zero that touches each trainable parameter: a skipped micro-batch still fires
         # ZeRO's gradient hooks on every rank, and every parameter has a gradient when gradients are
-        # reduced once per step (else one rank's text-only rows leave the ViT's out of the reduction).
+        # reduced once per step (ZeRO-1 reduces those that have one: the same set on every rank).
         touch = not finite or (not reduce_each and last and d.world_size > 1)
         zero = sum((p.sum() * 0.0 for p in trainable), torch.zeros((), device=d.device)) if touch else 0.0
         if not finite:
@@ -366,8 +366,9 @@ def train(cfg: TrainConfig, argv: list[str] | None = None) -> dict[str, Any]:
         ckpt.remove_partials(output_dir)
     # the checkpoint to resume is checked before the model is built (a 7B takes tens of seconds)
     resume_from = ckpt.resolve_resume(output_dir, cfg.resume)
-    saved = ckpt.verify_checkpoint(resume_from) if resume_from is not None else {}
+    saved: dict[str, Any] = {}
     if resume_from is not None:
+        saved = ckpt.verify_checkpoint(resume_from)
         ckpt.check_same_model(saved, cfg.to_json(), resume_from)
     phase_done("setup")
     loaded = load_for_training(cfg, manifest_dir=Path(cfg.shards), output_dir=output_dir, dtype=dtype, d=d)
