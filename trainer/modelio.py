@@ -82,8 +82,9 @@ class _gathered:
             self.ctx.__exit__(*exc)
 
 
-def resolve_model_dir(model: str) -> Path:
-    """A local folder, or a hub id found in the HF cache / downloaded; clear message when offline."""
+def resolve_model_dir(model: str, offline: bool = False) -> Path:
+    """A local folder, or a hub id found in the HF cache / downloaded (not when `offline`); clear
+    message when it cannot be had."""
     path = Path(model).expanduser()
     if path.is_dir():
         if not (path / CONFIG_FILE).is_file():
@@ -99,8 +100,9 @@ def resolve_model_dir(model: str) -> Path:
     patterns = ["*.json", "*.safetensors", "*.bin", "*.model"]
     try:
         return Path(snapshot_download(model, local_files_only=True, allow_patterns=patterns))
-    except Exception:  # not cached: try the network once
-        pass
+    except Exception as e:  # not cached: try the network once
+        if offline:
+            raise FileNotFoundError(f"--model {model}: not in the local Hugging Face cache") from e
     try:
         return Path(snapshot_download(model, allow_patterns=patterns))
     except Exception as e:

@@ -123,11 +123,11 @@ def loader_config(cfg: TrainConfig, world_size: int, model: ModelConfig | None =
 
 def model_config(cfg: TrainConfig) -> ModelConfig | None:
     """The architecture --model names, without loading weights or looking online (None: not a
-    preset nor a readable local folder)."""
+    preset, a readable local folder nor a hub id in the local cache)."""
     if cfg.model in PRESETS:
         return preset_config(cfg.model)
     try:
-        return load_config(Path(cfg.model).expanduser())
+        return load_config(resolve_model_dir(cfg.model, offline=True))
     except (OSError, ValueError):
         return None
 
@@ -210,7 +210,6 @@ def train_step(
     bad_here: list[PackedBatch] = []
     source_sums: dict[str, list[float]] = {}
     reduce_each = reduces_every_micro_batch(engine)
-    trainable = [p for p in engine.module.parameters() if p.requires_grad]
     for i, batch in enumerate(batches):
         last = i == len(batches) - 1
         # Dropout (LoRA, Plora) draws from a stream named by the micro-batch, not by the rank: the
@@ -225,7 +224,10 @@ def train_step(
         # ZeRO's gradient hooks on every rank, and every parameter has a gradient when gradients are
         # reduced once per step (ZeRO-1 reduces those that have one: the same set on every rank).
         touch = not finite or (not reduce_each and last and d.world_size > 1)
-        zero = sum((p.sum() * 0.0 for p in trainable), torch.zeros((), device=d.device)) if touch else 0.0
+        zero: torch.Tensor | float = 0.0
+        if touch:
+            trained = (p for p in engine.module.parameters() if p.requires_grad)
+            zero = sum((p.sum() * 0.0 for p in trained), torch.zeros((), device=d.device))
         if not finite:
             bad_here.append(batch)
             engine.backward(zero)  # and none of this micro-batch's non-finite activations
