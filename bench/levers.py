@@ -14,7 +14,12 @@ dropout costs, an upper bound for fusing it; not a training setting), `rngfunc` 
 torch._functorch.config.functionalize_rng_ops: backward regenerates the dropout masks from the
 saved RNG state instead of keeping them), `allrows` (the last decoder layer on every row, as
 before `IXCModel.trained_rows_only`), `twodraws` (the fused layer's two dropouts drawn by two
-`F.dropout` calls, as before `trainer.lora.two_dropouts`). Compiling is one-way, so eager variants come first,
+`F.dropout` calls, as before `trainer.lora.two_dropouts`), `randint` (the two dropouts decided by
+one 64-bit Philox draw per element, as before `two_dropouts` hashed the element index), `cdt`
+(recompiled with inductor's coordinate-descent tuning of its Triton kernels' launch
+configurations), `autotune` (recompiled with inductor's max_autotune: matmuls benchmarked against
+Triton templates, which can fuse the element-wise work around them). Compiling is one-way, so
+eager variants come first,
 then compiled ones with `eagervit`, then the rest. Each variant: --warmup steps, then --steps
 timed steps (host clock after a device sync); an out-of-memory step fails the variant and the
 next one goes on.
@@ -48,6 +53,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch._inductor.config
 
 BENCH_DIR = Path(__file__).resolve().parent
 sys.path[:0] = [str(BENCH_DIR), str(BENCH_DIR.parent)]
@@ -77,7 +83,19 @@ KERNEL_CATEGORIES = (
 )
 
 
-VARIANT_FLAGS = ("unfused", "eagervit", "nodrop", "rngfunc", "allrows", "twodraws")
+VARIANT_FLAGS = (
+    "unfused",
+    "eagervit",
+    "nodrop",
+    "rngfunc",
+    "allrows",
+    "twodraws",
+    "randint",
+    "cdt",
+    "autotune",
+)
+INDUCTOR_FLAGS = {"cdt": "coordinate_descent_tuning", "autotune": "max_autotune"}
+"""Variant flags that recompile with an inductor option on."""
 
 
 def parse_variants(text: str) -> list[tuple[str, int, str, frozenset[str]]]:
@@ -207,6 +225,7 @@ def apply_flags(model: Any, flags: frozenset[str]) -> Callable[[], None]:
     for m in fused:
         m.fuse = "unfused" not in flags
         m.one_draw = "twodraws" not in flags
+        m.hashed = "randint" not in flags
     ixc = [m for m in model.modules() if isinstance(m, IXCModel)]
     for m in ixc:
         m.trained_rows_only = "allrows" not in flags
@@ -222,16 +241,25 @@ def apply_flags(model: Any, flags: frozenset[str]) -> Callable[[], None]:
     if "rngfunc" in flags:
         torch._functorch.config.functionalize_rng_ops = True
         torch._dynamo.reset()
+    inductor = [INDUCTOR_FLAGS[f] for f in flags if f in INDUCTOR_FLAGS]
+    for option in inductor:
+        setattr(torch._inductor.config, option, True)
+    if inductor:
+        torch._dynamo.reset()
 
     def restore() -> None:
         for m in fused:
-            m.fuse = m.one_draw = True
+            m.fuse = m.one_draw = m.hashed = True
         for m in ixc:
             m.trained_rows_only = True
         for parent, key, child in dropouts:
             parent.add_module(key, child)
         if "rngfunc" in flags:
             torch._functorch.config.functionalize_rng_ops = False
+            torch._dynamo.reset()
+        for option in inductor:
+            setattr(torch._inductor.config, option, False)
+        if inductor:
             torch._dynamo.reset()
 
     return restore

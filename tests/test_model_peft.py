@@ -12,7 +12,7 @@ from peft import LoraConfig, get_peft_model
 import trainer.lora
 from schemas.sample import image_token_count
 from trainer.config import TrainConfig
-from trainer.lora import PLoRALoraLinear, linear_plus_low_rank, two_dropouts
+from trainer.lora import PLoRALoraLinear, hashed_bits, linear_plus_low_rank, two_dropouts
 from trainer.model import PLORA_TARGETS, IXCModel, VisionTower, build_model, compile_layers
 from trainer.modelio import Loaded, apply_recipe
 
@@ -140,33 +140,64 @@ def test_fused_low_rank_update_equals_peft_forward(compiled: bool) -> None:
         torch.testing.assert_close(fused_grads[name], plain_grads[name], atol=1e-5, rtol=1e-4, msg=name)
 
 
-def test_two_dropouts_under_compile() -> None:
-    """Compiled, both dropouts come from one 64-bit draw per element: each at its rate, independent
-    of the other, kept values scaled by 1/(1-p), and the gradient through the same masks."""
+@pytest.mark.parametrize("hashed", [True, False], ids=["hashed", "randint64"])
+def test_two_dropouts_under_compile(hashed: bool) -> None:
+    """Compiled, both dropouts come from one draw per element (a keyed hash of its index, or a
+    64-bit random integer): each at its rate, independent of the other, kept values scaled by
+    1/(1 - rate), the gradient through the same masks, and a new draw at each call."""
     x = torch.ones(400, 1000, requires_grad=True)
     w1, w2 = torch.full((400, 1000), 3.0), torch.full((400, 1000), 5.0)
 
     def run(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        x1, x2 = two_dropouts(x, 0.05, 0.2, True)
+        x1, x2 = two_dropouts(x, 0.05, 0.2, True, hashed)
         return x1, x2, (x1 * w1 + x2 * w2).sum()
 
     torch.manual_seed(0)
-    x1, x2, total = torch.compile(run, backend="aot_eager", fullgraph=True)(x)
+    compiled = torch.compile(run, backend="aot_eager", fullgraph=True)
+    x1, x2, total = compiled(x)
     total.backward()
     drop1, drop2 = x1 == 0, x2 == 0
+    # The hash resolves rates to 2⁻¹⁶ (0.05 → 3277 / 65536), the 64-bit draw to 2⁻³¹.
+    rate1, rate2 = (3277 / 65536, 13108 / 65536) if hashed else (0.05, 0.2)
     n = x.numel()
-    for dropped, p in ((drop1, 0.05), (drop2, 0.2)):
+    for dropped, p in ((drop1, rate1), (drop2, rate2)):
         assert abs(float(dropped.float().mean()) - p) < 4 * (p * (1 - p) / n) ** 0.5
     both = float((drop1 & drop2).float().mean())
-    assert abs(both - 0.05 * 0.2) < 4 * (0.01 / n) ** 0.5  # independent
-    torch.testing.assert_close(x1[~drop1], torch.full_like(x1[~drop1], 1 / 0.95))
-    torch.testing.assert_close(x2[~drop2], torch.full_like(x2[~drop2], 1 / 0.8))
-    expected = (~drop1) * 3.0 / 0.95 + (~drop2) * 5.0 / 0.8
+    assert abs(both - rate1 * rate2) < 4 * (rate1 * rate2 / n) ** 0.5  # independent
+    torch.testing.assert_close(x1[~drop1], torch.full_like(x1[~drop1], 1 / (1 - rate1)))
+    torch.testing.assert_close(x2[~drop2], torch.full_like(x2[~drop2], 1 / (1 - rate2)))
+    expected = (~drop1) * 3.0 / (1 - rate1) + (~drop2) * 5.0 / (1 - rate2)
     torch.testing.assert_close(x.grad, expected)
+    # Neighbours are not correlated (along a row, down a column), and the next call draws anew.
+    a = drop1.float()
+    for left, right in ((a[:, 1:], a[:, :-1]), (a[1:], a[:-1]), (a, compiled(x)[0].detach() == 0)):
+        left, right = left.float(), right.float()
+        corr = ((left * right).mean() - left.mean() * right.mean()) / (left.std() * right.std())
+        assert abs(float(corr)) < 4 / left.numel() ** 0.5
     # Eager, in eval mode or at rate 0: PyTorch's own dropout, or nothing.
     y = torch.randn(5, 3)
     assert all(t is y for t in two_dropouts(y, 0.05, 0.05, False))
     assert two_dropouts(y, 0.0, 0.05, True)[0] is y
+
+
+def test_hashed_bits_are_the_splitmix32_finalizer_twice_compiled_or_not() -> None:
+    """`hashed_bits` is mix(mix(i ⊕ k₀) ⊕ k₁) with splitmix32's finalizer in 32-bit unsigned
+    arithmetic (checked against plain Python integers), and inductor's compiled kernel (int32
+    wrap-around in generated code) gives the same bits as eager."""
+
+    def mix(v: int) -> int:
+        v ^= v >> 16
+        v = (v * 0x21F0AAAD) & 0xFFFFFFFF
+        v ^= v >> 15
+        v = (v * 0x735A2D97) & 0xFFFFFFFF
+        return v ^ (v >> 15)
+
+    shape = torch.Size([37, 1001])
+    keys = torch.tensor([0xDEADBEEF - (1 << 32), 12345], dtype=torch.int32)
+    bits = hashed_bits(shape, keys).view(-1)
+    for i in (0, 1, 2, 999, 1000, 20_000, shape.numel() - 1):
+        assert int(bits[i]) & 0xFFFFFFFF == mix(mix(i ^ 0xDEADBEEF) ^ 12345), i
+    torch.testing.assert_close(torch.compile(hashed_bits, dynamic=True)(shape, keys).view(-1), bits)
 
 
 def test_compiled_lora_layers_replay_their_dropouts_when_recomputed() -> None:

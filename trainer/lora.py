@@ -97,26 +97,79 @@ linear_plus_low_rank.register_autograd(
 
 
 _FIELD = 1 << 31
-"""Each keep/drop decision of `two_dropouts` reads 31 bits of the element's 64-bit draw."""
+"""Each keep/drop decision of the 64-bit draw (`two_dropouts`' fallback) reads 31 bits of it."""
+
+_HASH_FIELD = 1 << 16
+"""Each keep/drop decision of the hashed draw reads 16 bits of the element's 32-bit hash."""
+
+_HASH_MULTIPLIERS = (0x21F0AAAD, 0x735A2D97)
+"""The splitmix32 finalizer's multipliers (hash-prospector's [16 21f0aaad 15 735a2d97 15]),
+both below 2³¹, so they are int32 values as written."""
 
 
-def two_dropouts(x: torch.Tensor, p1: float, p2: float, training: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _mix32(h: torch.Tensor) -> torch.Tensor:
+    """The splitmix32 finalizer on int32 tensors (multiplications wrap mod 2³²; the masks make
+    the arithmetic right shifts logical)."""
+    h = h ^ ((h >> 16) & 0xFFFF)
+    h = h * _HASH_MULTIPLIERS[0]
+    h = h ^ ((h >> 15) & 0x1FFFF)
+    h = h * _HASH_MULTIPLIERS[1]
+    return h ^ ((h >> 15) & 0x1FFFF)
+
+
+def hashed_bits(shape: torch.Size, keys: torch.Tensor) -> torch.Tensor:
+    """32 random-looking bits per element of `shape` (int32): two rounds of `_mix32` over the
+    element's flat index, keyed by the two int32 values of `keys` (mix(mix(i ⊕ k₀) ⊕ k₁)).
+
+    A pure function of index and keys: compiled, it is a few integer operations inside the
+    kernel that uses it (no Philox, nothing read from memory), and backward can compute it again
+    instead of keeping masks. Needs fewer than 2³¹ elements.
+    """
+    index = torch.arange(shape.numel(), dtype=torch.int32, device=keys.device).view(shape)
+    return _mix32(_mix32(index ^ keys[0]) ^ keys[1])
+
+
+def _hash_threshold(p: float) -> int | None:
+    """The 16-bit threshold for rate p (p rounded up to a multiple of 2⁻¹⁶), or None where that
+    rounding would move p by more than 0.1 % of it (rates below ≈ 0.015 that are not near a
+    multiple): those take the 64-bit draw."""
+    threshold = math.ceil(p * _HASH_FIELD)
+    return threshold if threshold < _HASH_FIELD and threshold / _HASH_FIELD - p <= 1e-3 * p else None
+
+
+def two_dropouts(
+    x: torch.Tensor, p1: float, p2: float, training: bool, hashed: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(drop₁(x), drop₂(x)): two independent inverted dropouts of one input, at rates p1 and p2.
 
     Eager: two `F.dropout` calls. Under torch.compile, where inductor spends one Philox call
-    (10 rounds of 32-bit multiplies) per element per dropout and the step is bound by that on the
-    LoRA layers' inputs, one 64-bit draw per element serves both: its two 31-bit fields decide
-    independently (drop where the field is below p·2³¹), a rate exact to 2⁻³¹.
+    (10 rounds of 32-bit multiplies) per element per dropout and the LoRA layers' input kernels
+    are bound by that arithmetic, both decisions come from one 32-bit hash of the element's index
+    (`hashed_bits`, keyed by two int32 values drawn from torch's generator for the call, so the
+    RNG state, seeding and checkpointed recomputation behave as for any random op): the high and
+    low 16 bits decide each dropout (drop where the field is below the rate's threshold), the
+    rate is p rounded up to a multiple of 2⁻¹⁶ (0.05 → 0.0500031) and kept values are scaled by
+    1/(1 - that rate). Rates too fine for 16 bits, or inputs of 2³¹ elements or more, draw one
+    64-bit integer per element instead and read two 31-bit fields of it (so does `hashed=False`).
     """
     if not training or not (0.0 < p1 < 1.0 and 0.0 < p2 < 1.0) or not torch.compiler.is_compiling():
         return (
             F.dropout(x, p1, training) if p1 > 0 else x,
             F.dropout(x, p2, training) if p2 > 0 else x,
         )
-    draw = torch.randint(0, _FIELD * _FIELD, x.shape, device=x.device)
-    keep1 = (draw >> 31) >= math.ceil(p1 * _FIELD)
-    keep2 = (draw & (_FIELD - 1)) >= math.ceil(p2 * _FIELD)
-    return x * keep1 * (1.0 / (1.0 - p1)), x * keep2 * (1.0 / (1.0 - p2))
+    t1, t2 = _hash_threshold(p1), _hash_threshold(p2)
+    if hashed and t1 is not None and t2 is not None and x.numel() < 1 << 31:
+        keys = torch.randint(-(1 << 31), 1 << 31, (2,), dtype=torch.int32, device=x.device)
+        bits = hashed_bits(x.shape, keys)
+        keep1 = ((bits >> 16) & 0xFFFF) >= t1
+        keep2 = (bits & 0xFFFF) >= t2
+        scale1, scale2 = _HASH_FIELD / (_HASH_FIELD - t1), _HASH_FIELD / (_HASH_FIELD - t2)
+    else:
+        draw = torch.randint(0, _FIELD * _FIELD, x.shape, device=x.device)
+        keep1 = (draw >> 31) >= math.ceil(p1 * _FIELD)
+        keep2 = (draw & (_FIELD - 1)) >= math.ceil(p2 * _FIELD)
+        scale1, scale2 = 1.0 / (1.0 - p1), 1.0 / (1.0 - p2)
+    return x * keep1 * scale1, x * keep2 * scale2
 
 
 def _dropout_rate(module: torch.nn.Module) -> float:
@@ -132,11 +185,13 @@ class PLoRALoraLinear(LoraLinear):
     dtype; anything else (index form, no image tokens, merged or disabled adapters, several
     adapters, DoRA and other variants, mixed dtypes) is PEFT's forward unchanged. `fuse = False`
     turns the fused path off, `one_draw = False` draws the two dropouts as two `F.dropout` calls
-    under torch.compile too (benchmarks compare them).
+    under torch.compile too, `hashed = False` draws them as one 64-bit integer per element
+    (`two_dropouts`; benchmarks compare them).
     """
 
     fuse = True
     one_draw = True
+    hashed = True
 
     def _fused_adapter(self, x: torch.Tensor, args: tuple, kwargs: dict) -> str | None:
         if not self.fuse or kwargs or len(args) != 1 or self.disable_adapters or self.merged:
@@ -173,6 +228,7 @@ class PLoRALoraLinear(LoraLinear):
                 _dropout_rate(base.lora_dropout),
                 _dropout_rate(self.lora_dropout[adapter]),
                 self.training,
+                self.hashed,
             )
         else:  # in PEFT's order: the base layer's Plora dropout first, then LoRA's
             x_plora, x_lora = base.lora_dropout(flat_x), self.lora_dropout[adapter](flat_x)
