@@ -19,10 +19,9 @@ one 64-bit Philox draw per element, as before `two_dropouts` hashed the element 
 (recompiled with inductor's coordinate-descent tuning of its Triton kernels' launch
 configurations), `autotune` (recompiled with inductor's max_autotune: matmuls benchmarked against
 Triton templates, which can fuse the element-wise work around them). Compiling is one-way, so
-eager variants come first,
-then compiled ones with `eagervit`, then the rest. Each variant: --warmup steps, then --steps
-timed steps (host clock after a device sync); an out-of-memory step fails the variant and the
-next one goes on.
+eager variants come first, then compiled ones with `eagervit`, then the rest. Each variant:
+--warmup steps, then --steps timed steps (host clock after a device sync); an out-of-memory step
+fails the variant and the next one goes on.
 
 Also, optionally: a torch.profiler breakdown of one step of a variant (kernel time by
 category, the top kernels, the GPU's busy time within the step, a gzipped Chrome trace), the frozen ViT's forward time on a row's tiles, and whether this

@@ -103,8 +103,9 @@ _HASH_FIELD = 1 << 16
 """Each keep/drop decision of the hashed draw reads 16 bits of the element's 32-bit hash."""
 
 _HASH_MULTIPLIERS = (0x21F0AAAD, 0x735A2D97)
-"""The splitmix32 finalizer's multipliers (hash-prospector's [16 21f0aaad 15 735a2d97 15]),
-both below 2³¹, so they are int32 values as written."""
+"""The multipliers of splitmix32's finalizer as commonly written (x ^= x >> 16, x *= 0x21f0aaad,
+x ^= x >> 15, x *= 0x735a2d97, x ^= x >> 15: one of the low-bias 32-bit hashes found with Chris
+Wellons' hash-prospector), both below 2³¹, so they are int32 values as written."""
 
 
 def _mix32(h: torch.Tensor) -> torch.Tensor:
