@@ -298,12 +298,7 @@ def _halt_or_skip(
             return []
     elif not bad:
         return []
-    mine = [(d.rank, b.micro_step, list(b.sample_keys)) for b in bad]
-    found: list[tuple[int, int, list[Any]]] = mine
-    if d.world_size > 1:
-        parts: list[list[Any]] = [[] for _ in range(d.world_size)]
-        dist.all_gather_object(parts, mine)
-        found = [entry for part in parts for entry in part]
+    found = _gather_keys([(d.rank, b.micro_step, list(b.sample_keys)) for b in bad], d)
     keys = [k for _, _, ks in found for k in ks]
     if cfg.nan_policy == "stop":
         micro = sorted({m for _, m, _ in found})
@@ -320,6 +315,7 @@ def _halt_or_skip(
 
 
 def _gather_keys(keys: list[Any], d: Dist) -> list[Any]:
+    """Every rank's list (of sample keys, or anything picklable), concatenated in rank order."""
     if d.world_size == 1:
         return list(keys)
     parts: list[list[Any]] = [[] for _ in range(d.world_size)]
