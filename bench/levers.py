@@ -15,9 +15,7 @@ torch._functorch.config.functionalize_rng_ops: backward regenerates the dropout 
 saved RNG state instead of keeping them), `allrows` (the last decoder layer on every row, as
 before `IXCModel.trained_rows_only`), `twodraws` (the fused layer's two dropouts drawn by two
 `F.dropout` calls, as before `trainer.lora.two_dropouts`), `randint` (the two dropouts decided by
-one 64-bit Philox draw per element, as before `two_dropouts` hashed the element index),
-`nokernel` (the hashed dropouts computed by inductor's kernels into two dropped copies of each
-linear's input, as before trainer/lora_kernels.py applied them inside the A-matmuls), `cdt`
+one 64-bit Philox draw per element, as before `two_dropouts` hashed the element index), `cdt`
 (recompiled with inductor's coordinate-descent tuning of its Triton kernels' launch
 configurations), `autotune` (recompiled with inductor's max_autotune: matmuls benchmarked against
 Triton templates, which can fuse the element-wise work around them). Compiling is one-way, so
@@ -92,7 +90,6 @@ VARIANT_FLAGS = (
     "allrows",
     "twodraws",
     "randint",
-    "nokernel",
     "cdt",
     "autotune",
 )
@@ -228,7 +225,6 @@ def apply_flags(model: Any, flags: frozenset[str]) -> Callable[[], None]:
         m.fuse = "unfused" not in flags
         m.one_draw = "twodraws" not in flags
         m.hashed = "randint" not in flags
-        m.in_kernel = "nokernel" not in flags
     ixc = [m for m in model.modules() if isinstance(m, IXCModel)]
     for m in ixc:
         m.trained_rows_only = "allrows" not in flags
@@ -252,7 +248,7 @@ def apply_flags(model: Any, flags: frozenset[str]) -> Callable[[], None]:
 
     def restore() -> None:
         for m in fused:
-            m.fuse = m.one_draw = m.hashed = m.in_kernel = True
+            m.fuse = m.one_draw = m.hashed = True
         for m in ixc:
             m.trained_rows_only = True
         for parent, key, child in dropouts:

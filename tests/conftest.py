@@ -7,12 +7,6 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
-
-# Without CUDA, the Triton kernels of trainer/lora_kernels.py run in Triton's interpreter, which
-# triton picks when it is imported: so here, before a test module imports it.
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

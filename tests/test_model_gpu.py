@@ -3,7 +3,6 @@ LoRA layer (marked gpu)."""
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import pytest
@@ -13,7 +12,7 @@ from schemas.sample import image_token_count
 from trainer import attention
 from trainer.config import TrainConfig
 from trainer.lora import PLoRALoraLinear
-from trainer.model import build_model, compile_layers, preset_config
+from trainer.model import build_model
 from trainer.modelio import Loaded, apply_recipe
 
 pytestmark = [
@@ -164,42 +163,3 @@ def test_bf16_fused_lora_layer_matches_pefts() -> None:
     flat_fused = torch.cat([g_fused[n].flatten() for n in g_peft])
     flat_peft = torch.cat([g.flatten() for g in g_peft.values()])
     assert (flat_fused - flat_peft).norm() <= 0.02 * flat_peft.norm()
-
-
-def test_compiled_lora_layer_with_dropouts_in_kernels_matches_without(monkeypatch) -> None:
-    """Compiled, in training, on CUDA: the LoRA layers with their dropouts applied inside the
-    A-matmuls (trainer/lora_kernels.py) draw the same keys and masks as `two_dropouts`' hashed
-    path, so the loss and gradients are those of the layers without the kernels."""
-    config = dataclasses.replace(preset_config("tiny"), plora_r=16)
-    model = build_model(config, seed=0, device="cuda", dtype=torch.bfloat16)
-    cfg = TrainConfig(shards=Path("."), model="tiny", recipe="lora", lora_r=16, lora_alpha=32).resolve()
-    peft_model = apply_recipe(Loaded(model, None, "tiny", "test"), cfg).model.to(torch.bfloat16).train()
-    compile_layers(peft_model)
-    layers = [m for m in peft_model.modules() if isinstance(m, PLoRALoraLinear)]
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.1)
-    from trainer import lora_kernels  # needs triton, which CUDA builds of torch bring
-
-    row = _packed(torch.Generator().manual_seed(3))
-    launches = []
-    launch = lora_kernels.launch_forward
-    monkeypatch.setattr(lora_kernels, "launch_forward", lambda *a: launches.append(1) or launch(*a))
-    results = []
-    for in_kernel in (True, False):
-        for layer in layers:
-            layer.in_kernel = in_kernel
-        launches.clear()
-        torch.manual_seed(5)
-        out = peft_model(**row)
-        out.loss_sum.backward()
-        grads = {n: p.grad.float() for n, p in peft_model.named_parameters() if p.grad is not None}
-        peft_model.zero_grad(set_to_none=True)
-        assert len(launches) == (len(layers) if in_kernel else 0)
-        results.append((out.loss_sum.detach().float(), grads))
-    (loss_kernel, g_kernel), (loss_plain, g_plain) = results
-    torch.testing.assert_close(loss_kernel, loss_plain, atol=0.5, rtol=2e-3)
-    assert g_kernel.keys() == g_plain.keys() and any(".lora_A." in n for n in g_kernel)
-    for name in g_plain:
-        assert (g_kernel[name] - g_plain[name]).norm() <= 0.02 * g_plain[name].norm() + 1e-6, name

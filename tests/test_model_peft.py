@@ -16,8 +16,6 @@ from trainer.lora import PLoRALoraLinear, hashed_bits, linear_plus_low_rank, two
 from trainer.model import PLORA_TARGETS, IXCModel, VisionTower, build_model, compile_layers
 from trainer.modelio import Loaded, apply_recipe
 
-CUDA = torch.cuda.is_available()
-
 
 def _row() -> dict:
     gen = torch.Generator().manual_seed(0)
@@ -242,66 +240,3 @@ def test_linear_plus_low_rank_gradients() -> None:
         ]
         assert torch.autograd.gradcheck(linear_plus_low_rank, inputs)
         torch.library.opcheck(linear_plus_low_rank, inputs)
-
-
-def _dropped_low_rank_reference(x, a1, a2, row_scale, keys, t1, t2, scale1, scale2):
-    """What the kernels compute, in float32 from `hashed_bits`' fields."""
-    bits = hashed_bits(x.shape, keys)
-    keep1, keep2 = ((bits >> 16) & 0xFFFF) >= t1, (bits & 0xFFFF) >= t2
-    h1 = row_scale[:, None] * scale1 * ((x * keep1) @ a1.t())
-    return h1, scale2 * ((x * keep2) @ a2.t())
-
-
-@pytest.mark.skipif(trainer.lora.lora_kernels is None, reason="needs triton")
-@pytest.mark.parametrize(
-    "dtype", [torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.skipif(not CUDA, reason="CUDA"))]
-)
-def test_dropout_kernels_match_the_hashed_dropouts(dtype: torch.dtype) -> None:
-    """The custom op `dropped_low_rank_in` (the Triton kernels of trainer/lora_kernels.py; without
-    CUDA in Triton's interpreter, see conftest.py, which has no bfloat16) computes the compiled
-    layer's hashed dropouts and A-matmuls: for the same seed, `two_dropouts`' masks (same keys,
-    same fields) times the A weights, with the image-token mask and LoRA's scaling; its backward
-    gives the reference's input and weight gradients. Odd sizes: rows and columns that do not fill
-    a tile."""
-    device = "cuda" if CUDA else "cpu"
-    gen = torch.Generator().manual_seed(0)
-    T, K, R1, R2, scaling = 150, 200, 32, 16, 2.0
-    x = torch.randn(T, K, generator=gen).to(device, dtype)
-    a1 = (torch.randn(R1, K, generator=gen) / 10).to(device, dtype)
-    a2 = (torch.randn(R2, K, generator=gen) / 10).to(device, dtype)
-    row_scale = (torch.rand(T, generator=gen) > 0.3).to(device, dtype)
-    p1, p2 = 0.3, 0.2
-    t1, t2 = trainer.lora._hash_threshold(p1), trainer.lora._hash_threshold(p2)
-    field = trainer.lora._HASH_FIELD
-    scale1, scale2 = field / (field - t1), field / (field - t2) * scaling
-
-    torch.manual_seed(7)  # `two_dropouts` compiled draws its keys first, as the layer does
-    x1, x2 = torch.compile(two_dropouts, backend="aot_eager")(x.float(), p1, p2, True)
-    torch.manual_seed(7)
-    keys = torch.randint(-(1 << 31), 1 << 31, (2,), dtype=torch.int32, device=device)
-
-    inputs = [t.clone().requires_grad_() for t in (x, a1, a2)]
-    h1, h2 = trainer.lora.dropped_low_rank_in(*inputs, row_scale, keys, t1, t2, scale1, scale2)
-    torch.testing.assert_close(
-        h1.float(), row_scale[:, None].float() * (x1 @ a1.float().t()), atol=2e-2, rtol=1e-2
-    )
-    torch.testing.assert_close(h2.float(), scaling * (x2 @ a2.float().t()), atol=2e-2, rtol=1e-2)
-
-    reference = [t.float().requires_grad_() for t in (x, a1, a2)]
-    r1, r2 = _dropped_low_rank_reference(*reference, row_scale.float(), keys, t1, t2, scale1, scale2)
-    g1, g2 = (torch.randn(T, r, generator=gen).to(device, dtype) for r in (R1, R2))
-    ((r1 * g1).sum() + (r2 * g2).sum()).backward()
-    ((h1.float() * g1).sum() + (h2.float() * g2).sum()).backward()
-    for name, got, want in zip(("x", "a1", "a2"), inputs, reference, strict=True):
-        # g ⊙ h's factors is rounded to the input dtype before the sums over rows
-        error = float((got.grad.float() - want.grad).norm() / want.grad.norm())
-        assert error < 1e-2, (name, error)
-
-    # Compiled (as the layer calls it), backward included: the same values through the ops.
-    compiled = torch.compile(trainer.lora.dropped_low_rank_in, backend="aot_eager", fullgraph=True)
-    again = [t.clone().requires_grad_() for t in (x, a1, a2)]
-    c1, c2 = compiled(*again, row_scale, keys, t1, t2, scale1, scale2)
-    torch.testing.assert_close((c1, c2), (h1, h2))
-    ((c1.float() * g1).sum() + (c2.float() * g2).sum()).backward()
-    for got, want in zip(again, inputs, strict=True):
-        torch.testing.assert_close(got.grad, want.grad)

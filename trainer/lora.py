@@ -28,11 +28,6 @@ import torch
 import torch.nn.functional as F
 from peft.tuners.lora.layer import Linear as LoraLinear
 
-try:  # Triton comes with CUDA builds of torch; CPU builds run the compiled path without it
-    from trainer import lora_kernels
-except ImportError:
-    lora_kernels = None  # type: ignore[assignment]
-
 
 @torch.library.custom_op("xcomposer::linear_plus_low_rank", mutates_args=())
 def linear_plus_low_rank(
@@ -178,121 +173,6 @@ def two_dropouts(
     return x * keep1 * scale1, x * keep2 * scale2
 
 
-@torch.library.custom_op("xcomposer::dropped_low_rank_in", mutates_args=())
-def dropped_low_rank_in(
-    x: torch.Tensor,
-    a1: torch.Tensor,
-    a2: torch.Tensor,
-    row_scale: torch.Tensor,
-    keys: torch.Tensor,
-    t1: int,
-    t2: int,
-    scale1: float,
-    scale2: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(h₁, h₂) = (row_scale ⊙ scale1 · (x ⊙ keep₁) a1ᵀ, scale2 · (x ⊙ keep₂) a2ᵀ) by the Triton
-    kernels of trainer/lora_kernels.py: `two_dropouts`' hashed draw for `keys` (keep₁ where the high
-    16 bits of `hashed_bits(x.shape, keys)` are ≥ t1, keep₂ where the low ones are ≥ t2) applied
-    inside the two A-matmuls, and in backward inside the input- and weight-gradient matmuls.
-    x [T, K], a1 [R1, K], a2 [R2, K], row_scale [T], keys int32 [2]."""
-    return lora_kernels.launch_forward(
-        x.contiguous(), a1.contiguous(), a2.contiguous(), row_scale.contiguous(), keys, t1, t2, scale1, scale2
-    )
-
-
-@dropped_low_rank_in.register_fake
-def _dropped_low_rank_in_fake(
-    x: torch.Tensor,
-    a1: torch.Tensor,
-    a2: torch.Tensor,
-    row_scale: torch.Tensor,
-    keys: torch.Tensor,
-    t1: int,
-    t2: int,
-    scale1: float,
-    scale2: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    return x.new_empty(x.shape[0], a1.shape[0]), x.new_empty(x.shape[0], a2.shape[0])
-
-
-def _dropped_low_rank_in_setup(ctx: Any, inputs: tuple, output: tuple) -> None:
-    x, a1, a2, row_scale, keys, t1, t2, scale1, scale2 = inputs
-    # x is kept only for a weight gradient (Plora_A is frozen under LoRA; lora_A trains).
-    ctx.save_for_backward(x if a1.requires_grad or a2.requires_grad else None, a1, a2, row_scale, keys)
-    ctx.t1, ctx.t2, ctx.scale1, ctx.scale2 = t1, t2, scale1, scale2
-
-
-def _dropped_low_rank_in_backward(
-    ctx: Any, grad_h1: torch.Tensor, grad_h2: torch.Tensor
-) -> tuple[torch.Tensor | None, ...]:
-    x, a1, a2, row_scale, keys = ctx.saved_tensors
-    need_x, need_a1, need_a2 = ctx.needs_input_grad[:3]
-    # h's per-row and per-column factors move onto its gradient: g = dh ⊙ factors.
-    g1 = grad_h1 * (row_scale * ctx.scale1).to(grad_h1.dtype)[:, None]
-    g2 = grad_h2 * ctx.scale2
-    return (
-        dropped_low_rank_in_input_grad(g1, g2, a1, a2, keys, ctx.t1, ctx.t2) if need_x else None,
-        dropped_low_rank_in_weight_grad(g1, x, keys, ctx.t1, True) if need_a1 else None,
-        dropped_low_rank_in_weight_grad(g2, x, keys, ctx.t2, False) if need_a2 else None,
-        None,
-        None,
-        None,
-        None,
-        None,
-        None,
-    )
-
-
-# The backward's kernels are custom ops too: a compiled graph traces backward, and an opaque op is
-# what it calls instead of tracing into a Triton launch.
-@torch.library.custom_op("xcomposer::dropped_low_rank_in_input_grad", mutates_args=())
-def dropped_low_rank_in_input_grad(
-    g1: torch.Tensor,
-    g2: torch.Tensor,
-    a1: torch.Tensor,
-    a2: torch.Tensor,
-    keys: torch.Tensor,
-    t1: int,
-    t2: int,
-) -> torch.Tensor:
-    """keep₁ ⊙ (g1 a1) + keep₂ ⊙ (g2 a2): `dropped_low_rank_in`'s input gradient, g = dh ⊙ h's factors."""
-    return lora_kernels.launch_input_grad(
-        g1.contiguous(), g2.contiguous(), a1.contiguous(), a2.contiguous(), keys, t1, t2
-    )
-
-
-@dropped_low_rank_in_input_grad.register_fake
-def _dropped_low_rank_in_input_grad_fake(
-    g1: torch.Tensor,
-    g2: torch.Tensor,
-    a1: torch.Tensor,
-    a2: torch.Tensor,
-    keys: torch.Tensor,
-    t1: int,
-    t2: int,
-) -> torch.Tensor:
-    return g1.new_empty(g1.shape[0], a1.shape[1])
-
-
-@torch.library.custom_op("xcomposer::dropped_low_rank_in_weight_grad", mutates_args=())
-def dropped_low_rank_in_weight_grad(
-    g: torch.Tensor, x: torch.Tensor, keys: torch.Tensor, threshold: int, high: bool
-) -> torch.Tensor:
-    """gᵀ (x ⊙ keep) [R, K] in x's dtype: an A weight's gradient (keep from the high 16 bits for the
-    first dropout, the low ones for the second)."""
-    return lora_kernels.launch_weight_grad(g.contiguous(), x.contiguous(), keys, threshold, high).to(x.dtype)
-
-
-@dropped_low_rank_in_weight_grad.register_fake
-def _dropped_low_rank_in_weight_grad_fake(
-    g: torch.Tensor, x: torch.Tensor, keys: torch.Tensor, threshold: int, high: bool
-) -> torch.Tensor:
-    return x.new_empty(g.shape[1], x.shape[1])
-
-
-dropped_low_rank_in.register_autograd(_dropped_low_rank_in_backward, setup_context=_dropped_low_rank_in_setup)
-
-
 def _dropout_rate(module: torch.nn.Module) -> float:
     """p of an nn.Dropout, 0 for nn.Identity (PEFT's lora_dropout when dropout is 0)."""
     return float(module.p) if isinstance(module, torch.nn.Dropout) else 0.0
@@ -307,14 +187,12 @@ class PLoRALoraLinear(LoraLinear):
     adapters, DoRA and other variants, mixed dtypes) is PEFT's forward unchanged. `fuse = False`
     turns the fused path off, `one_draw = False` draws the two dropouts as two `F.dropout` calls
     under torch.compile too, `hashed = False` draws them as one 64-bit integer per element
-    (`two_dropouts`), `in_kernel = False` keeps the hashed dropouts out of the Triton kernels that
-    apply them inside the A-matmuls on CUDA (`trainer.lora_kernels`; benchmarks compare them).
+    (`two_dropouts`; benchmarks compare them).
     """
 
     fuse = True
     one_draw = True
     hashed = True
-    in_kernel = True
 
     def _fused_adapter(self, x: torch.Tensor, args: tuple, kwargs: dict) -> str | None:
         if not self.fuse or kwargs or len(args) != 1 or self.disable_adapters or self.merged:
@@ -343,55 +221,24 @@ class PLoRALoraLinear(LoraLinear):
         if adapter is None:
             return super().forward(x, *args, **kwargs)
         base = self.get_base_layer()
+        image_tokens = args[0]
         flat_x = x.reshape(-1, x.shape[-1])
-        h_plora, h_lora = self._low_rank_in(flat_x, args[0], adapter)
+        if self.one_draw:
+            x_plora, x_lora = two_dropouts(
+                flat_x,
+                _dropout_rate(base.lora_dropout),
+                _dropout_rate(self.lora_dropout[adapter]),
+                self.training,
+                self.hashed,
+            )
+        else:  # in PEFT's order: the base layer's Plora dropout first, then LoRA's
+            x_plora, x_lora = base.lora_dropout(flat_x), self.lora_dropout[adapter](flat_x)
+        h_plora = base.Plora_A(x_plora) * image_tokens
+        h_lora = self.lora_A[adapter](x_lora)
+        scaling = self.scaling[adapter]
+        if scaling != 1.0:
+            h_lora = h_lora * scaling
         out = linear_plus_low_rank(
             flat_x, base.weight, h_plora, h_lora, base.Plora_B.weight, self.lora_B[adapter].weight
         )
         return out.view(*x.shape[:-1], out.shape[-1])
-
-    def _low_rank_in(
-        self, x: torch.Tensor, image_tokens: torch.Tensor, adapter: str
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(m ⊙ Plora_A(drop₁(x)), s · lora_A(drop₂(x))) for the flattened rows x [T, in]."""
-        base = self.get_base_layer()
-        p_plora, p_lora = _dropout_rate(base.lora_dropout), _dropout_rate(self.lora_dropout[adapter])
-        a_plora, a_lora = base.Plora_A, self.lora_A[adapter]
-        scaling = self.scaling[adapter]
-        t1, t2 = _hash_threshold(p_plora), _hash_threshold(p_lora)
-        if (
-            self.in_kernel
-            and lora_kernels is not None
-            and self.training
-            and self.one_draw
-            and self.hashed
-            and torch.compiler.is_compiling()
-            and 0.0 < p_plora < 1.0
-            and 0.0 < p_lora < 1.0
-            and t1 is not None
-            and t2 is not None
-            and a_plora.bias is None
-            and a_lora.bias is None
-            and lora_kernels.supported(x, a_plora.weight, a_lora.weight)
-        ):
-            # The hashed draw of `two_dropouts` (same keys from the generator, same fields and
-            # thresholds), its masks applied where the A-matmuls read x (trainer/lora_kernels.py).
-            keys = torch.randint(-(1 << 31), 1 << 31, (2,), dtype=torch.int32, device=x.device)
-            return dropped_low_rank_in(
-                x,
-                a_plora.weight,
-                a_lora.weight,
-                image_tokens.reshape(-1),
-                keys,
-                t1,
-                t2,
-                _HASH_FIELD / (_HASH_FIELD - t1),
-                _HASH_FIELD / (_HASH_FIELD - t2) * scaling,
-            )
-        if self.one_draw:
-            x_plora, x_lora = two_dropouts(x, p_plora, p_lora, self.training, self.hashed)
-        else:  # in PEFT's order: the base layer's Plora dropout first, then LoRA's
-            x_plora, x_lora = base.lora_dropout(x), self.lora_dropout[adapter](x)
-        h_plora = a_plora(x_plora) * image_tokens
-        h_lora = a_lora(x_lora)
-        return h_plora, h_lora * scaling if scaling != 1.0 else h_lora
