@@ -21,6 +21,7 @@ from trainer.model import (
     compile_layers,
     merge_patches,
     num_parameters,
+    patch_embeddings,
     plora_selector,
     preset_config,
     rotary_cos_sin,
@@ -274,6 +275,20 @@ def test_frozen_vit_builds_no_graph_and_trains_the_rest(samples: list[dict]) -> 
     out.loss_sum.backward()
     assert all(p.grad is None for p in m.vit.parameters())
     assert m.vision_proj[0].weight.grad is not None and m.plora_sub_GN.grad is not None
+
+
+def test_patch_embeddings_match_the_clip_convolution(model: IXCModel) -> None:
+    clip = model.vit.vision_tower.vision_model
+    conv_params = list(clip.embeddings.parameters())
+    pixels = torch.randn(2, 3, 560, 560, generator=torch.Generator().manual_seed(0))
+    expected = clip.embeddings(pixels)  # transformers: nn.Conv2d, class token, positions
+    grads = torch.autograd.grad(expected.square().sum(), conv_params)
+    got = patch_embeddings(clip.embeddings, pixels)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    for g, e in zip(torch.autograd.grad(got.square().sum(), conv_params), grads, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="doesn't match model"):
+        patch_embeddings(clip.embeddings, pixels[..., :280])
 
 
 def test_query_runs_cut_merge_and_bound(monkeypatch: pytest.MonkeyPatch) -> None:

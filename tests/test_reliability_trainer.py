@@ -10,6 +10,7 @@ import errno
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -61,6 +62,51 @@ def test_nan_loss_stops_naming_the_samples_and_keeps_the_last_checkpoint(
     assert train_main(run_args(tiny_text_shards, out, "--epochs", "1", "--resume", "auto")) == 0
     err = capsys.readouterr().err
     assert "resumed from" in err and "at step 2" in err
+
+
+class _InfiniteGradient(torch.autograd.Function):
+    """Identity forward; an infinite gradient backward: a finite loss whose gradients are not."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        return grad * float("inf")
+
+
+@pytest.mark.parametrize("save_every", [1, 100])
+def test_non_finite_gradient_norm_stops_at_its_step_before_the_next_one_applies(
+    tiny_text_shards: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+    save_every: int,
+) -> None:
+    """The step's gradient norm is read after the next step's first forward (or before a
+    checkpoint): the run still halts naming that step, before anything of the next is applied."""
+    real_forward = IXCModel.forward
+    calls = {"n": 0}
+
+    def forward(self: IXCModel, *args: Any, **kwargs: Any) -> Any:
+        out = real_forward(self, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 3 and out.loss_sum is not None:  # step 1's first micro-batch
+            out.loss_sum = _InfiniteGradient.apply(out.loss_sum)
+        return out
+
+    monkeypatch.setattr(IXCModel, "forward", forward)
+    out = tmp_path / "run"
+    args = run_args(tiny_text_shards, out, "--epochs", "1", "--save-every-steps", str(save_every))
+    assert train_main(args) == 1
+    err = capsys.readouterr().err
+    assert "non-finite gradient norm" in err and "at step 1; samples:" in err and "001-text" in err
+    # Two micro-batches a step: halted at step 1's checkpoint, after forward 4, or else at step 2's
+    # first finite-loss check, after forward 5 and before its backward.
+    assert calls["n"] == {1: 4, 100: 5}[save_every]
+    done = [p.name for p in ckpt.complete_checkpoints(out)]
+    assert done == (["step-00000001"] if save_every == 1 else [])
 
 
 def test_nan_policy_skip_finishes_and_lists_the_skipped_samples(
