@@ -18,9 +18,13 @@ Both modes train the same model on the same records, in one process, on one GPU:
             built before either mode is timed (`trainer.attention.warm_up`).
   ours      `trainer.data.PackedLoader` (≤ 4 workers) → packed rows of ≤ max_length tokens →
             `model(...)` with the chunked loss (no full logits); data wait = the time the loop
-            blocks in `next()` (`trainer.data.TimedIterator`).
+            blocks in `next()` (`trainer.data.TimedIterator`). As in xc-train, the one host sync of
+            a step is the finite-loss check after the forward; the host launches the backward and
+            update, then the next step's data and forward, while the device runs them.
   official  one conversation per step (B = 1: padding to the longest in the batch pads nothing),
-            read from the JSON inside the training process: tokenize, decode, HD-transform
+            every record once after the warm-up (--official-steps), its one host sync the HF
+            Trainer's NaN filter of the loss after backward, read from the JSON inside the training
+            process: tokenize, decode, HD-transform
             (`pipeline.build.build_sample`: load_rgb + hd_transform) and normalize to float32 with
             numpy, copy the float pixels to the GPU; the forward returns the full logits, which
             are cast to fp32 for one standard cross-entropy. Our model's image path takes uint8
@@ -30,6 +34,8 @@ Both modes train the same model on the same records, in one process, on one GPU:
             --official-lora both (the default) it runs a second time with our fused LoRA layer
             (trainer/lora.py), the conservative baseline, and the ratio is given against both.
 
+Step time: from one step's host sync to the next (a step's work, whichever part of it the host
+launched before the sync).
 MFU = model FLOPs / step time / the card's bf16 matmul rate measured in the same run (8192³).
 Model FLOPs (trainer/flops.py) per packed row with sample lengths s_i, N = LLM matmul parameters
 (decoder linears + output head), L layers, d hidden size:
@@ -371,11 +377,17 @@ class Phase:
 def optimizer_step(
     loss: torch.Tensor, optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter]
 ) -> float:
+    """Backward and update, then the loss as a float (one host sync: the step has run)."""
     loss.backward()
+    update(optimizer, params)
+    return float(loss.detach())
+
+
+def update(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter]) -> None:
+    """Clip to norm 1.0, AdamW step, clear the gradients: launched, not waited for."""
     torch.nn.utils.clip_grad_norm_(params, 1.0)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return float(loss.detach())  # one host sync per step, as the trainer's finite-loss check
 
 
 def batch_flops(model: IXCModel, batch: PackedBatch) -> tuple[float, float]:
@@ -416,18 +428,28 @@ def run_ours(
             if i == args.warmup:
                 reset_peak(device)
             batch = next(timed).to(device)
-            out = model(
-                **batch.model_inputs(),
-                targets=batch.targets,
-            )
-            loss = optimizer_step(out.loss_sum / max(1, out.num_tokens or 0), optimizer, params)
-            del out
-            sync(device)
+            out = model(**batch.model_inputs(), targets=batch.targets)
+            loss = out.loss_sum / max(1, out.num_tokens or 0)
+            # xc-train's finite-loss check, the step's one host sync. A step's time runs from one
+            # check to the next: the previous step's backward and update, then this step's data and
+            # forward; the host launches them while the device still runs the backward, as in xc-train.
+            loss_value = float(loss.detach())
             now = time.perf_counter()
             phase.add(
-                i, args.warmup, model, batch, now - last, timed.last_wait_s, len(batch.sample_keys), loss
+                i,
+                args.warmup,
+                model,
+                batch,
+                now - last,
+                timed.last_wait_s,
+                len(batch.sample_keys),
+                loss_value,
             )
             last = now
+            loss.backward()
+            update(optimizer, params)
+            del out, loss
+        sync(device)
     finally:
         stream.close()  # stops the loader's worker processes
     phase.peak_allocated_gib, phase.peak_reserved_gib = peak_gib(device)
@@ -459,7 +481,12 @@ def run_official(
     recipe runs."""
     phase = Phase(
         official_name(fused_lora),
-        notes={"batch_size": 1, "padding_tokens": 0, "lora_layer": "fused" if fused_lora else "peft"},
+        notes={
+            "batch_size": 1,
+            "padding_tokens": 0,
+            "lora_layer": "fused" if fused_lora else "peft",
+            "records": len(records),
+        },
     )
     set_fused_lora(model, fused_lora)
     needed = args.official_warmup + args.official_steps
@@ -486,18 +513,19 @@ def run_official(
         data_s = time.perf_counter() - started
         pixels = pixels.to(device)  # the float copy the official code makes (the model reads the uint8 tiles)
         batch = batch.to(device)
-        out = model(
-            **batch.model_inputs(),
-            return_logits=True,
-        )
+        out = model(**batch.model_inputs(), return_logits=True)
         logits = out.logits[0].float()  # [T, V] fp32, as the official model's forward
-        loss = F.cross_entropy(logits, batch.targets[0], ignore_index=IGNORE_INDEX)
-        loss_value = optimizer_step(loss, optimizer, params)
-        del out, logits, loss, pixels
-        sync(device)
+        loss = F.cross_entropy(logits, batch.targets[0].to(device), ignore_index=IGNORE_INDEX)
+        loss.backward()
+        # The HF Trainer's NaN/inf filter of the step's loss after backward: its one host sync per
+        # step; a step's time runs from one to the next (the update is launched after it).
+        loss_value = float(loss.detach())
         now = time.perf_counter()
         phase.add(i, args.official_warmup, model, batch, now - last, data_s, 1, loss_value)
         last = now
+        update(optimizer, params)
+        del out, logits, loss, pixels
+    sync(device)
     phase.peak_allocated_gib, phase.peak_reserved_gib = peak_gib(device)
     return phase
 
@@ -589,8 +617,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--official-steps",
         type=int,
-        default=24,
-        help="measured steps of the official mode (its in-process image work makes single steps noisy)",
+        default=None,
+        help="measured steps of the official mode (default: one per record, so that it trains on every "
+        "record once, the data ours draws from)",
     )
     parser.add_argument("--official-warmup", type=int, default=3, help="warm-up steps of the official mode")
     parser.add_argument("--hd-num", type=int, default=18)
@@ -627,7 +656,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out-json", type=Path, default=None)
     parser.add_argument("--keep", type=Path, default=None, help="work in this folder and keep it")
     args = parser.parse_args(argv)
-    if args.warmup < 1 or args.steps < 1 or args.official_steps < 1:
+    if args.warmup < 1 or args.steps < 1 or (args.official_steps is not None and args.official_steps < 1):
         parser.error("--warmup, --steps and --official-steps must be >= 1")
 
     started = time.perf_counter()
@@ -745,6 +774,8 @@ def main(argv: list[str] | None = None) -> int:
             ]
             # single, multi, text, single, ...: every window of three steps sees each kind once
             interleaved = [r for group in itertools.zip_longest(*by_kind) for r in group if r is not None]
+            if args.official_steps is None:
+                args.official_steps = len(interleaved)  # after the warm-up, each record once
             for fused_lora in {"peft": [False], "fused": [True], "both": [False, True]}[args.official_lora]:
                 try:
                     record(
