@@ -18,7 +18,8 @@ before `IXCModel.trained_rows_only`), `twodraws` (the fused layer's two dropouts
 one 64-bit Philox draw per element, as before `two_dropouts` hashed the element index), `cdt`
 (recompiled with inductor's coordinate-descent tuning of its Triton kernels' launch
 configurations), `autotune` (recompiled with inductor's max_autotune: matmuls benchmarked against
-Triton templates, which can fuse the element-wise work around them). Compiling is one-way, so
+Triton templates, which can fuse the element-wise work around them), `cublaslt` (torch's matmuls
+through cuBLASLt instead of cuBLAS: `torch.backends.cuda.preferred_blas_library`). Compiling is one-way, so
 eager variants come first, then compiled ones with `eagervit`, then the rest. Each variant:
 --warmup steps, then --steps timed steps (host clock after a device sync); an out-of-memory step
 fails the variant and the next one goes on.
@@ -93,6 +94,7 @@ VARIANT_FLAGS = (
     "randint",
     "cdt",
     "autotune",
+    "cublaslt",
 )
 INDUCTOR_FLAGS = {"cdt": "coordinate_descent_tuning", "autotune": "max_autotune"}
 """Variant flags that recompile with an inductor option on."""
@@ -241,6 +243,9 @@ def apply_flags(model: Any, flags: frozenset[str]) -> Callable[[], None]:
     if "rngfunc" in flags:
         torch._functorch.config.functionalize_rng_ops = True
         torch._dynamo.reset()
+    blas = torch.backends.cuda.preferred_blas_library()
+    if "cublaslt" in flags:
+        torch.backends.cuda.preferred_blas_library("cublaslt")
     inductor = [INDUCTOR_FLAGS[f] for f in flags if f in INDUCTOR_FLAGS]
     for option in inductor:
         setattr(torch._inductor.config, option, True)
@@ -261,6 +266,7 @@ def apply_flags(model: Any, flags: frozenset[str]) -> Callable[[], None]:
             setattr(torch._inductor.config, option, False)
         if inductor:
             torch._dynamo.reset()
+        torch.backends.cuda.preferred_blas_library(blas)
 
     return restore
 
