@@ -67,7 +67,6 @@ from train_throughput import (  # noqa: E402
 )
 
 from trainer.attention import BACKENDS  # noqa: E402
-from trainer.data import DEVICE_FIELDS  # noqa: E402
 from trainer.flops import step_flops, vit_flops  # noqa: E402
 from trainer.lora import PLoRALoraLinear  # noqa: E402
 from trainer.model import TINY_VOCAB_SIZE, IXCModel, compile_layers  # noqa: E402
@@ -127,8 +126,8 @@ def parse_variants(text: str) -> list[tuple[str, int, str, frozenset[str]]]:
 
 
 def to_device(row: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    """What `PackedBatch.to` moves; the row's layout and targets stay on the host, as in training."""
-    return {k: (v.to(device, non_blocking=True) if k in DEVICE_FIELDS else v) for k, v in row.items()}
+    # tiles stay on the host (pinned by the loader in training): the model copies them
+    return {k: (v.to(device) if isinstance(v, torch.Tensor) and k != "tiles" else v) for k, v in row.items()}
 
 
 def one_step(

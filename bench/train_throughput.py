@@ -18,9 +18,8 @@ Both modes train the same model on the same records, in one process, on one GPU:
             built before either mode is timed (`trainer.attention.warm_up`).
   ours      `trainer.data.PackedLoader` (≤ 4 workers) → packed rows of ≤ max_length tokens →
             `model(...)` with the chunked loss (no full logits); data wait = the time the loop
-            blocks in `next()` (`trainer.data.TimedIterator`). As in xc-train, the one host sync of
-            a step is the finite-loss check after the forward; the host launches the backward and
-            update, then the next step's data and forward, while the device runs them.
+            blocks in `next()` (`trainer.data.TimedIterator`); each step ends with a device sync, as
+            xc-train's do.
   official  one conversation per step (B = 1: padding to the longest in the batch pads nothing),
             every record once after the warm-up (--official-steps), its one host sync the HF
             Trainer's NaN filter of the loss after backward, read from the JSON inside the training
@@ -34,8 +33,7 @@ Both modes train the same model on the same records, in one process, on one GPU:
             --official-lora both (the default) it runs a second time with our fused LoRA layer
             (trainer/lora.py), the conservative baseline, and the ratio is given against both.
 
-Step time: from one step's host sync to the next (a step's work, whichever part of it the host
-launched before the sync).
+Step time: from one step's host sync to the next.
 MFU = model FLOPs / step time / the card's bf16 matmul rate measured in the same run (8192³).
 Model FLOPs (trainer/flops.py) per packed row with sample lengths s_i, N = LLM matmul parameters
 (decoder linears + output head), L layers, d hidden size:
@@ -429,27 +427,14 @@ def run_ours(
                 reset_peak(device)
             batch = next(timed).to(device)
             out = model(**batch.model_inputs(), targets=batch.targets)
-            loss = out.loss_sum / max(1, out.num_tokens or 0)
-            # xc-train's finite-loss check, the step's one host sync. A step's time runs from one
-            # check to the next: the previous step's backward and update, then this step's data and
-            # forward; the host launches them while the device still runs the backward, as in xc-train.
-            loss_value = float(loss.detach())
+            loss = optimizer_step(out.loss_sum / max(1, out.num_tokens or 0), optimizer, params)
+            del out
+            sync(device)  # xc-train synchronizes after each step too
             now = time.perf_counter()
             phase.add(
-                i,
-                args.warmup,
-                model,
-                batch,
-                now - last,
-                timed.last_wait_s,
-                len(batch.sample_keys),
-                loss_value,
+                i, args.warmup, model, batch, now - last, timed.last_wait_s, len(batch.sample_keys), loss
             )
             last = now
-            loss.backward()
-            update(optimizer, params)
-            del out, loss
-        sync(device)
     finally:
         stream.close()  # stops the loader's worker processes
     phase.peak_allocated_gib, phase.peak_reserved_gib = peak_gib(device)
@@ -515,7 +500,7 @@ def run_official(
         batch = batch.to(device)
         out = model(**batch.model_inputs(), return_logits=True)
         logits = out.logits[0].float()  # [T, V] fp32, as the official model's forward
-        loss = F.cross_entropy(logits, batch.targets[0].to(device), ignore_index=IGNORE_INDEX)
+        loss = F.cross_entropy(logits, batch.targets[0], ignore_index=IGNORE_INDEX)
         loss.backward()
         # The HF Trainer's NaN/inf filter of the step's loss after backward: its one host sync per
         # step; a step's time runs from one to the next (the update is launched after it).

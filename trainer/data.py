@@ -840,10 +840,6 @@ def format_plan(plan: EpochPlan, world_size: int | None = None) -> str:
 # --------------------------------------------------------------------------- collate
 
 
-DEVICE_FIELDS = ("input_ids", "position_ids", "tiles")
-"""The PackedBatch tensors that `PackedBatch.to` moves; the others stay on the host."""
-
-
 @dataclass
 class PackedBatch:
     """One packed micro-batch (docs/ARCHITECTURE.md): B = 1 row of T tokens from S samples.
@@ -904,15 +900,8 @@ class PackedBatch:
         }
 
     def to(self, device: torch.device | str, non_blocking: bool = True) -> PackedBatch:
-        """Copy the tensors the model reads on the device (input_ids, position_ids, tiles) to
-        `device`, asynchronously from pinned memory.
-
-        The row's layout (cu_seqlens, image_grids, image_starts) and its targets stay on the host:
-        the model sizes its work from them (image spans, trained rows, loss chunks) and copies what
-        it needs without a device-to-host read, each of which would stall the host until every
-        kernel launched so far has run."""
-        moved = {name: getattr(self, name).to(device, non_blocking=non_blocking) for name in DEVICE_FIELDS}
-        return replace(self, **moved)
+        """Copy every tensor to `device` (asynchronously from pinned memory)."""
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
 
     def pin_memory(self) -> PackedBatch:
         """Page-locked copy (the DataLoader's pin thread calls this when CUDA is present)."""

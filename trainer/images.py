@@ -13,7 +13,6 @@ within an image); grids (rows, cols) per image, sum(rows·cols) == N; outputs fl
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 
 import torch
@@ -25,19 +24,11 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-@functools.cache
-def _mean_std(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """CLIP_MEAN and CLIP_STD as fp32[3, 1, 1] on `device`, made once: copying a new host tensor
-    to the GPU in every call would wait for the kernels launched before it."""
-    mean = torch.tensor(CLIP_MEAN, dtype=torch.float32).view(3, 1, 1).to(device)
-    std = torch.tensor(CLIP_STD, dtype=torch.float32).view(3, 1, 1).to(device)
-    return mean, std
-
-
 def _normalize(pixels: torch.Tensor) -> torch.Tensor:
     """uint8[..., H, W, 3] -> fp32[..., 3, H, W] as torchvision's ToTensor + Normalize compute it."""
     x = pixels.movedim(-1, -3).float().div(255)
-    mean, std = _mean_std(x.device)
+    mean = torch.tensor(CLIP_MEAN, dtype=torch.float32, device=x.device).view(3, 1, 1)
+    std = torch.tensor(CLIP_STD, dtype=torch.float32, device=x.device).view(3, 1, 1)
     return x.sub(mean).div(std)
 
 

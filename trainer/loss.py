@@ -40,17 +40,15 @@ def chunked_cross_entropy(
     Divide by the token count yourself (per micro-batch, or globally over ranks and accumulation
     steps). A row with no trained token returns a zero that is still connected to `hidden` and
     `weight`, so backward runs (and gives zero gradients) on every rank.
-    `targets` may be on the host (the trainer keeps them there): the trained positions that size
-    the chunks are found there; on hidden's device, finding them is one host sync.
     """
     if chunk_tokens <= 0:
         raise ValueError(f"chunk_tokens ({chunk_tokens}) must be positive, e.g. {DEFAULT_CHUNK_TOKENS}")
-    trained = (targets != IGNORE_INDEX).nonzero().squeeze(1)
+    trained = (targets != IGNORE_INDEX).nonzero().squeeze(1)  # one host sync: sizes the chunks
     num_tokens = int(trained.numel())
     if num_tokens == 0:
         return F.linear(hidden[:0], weight).float().sum(), 0
-    targets = targets.index_select(0, trained).to(hidden.device, non_blocking=True)
-    hidden = hidden.index_select(0, trained.to(hidden.device, non_blocking=True))
+    hidden = hidden.index_select(0, trained)
+    targets = targets.index_select(0, trained)
     needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, num_tokens, chunk_tokens):
@@ -74,7 +72,6 @@ def token_losses(
     Same chunking as `chunked_cross_entropy`; meant for `torch.no_grad()` (no recompute wrapper).
     """
     losses = torch.zeros(targets.shape[0], dtype=torch.float32, device=hidden.device)
-    targets = targets.to(hidden.device, non_blocking=True)
     trained = (targets != IGNORE_INDEX).nonzero().squeeze(1)
     for start in range(0, int(trained.numel()), chunk_tokens):
         idx = trained[start : start + chunk_tokens]
@@ -96,7 +93,7 @@ def segment_losses(
     sums = torch.zeros(lengths.numel(), dtype=torch.float32, device=losses.device)
     counts = torch.zeros(lengths.numel(), dtype=torch.int64, device=losses.device)
     sums.index_add_(0, sample_of, losses)
-    counts.index_add_(0, sample_of, (targets.to(losses.device) != IGNORE_INDEX).long())
+    counts.index_add_(0, sample_of, (targets != IGNORE_INDEX).long())
     return sums, counts
 
 

@@ -633,8 +633,8 @@ def patch_embeddings(embeddings: CLIPVisionEmbeddings, pixels: torch.Tensor) -> 
     patch convolution computed as one matmul: [B·patches, 3·p·p] × [3·p·p, C].
 
     Same products, accumulated in another order. On CUDA the convolution ran as cuDNN's implicit
-    GEMM at 20 TFLOP/s (2.7 ms for 28 views of 560 px on an H200) after host-side algorithm
-    selection for each new view count; the matmul takes 0.1 ms.
+    GEMM at 20 TFLOP/s (2.7 ms for 28 views of 560 px on an H200), after host-side algorithm
+    selection for each new view count.
     """
     conv = embeddings.patch_embedding
     b, channels, height, width = pixels.shape
@@ -874,7 +874,7 @@ class IXCModel(nn.Module):
         """
         t = input_ids.shape[0]
         device = self.model.tok_embeddings.weight.device
-        embeds = self.model.tok_embeddings(input_ids.to(device, non_blocking=True).clamp_min(0))
+        embeds = self.model.tok_embeddings(input_ids.to(device).clamp_min(0))
         grids = [] if image_grids is None else [(int(r), int(c)) for r, c in image_grids.tolist()]
         if not grids:
             no_images = torch.zeros(0, dtype=torch.long, device=device)
@@ -921,20 +921,20 @@ class IXCModel(nn.Module):
         """Decoder stack + final norm: [T, hidden] -> [T, hidden]. With `caches`: one sequence, appended to.
         With `queries`: the last layer computes only the rows queries.index -> [Q, hidden]."""
         device = embeds.device
-        position_ids = position_ids.to(device, non_blocking=True)
+        position_ids = position_ids.to(device)
         if caches is None:
             backend = resolve_backend(self.attention_backend, device, embeds.dtype, self.config.head_dim)
             seq_lens = None
             if max_seqlen > self.config.max_position_embeddings:
                 lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-                seq_lens = torch.repeat_interleave(lengths, lengths).to(device, non_blocking=True)
+                seq_lens = torch.repeat_interleave(lengths, lengths).to(device)
         else:
             # Generation: one sequence; its length so far sets the NTK base, as in HF's cache path.
             past = 0 if caches[0].k is None else caches[0].k.shape[0]
             seq_lens = torch.full_like(position_ids, past + embeds.shape[0])
             backend = "sdpa"
         rope = rotary_cos_sin(position_ids, self.config, embeds.dtype, seq_lens)
-        cu_seqlens = cu_seqlens.to(device=device, dtype=torch.int32, non_blocking=True)
+        cu_seqlens = cu_seqlens.to(device=device, dtype=torch.int32)
         image_tokens = plora_selector(image_index, embeds.shape[0], embeds.dtype)
         h = embeds
         use_checkpoint = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
@@ -1005,17 +1005,16 @@ class IXCModel(nn.Module):
             position_ids = position_ids[0]
         embeds, image_index = self.embed(ids, tiles, image_grids, image_starts)
         queries = None
-        row_targets = None if targets is None else targets[0]
-        if row_targets is not None and not return_logits and self.trained_rows_only:
-            # From host targets (PackedBatch keeps them there), neither this nor the loss's chunk
-            # sizes waits for the device.
-            queries = query_runs((row_targets != IGNORE_INDEX).nonzero().squeeze(1), cu_seqlens)
-        if queries is not None and row_targets is not None:
-            row_targets = row_targets.index_select(0, queries.index.to(row_targets.device))
+        if targets is not None and not return_logits and self.trained_rows_only:
+            queries = query_runs((targets[0] != IGNORE_INDEX).nonzero().squeeze(1), cu_seqlens)
+        if queries is not None:
             queries = queries.to(embeds.device)
         hidden = self.decode(embeds, position_ids, cu_seqlens, max_seqlen, image_index, queries=queries)
         out = ModelOutput(hidden=hidden[None], positions=None if queries is None else queries.index)
-        if row_targets is not None:
+        if targets is not None:
+            row_targets = targets[0].to(hidden.device)
+            if queries is not None:
+                row_targets = row_targets.index_select(0, queries.index)
             out.loss_sum, out.num_tokens = self.output(hidden, row_targets, self.chunk_tokens)
         if return_logits:
             out.logits = self.output(hidden)[None]

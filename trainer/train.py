@@ -18,7 +18,6 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -198,26 +197,14 @@ def reduces_every_micro_batch(engine: Any) -> bool:
 
 
 def train_step(
-    engine: Any,
-    batches: list[PackedBatch],
-    d: Dist,
-    accumulation: int,
-    cfg: TrainConfig,
-    per_source: bool,
-    after_first_forward: Callable[[], None] | None = None,
-) -> StepResult:
+    engine: Any, batches: list[PackedBatch], d: Dist, accumulation: int, cfg: TrainConfig, per_source: bool
+) -> dict[str, Any]:
     """Forward/backward every micro-batch of one global step on this rank, then the optimizer step.
 
     A micro-batch with a non-finite loss adds nothing (nan-policy skip) or halts every rank before
     the optimizer step (stop). Where gradients are reduced in every backward, the ranks agree on
     each micro-batch first and all skip it; otherwise only its rank skips it, and the ranks agree
-    once, after the step's last backward.
-
-    The only host sync is each micro-batch's finite-loss check, after its forward. The step's loss
-    and gradient norm stay on the device (`StepResult.settle` reads them), so the host goes on to
-    launch the next step while the device runs this one's backward. `after_first_forward` runs
-    after the first micro-batch's check, before any backward: the previous step is done on the
-    device then, and a fault it had halts the run before this step changes anything."""
+    once, after the step's last backward."""
     loss_sum = torch.zeros((), dtype=torch.float64, device=d.device)
     skipped: list[Any] = []
     bad_here: list[PackedBatch] = []
@@ -233,8 +220,6 @@ def train_step(
         if reduce_each and d.world_size > 1:
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)
         finite = not bad.item()
-        if i == 0 and after_first_forward is not None:
-            after_first_forward()
         # An exact zero that touches each trainable parameter: a skipped micro-batch still fires
         # ZeRO's gradient hooks on every rank, and every parameter has a gradient when gradients are
         # reduced once per step (ZeRO-1 reduces those that have one: the same set on every rank).
@@ -267,6 +252,15 @@ def train_step(
                 acc[1] += c
     if d.world_size > 1:
         dist.all_reduce(loss_sum)
+    global_trained = max(1, batches[0].global_num_trained)
+    grad_norm = engine.get_global_grad_norm()
+    grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+    if not math.isfinite(grad_norm) and not skipped:
+        raise TrainingHalted(
+            f"non-finite gradient norm ({grad_norm}) at step {batches[0].step}; samples: "
+            f"{_gather_keys([k for b in batches for k in b.sample_keys], d)}. The last checkpoint under "
+            f"{ckpt.checkpoint_root(cfg.output_dir)} is intact"
+        )
     if per_source and d.world_size > 1:
         gathered: list[dict[str, list[float]]] = [{} for _ in range(d.world_size)]
         dist.all_gather_object(gathered, source_sums)
@@ -276,41 +270,14 @@ def train_step(
                 acc = source_sums.setdefault(k, [0.0, 0])
                 acc[0] += s
                 acc[1] += c
-    return StepResult(
-        loss_sum=loss_sum,
-        grad_norm=engine.get_global_grad_norm(),
-        trained_tokens=max(1, batches[0].global_num_trained),
-        skipped=skipped,
-        source_loss={k: s / max(1, c) for k, (s, c) in source_sums.items()},
-        batches=batches,
-    )
-
-
-@dataclass
-class StepResult:
-    """One optimizer step as `train_step` leaves it: loss and gradient norm possibly still being
-    computed on the device."""
-
-    loss_sum: torch.Tensor
-    """float64 scalar on the device: the global step's summed token losses."""
-    grad_norm: torch.Tensor | float | None
-    """DeepSpeed's global gradient norm (a device tensor under ZeRO-2 bf16)."""
-    trained_tokens: int
-    skipped: list[Any]
-    source_loss: dict[str, float]
-    batches: list[PackedBatch]
-
-    def settle(self, d: Dist, cfg: TrainConfig) -> tuple[float, float]:
-        """(mean loss over the trained tokens, gradient norm) as floats, or TrainingHalted on every
-        rank if the gradient norm is not finite. Waits for the device to finish the step."""
-        grad_norm = float(self.grad_norm) if self.grad_norm is not None else float("nan")
-        if not math.isfinite(grad_norm) and not self.skipped:
-            raise TrainingHalted(
-                f"non-finite gradient norm ({grad_norm}) at step {self.batches[0].step}; samples: "
-                f"{_gather_keys([k for b in self.batches for k in b.sample_keys], d)}. The last checkpoint "
-                f"under {ckpt.checkpoint_root(cfg.output_dir)} is intact"
-            )
-        return float(self.loss_sum.item()) / self.trained_tokens, grad_norm
+    return {
+        "loss": float(loss_sum.item()) / global_trained,
+        "grad_norm": grad_norm,
+        "tokens": batches[0].global_num_tokens,
+        "trained_tokens": global_trained,
+        "skipped": skipped,
+        "source_loss": {k: s / max(1, c) for k, (s, c) in source_sums.items()},
+    }
 
 
 def micro_batch_seed(seed: int, epoch: int, pack: int) -> int:
@@ -501,30 +468,6 @@ def train(cfg: TrainConfig, argv: list[str] | None = None) -> dict[str, Any]:
     skipped_total: list[Any] = []
     saves: list[dict[str, float]] = []  # checkpoint write times
     start_step = step
-    # The last step's record, completed (loss, gradient norm) once the device is past that step.
-    pending: tuple[dict[str, Any], StepResult, bool] | None = None
-
-    def settle() -> None:
-        nonlocal pending
-        if pending is None:
-            return
-        record, result, log_now = pending
-        pending = None
-        record["loss"], record["grad_norm"] = result.settle(d, cfg)
-        history.append({k: v for k, v in record.items() if k != "source_loss"})
-        if d.is_main:
-            progress.update(1)
-            progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.1e}")
-            if log_now:
-                _log_scalars(writer, record)
-                mfu = f" | MFU {record['mfu']:.1%}" if record["mfu"] is not None else ""
-                progress.write(
-                    f"step {record['step']}/{total_steps} | loss {record['loss']:.4f} | lr {record['lr']:.1e} | "
-                    f"{record['step_s']:.2f} s/step | {record['tokens_per_s']:,.0f} tok/s | data wait "
-                    f"{record['data_wait_pct']:.1f}%{mfu}",
-                    file=sys.stderr,
-                )
-
     step_time = time.perf_counter()
     try:
         while step < total_steps:
@@ -534,15 +477,13 @@ def train(cfg: TrainConfig, argv: list[str] | None = None) -> dict[str, Any]:
             wait_s = batches_iter.pop_wait_s()
             log_now = (step + 1) % cfg.log_every_steps == 0 or step + 1 == total_steps
             lr = scheduler.get_last_lr()[0]  # the rate this step applies (the scheduler steps after it)
-            result = train_step(
-                engine, batches, d, accumulation, cfg, per_source=log_now, after_first_forward=settle
-            )
-            # No device sync here: a step's time runs from the host's return from one step to the
-            # next (the finite-loss check after each forward keeps the host one step ahead at most).
+            result = train_step(engine, batches, d, accumulation, cfg, per_source=log_now)
+            if d.device.type == "cuda":
+                torch.cuda.synchronize()
             now = time.perf_counter()
             elapsed, step_time = now - step_time, now
             step += 1
-            skipped_total.extend(result.skipped)
+            skipped_total.extend(result["skipped"])
             # Every rank's packs of the step, from the plan (no collective): exact on any world size.
             plan = loader.plan(batches[0].epoch)
             packs = [index.num_tokens[plan.pack(p)].tolist() for p in plan.step_packs(batches[0].step)]
@@ -550,20 +491,31 @@ def train(cfg: TrainConfig, argv: list[str] | None = None) -> dict[str, Any]:
             record = {
                 "step": step,
                 "samples": plan.step_digest(batches[0].step),
-                "loss": None,
+                "loss": result["loss"],
                 "lr": lr,
-                "grad_norm": None,
+                "grad_norm": result["grad_norm"],
                 "step_s": elapsed,
-                "tokens_per_s": batches[0].global_num_tokens / elapsed,
+                "tokens_per_s": result["tokens"] / elapsed,
                 "data_wait_pct": 100.0 * wait_s / elapsed,
                 "model_flops": flops,
                 "mfu": flops / elapsed / (peak * d.world_size) if peak else None,
-                "source_loss": result.source_loss,
+                "source_loss": result["source_loss"],
             }
-            pending = (record, result, log_now)
+            history.append({k: v for k, v in record.items() if k != "source_loss"})
+            if d.is_main:
+                progress.update(1)
+                progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.1e}")
+                if log_now:
+                    _log_scalars(writer, record)
+                    mfu = f" | MFU {record['mfu']:.1%}" if record["mfu"] is not None else ""
+                    progress.write(
+                        f"step {step}/{total_steps} | loss {record['loss']:.4f} | lr {record['lr']:.1e} | "
+                        f"{elapsed:.2f} s/step | {record['tokens_per_s']:,.0f} tok/s | data wait "
+                        f"{record['data_wait_pct']:.1f}%{mfu}",
+                        file=sys.stderr,
+                    )
             stop_now = cfg.stop_after_steps is not None and step - start_step >= cfg.stop_after_steps
             if step % cfg.save_every_steps == 0 or step == total_steps or stop_now:
-                settle()  # the saved history ends with this step; a faulty step halts before it is saved
                 save_started = time.perf_counter()
                 saved_to = ckpt.save_checkpoint(
                     engine,
