@@ -289,6 +289,17 @@ def test_patch_embeddings_match_the_clip_convolution(model: IXCModel) -> None:
         torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="doesn't match model"):
         patch_embeddings(clip.embeddings, pixels[..., :280])
+    # Under ZeRO-3 (partitioned parameters carry ds_id) the convolution module runs, so that
+    # DeepSpeed gathers its weight first.
+    calls = []
+    hook = clip.embeddings.patch_embedding.register_forward_hook(lambda *_: calls.append(1))
+    clip.embeddings.patch_embedding.weight.ds_id = 0
+    try:
+        torch.testing.assert_close(patch_embeddings(clip.embeddings, pixels), expected)
+    finally:
+        del clip.embeddings.patch_embedding.weight.ds_id
+        hook.remove()
+    assert calls == [1]
 
 
 def test_query_runs_cut_merge_and_bound(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -633,10 +633,13 @@ def patch_embeddings(embeddings: CLIPVisionEmbeddings, pixels: torch.Tensor) -> 
     patch convolution computed as one matmul: [B·patches, 3·p·p] × [3·p·p, C].
 
     Same products, accumulated in another order. On CUDA the convolution ran as cuDNN's implicit
-    GEMM at 20 TFLOP/s (2.7 ms for 28 views of 560 px on an H200), after host-side algorithm
-    selection for each new view count.
+    GEMM at 20 TFLOP/s (2.7 ms for 28 views of 560 px on an H200).
+    ZeRO-3 gathers a module's weights only when that module is called: the matmul reads the
+    convolution's weight without calling it, so under ZeRO-3 the module itself runs.
     """
     conv = embeddings.patch_embedding
+    if hasattr(conv.weight, "ds_id"):
+        return embeddings(pixels)
     b, channels, height, width = pixels.shape
     size, p = cast(int, embeddings.image_size), conv.weight.shape[-1]
     if (height, width) != (size, size):
