@@ -19,8 +19,8 @@ one 64-bit Philox draw per element, as before `two_dropouts` hashed the element 
 (recompiled with inductor's coordinate-descent tuning of its Triton kernels' launch
 configurations), `autotune` (recompiled with inductor's max_autotune: matmuls benchmarked against
 Triton templates, which can fuse the element-wise work around them), `cublaslt` (torch's matmuls
-through cuBLASLt instead of cuBLAS: `torch.backends.cuda.preferred_blas_library`). Compiling is one-way, so
-eager variants come first, then compiled ones with `eagervit`, then the rest. Each variant:
+through cuBLASLt instead of cuBLAS: `torch.backends.cuda.preferred_blas_library`). Compiling is
+one-way, so eager variants come first, then compiled ones with `eagervit`, then the rest. Each variant:
 --warmup steps, then --steps timed steps (host clock after a device sync); an out-of-memory step
 fails the variant and the next one goes on.
 
