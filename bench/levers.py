@@ -19,9 +19,7 @@ one 64-bit Philox draw per element, as before `two_dropouts` hashed the element 
 (recompiled with inductor's coordinate-descent tuning of its Triton kernels' launch
 configurations), `autotune` (recompiled with inductor's max_autotune: matmuls benchmarked against
 Triton templates, which can fuse the element-wise work around them), `cublaslt` (torch's matmuls
-through cuBLASLt instead of cuBLAS: `torch.backends.cuda.preferred_blas_library`), `nofold` (the
-low-rank matmul accumulated into the base matmul's output, `trainer.lora.linear_plus_low_rank`,
-instead of folded into its inner dimension, `folded_linear`). Compiling is
+through cuBLASLt instead of cuBLAS: `torch.backends.cuda.preferred_blas_library`). Compiling is
 one-way, so eager variants come first, then compiled ones with `eagervit`, then the rest. Each variant:
 --warmup steps, then --steps timed steps (host clock after a device sync); an out-of-memory step
 fails the variant and the next one goes on.
@@ -96,7 +94,6 @@ VARIANT_FLAGS = (
     "cdt",
     "autotune",
     "cublaslt",
-    "nofold",
 )
 INDUCTOR_FLAGS = {"cdt": "coordinate_descent_tuning", "autotune": "max_autotune"}
 """Variant flags that recompile with an inductor option on."""
@@ -230,7 +227,6 @@ def apply_flags(model: Any, flags: frozenset[str]) -> Callable[[], None]:
         m.fuse = "unfused" not in flags
         m.one_draw = "twodraws" not in flags
         m.hashed = "randint" not in flags
-        m.fold = "nofold" not in flags
     ixc = [m for m in model.modules() if isinstance(m, IXCModel)]
     for m in ixc:
         m.trained_rows_only = "allrows" not in flags
@@ -257,7 +253,7 @@ def apply_flags(model: Any, flags: frozenset[str]) -> Callable[[], None]:
 
     def restore() -> None:
         for m in fused:
-            m.fuse = m.one_draw = m.hashed = m.fold = True
+            m.fuse = m.one_draw = m.hashed = True
         for m in ixc:
             m.trained_rows_only = True
         for parent, key, child in dropouts:

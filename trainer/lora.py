@@ -14,18 +14,6 @@ into W x:
 
 the second matmul accumulating in place into the first's output (`linear_plus_low_rank`).
 
-Where the base weight and Plora_B are frozen (the LoRA recipe), the update goes one step further
-and folds into the base matmul's inner dimension (`folded_linear`):
-
-    out = [x | m ⊙ h₁ | s · h₂] [W | Plora_B | lora_B]ᵀ
-
-one GEMM over K = in + 320 instead of a GEMM and an in-place low-rank GEMM that reads and writes
-the [T, out] output again; in backward one GEMM gives [∂x | ∂h₁ | ∂h₂]. The layer keeps the
-concatenated weight (its `fold`, [out, in + r₁ + r₂]) as the storage of W and Plora_B (they are
-views of it: no second copy of the base weights) and copies lora_B into the last r₂ columns
-before each forward of the model (`install_folds`: a forward pre-hook on the root module, which
-also rebuilds a fold that `.to()`, a weight assignment or a dtype change has detached from W).
-
 Same values up to rounding (the sum is now accumulated in fp32 inside the matmul), same
 dropout draws in the same order, same gradients; the frozen Plora_B gets no weight gradient.
 Everything else (adapter names, saving, merging, other forms of `image_tokens`) is PEFT's.
@@ -106,40 +94,6 @@ def _linear_plus_low_rank_backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.
 linear_plus_low_rank.register_autograd(
     _linear_plus_low_rank_backward, setup_context=_linear_plus_low_rank_setup
 )
-
-
-@torch.library.custom_op("xcomposer::folded_linear", mutates_args=())
-def folded_linear(xcat: torch.Tensor, fold: torch.Tensor, h2: torch.Tensor, b2: torch.Tensor) -> torch.Tensor:
-    """xcat foldᵀ with xcat = [x | h₁ | h₂] [T, K] and fold = [W | b₁ | b₂] [O, K] (frozen W, b₁).
-
-    fold's last r₂ columns hold b₂'s values (`refresh_folds` copies them before each forward of
-    the model); b₂ and h₂ are inputs only for b₂'s weight gradient ∂outᵀ h₂. A custom op, so that
-    torch.compile calls it as it is.
-    """
-    return torch.nn.functional.linear(xcat, fold)
-
-
-@folded_linear.register_fake
-def _folded_linear_fake(
-    xcat: torch.Tensor, fold: torch.Tensor, h2: torch.Tensor, b2: torch.Tensor
-) -> torch.Tensor:
-    return xcat.new_empty(xcat.shape[0], fold.shape[0])
-
-
-def _folded_linear_setup(ctx: Any, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
-    xcat, fold, h2, b2 = inputs
-    ctx.save_for_backward(fold, h2 if b2.requires_grad else None)
-
-
-def _folded_linear_backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-    fold, h2 = ctx.saved_tensors
-    need_xcat, _, _, need_b2 = ctx.needs_input_grad
-    # h₂ reaches the output through xcat (its gradient is in ∂xcat); as an input of its own it
-    # only carries b₂'s weight gradient.
-    return (grad @ fold if need_xcat else None, None, None, grad.t() @ h2 if need_b2 else None)
-
-
-folded_linear.register_autograd(_folded_linear_backward, setup_context=_folded_linear_setup)
 
 
 _FIELD = 1 << 31
@@ -233,16 +187,12 @@ class PLoRALoraLinear(LoraLinear):
     adapters, DoRA and other variants, mixed dtypes) is PEFT's forward unchanged. `fuse = False`
     turns the fused path off, `one_draw = False` draws the two dropouts as two `F.dropout` calls
     under torch.compile too, `hashed = False` draws them as one 64-bit integer per element
-    (`two_dropouts`), `fold = False` keeps the low-rank matmul apart from the base one
-    (`linear_plus_low_rank`) where it would be folded into it (benchmarks compare them).
+    (`two_dropouts`; benchmarks compare them).
     """
 
     fuse = True
     one_draw = True
     hashed = True
-    fold = True
-    _fold: torch.Tensor | None = None
-    """[W | Plora_B | lora_B] as of the last `refresh_fold`, or None (not folded)."""
 
     def _fused_adapter(self, x: torch.Tensor, args: tuple, kwargs: dict) -> str | None:
         if not self.fuse or kwargs or len(args) != 1 or self.disable_adapters or self.merged:
@@ -266,47 +216,6 @@ class PLoRALoraLinear(LoraLinear):
             return None
         return active[0] if len({x.dtype, *(w.dtype for w in weights)}) == 1 else None
 
-    def refresh_fold(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Make `_fold` the storage of W and Plora_B (building it where missing or detached) and
-        return (its lora_B columns, lora_B) for the caller to copy; None, and no fold, where the
-        fold does not apply: `fold` off, the fused path off, W or Plora_B trainable, several or
-        merged adapters, mixed dtypes or devices, ZeRO-3 partitioned weights."""
-        adapter = self._fold_adapter()
-        if adapter is None:
-            self._fold = None
-            return None
-        base = self.get_base_layer()
-        w, pb, lb = base.weight, base.Plora_B.weight, self.lora_B[adapter].weight
-        k, r1, r2 = w.shape[1], pb.shape[1], lb.shape[1]
-        fold = self._fold
-        if (
-            fold is None
-            or fold.shape != (w.shape[0], k + r1 + r2)
-            or fold.dtype != w.dtype
-            or not _views(w, fold, 0)
-            or not _views(pb, fold, k)
-        ):
-            with torch.inference_mode(False), torch.no_grad():
-                fold = torch.empty(w.shape[0], k + r1 + r2, dtype=w.dtype, device=w.device)
-                fold[:, :k].copy_(w)
-                fold[:, k : k + r1].copy_(pb)
-            w.data, pb.data = fold[:, :k], fold[:, k : k + r1]
-            self._fold = fold
-        return fold[:, k + r1 :], lb
-
-    def _fold_adapter(self) -> str | None:
-        if not (self.fold and self.fuse) or self.disable_adapters or self.merged:
-            return None
-        active = [a for a in self.active_adapters if a in self.lora_A]
-        if len(active) != 1 or active[0] in self.lora_variant:
-            return None
-        base = self.get_base_layer()
-        w, pb, lb = base.weight, base.Plora_B.weight, self.lora_B[active[0]].weight
-        if w.requires_grad or pb.requires_grad or any(hasattr(t, "ds_id") for t in (w, pb, lb)):
-            return None
-        same = len({t.dtype for t in (w, pb, lb)}) == 1 and len({t.device for t in (w, pb, lb)}) == 1
-        return active[0] if same else None
-
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         adapter = self._fused_adapter(x, args, kwargs)
         if adapter is None:
@@ -329,38 +238,7 @@ class PLoRALoraLinear(LoraLinear):
         scaling = self.scaling[adapter]
         if scaling != 1.0:
             h_lora = h_lora * scaling
-        fold = self._fold
-        if fold is not None and fold.shape[1] == flat_x.shape[1] + h_plora.shape[1] + h_lora.shape[1]:
-            xcat = torch.cat((flat_x, h_plora, h_lora), dim=1)
-            out = folded_linear(xcat, fold, h_lora, self.lora_B[adapter].weight)
-            return out.view(*x.shape[:-1], out.shape[-1])
         out = linear_plus_low_rank(
             flat_x, base.weight, h_plora, h_lora, base.Plora_B.weight, self.lora_B[adapter].weight
         )
         return out.view(*x.shape[:-1], out.shape[-1])
-
-
-def _views(t: torch.Tensor, fold: torch.Tensor, column: int) -> bool:
-    """Whether t is fold[:, column : column + t.shape[1]] (same storage, offset and row stride)."""
-    return (
-        t.device == fold.device
-        and t.data_ptr() == fold.data_ptr() + column * fold.element_size()
-        and t.stride() == fold.stride()
-    )
-
-
-def refresh_folds(layers: list[PLoRALoraLinear]) -> None:
-    """Bring every layer's fold up to date: build or re-attach it (`refresh_fold`), then copy each
-    lora_B into its fold in one foreach copy."""
-    pairs = [pair for pair in (layer.refresh_fold() for layer in layers) if pair is not None]
-    if pairs:
-        with torch.no_grad():
-            torch._foreach_copy_([slot for slot, _ in pairs], [b for _, b in pairs])
-
-
-def install_folds(model: torch.nn.Module) -> torch.utils.hooks.RemovableHandle:
-    """Refresh the folds of model's PLoRA LoRA layers before each of its forwards (a forward
-    pre-hook: the optimizer changes lora_B between forwards; layers called outside this module's
-    forward see their fold as of its last forward)."""
-    layers = [m for m in model.modules() if isinstance(m, PLoRALoraLinear)]
-    return model.register_forward_pre_hook(lambda module, args: refresh_folds(layers))

@@ -150,7 +150,7 @@ def apply_recipe(loaded: Loaded, cfg: TrainConfig) -> Loaded:
     if cfg.use_lora:
         from peft import LoraConfig, get_peft_model
 
-        from trainer.lora import PLoRALoraLinear, install_folds
+        from trainer.lora import PLoRALoraLinear
 
         model.requires_grad_(False)
         modules_to_save = [
@@ -166,7 +166,6 @@ def apply_recipe(loaded: Loaded, cfg: TrainConfig) -> Loaded:
         )
         lora._register_custom_module({PLoRALinear: PLoRALoraLinear})
         peft_model = get_peft_model(model, lora)
-        install_folds(model)
         peft_model.peft_config["default"].base_model_name_or_path = loaded.base_ref
         loaded.peft_model = peft_model
     else:
