@@ -6,6 +6,7 @@ over packed rows of real-sized samples. Each kernel gets the same q/k/v and outp
                 backend), K/V repeated to 32 heads where this torch has no enable_gqa
   varlen-gqa    torch varlen_attn given the 8 K/V heads as they are
   fa4           trainer.attention 'fa4': FlashAttention-4 (flash-attn-4), where installed
+  fa4-repeat    the same with K/V repeated to 32 heads (no grouped dK/dV accumulation in backward)
   cudnn         cuDNN's ragged fused attention over the whole row (aten._cudnn_attention_forward
                 with cu_seqlens, the op under torch's nested-tensor SDPA), K/V repeated
   cudnn-gqa     the same op given the 8 K/V heads
@@ -122,6 +123,14 @@ def kernels() -> dict[str, Kernel]:
     }
     if attention.fa4_varlen_func is not None:
         found["fa4"] = lambda q, k, v, cu, m: attention.varlen_attention(q, k, v, cu, m, "fa4")
+        found["fa4-repeat"] = lambda q, k, v, cu, m: attention.varlen_attention(
+            q,
+            k.repeat_interleave(q.shape[1] // k.shape[1], dim=1),
+            v.repeat_interleave(q.shape[1] // v.shape[1], dim=1),
+            cu,
+            m,
+            "fa4",
+        )
     if attention.flash_attn_varlen_func is not None:
         found["flash"] = lambda q, k, v, cu, m: attention.varlen_attention(q, k, v, cu, m, "flash")
     return found

@@ -19,7 +19,9 @@ one 64-bit Philox draw per element, as before `two_dropouts` hashed the element 
 (recompiled with inductor's coordinate-descent tuning of its Triton kernels' launch
 configurations), `autotune` (recompiled with inductor's max_autotune: matmuls benchmarked against
 Triton templates, which can fuse the element-wise work around them), `cublaslt` (torch's matmuls
-through cuBLASLt instead of cuBLAS: `torch.backends.cuda.preferred_blas_library`). Compiling is
+through cuBLASLt instead of cuBLAS: `torch.backends.cuda.preferred_blas_library`), `basefirst`
+(the fused LoRA layer's base GEMM first, the low-rank GEMM accumulating into its output, as before
+`trainer.lora.LOW_RANK_FIRST`). Compiling is
 one-way, so eager variants come first, then compiled ones with `eagervit`, then the rest. Each variant:
 --warmup steps, then --steps timed steps (host clock after a device sync); an out-of-memory step
 fails the variant and the next one goes on.
@@ -66,6 +68,7 @@ from train_throughput import (  # noqa: E402
     sync,
 )
 
+import trainer.lora  # noqa: E402
 from trainer.attention import BACKENDS  # noqa: E402
 from trainer.flops import step_flops, vit_flops  # noqa: E402
 from trainer.lora import PLoRALoraLinear  # noqa: E402
@@ -94,6 +97,7 @@ VARIANT_FLAGS = (
     "cdt",
     "autotune",
     "cublaslt",
+    "basefirst",
 )
 INDUCTOR_FLAGS = {"cdt": "coordinate_descent_tuning", "autotune": "max_autotune"}
 """Variant flags that recompile with an inductor option on."""
@@ -227,6 +231,7 @@ def apply_flags(model: Any, flags: frozenset[str]) -> Callable[[], None]:
         m.fuse = "unfused" not in flags
         m.one_draw = "twodraws" not in flags
         m.hashed = "randint" not in flags
+    trainer.lora.LOW_RANK_FIRST = "basefirst" not in flags
     ixc = [m for m in model.modules() if isinstance(m, IXCModel)]
     for m in ixc:
         m.trained_rows_only = "allrows" not in flags
@@ -254,6 +259,7 @@ def apply_flags(model: Any, flags: frozenset[str]) -> Callable[[], None]:
     def restore() -> None:
         for m in fused:
             m.fuse = m.one_draw = m.hashed = True
+        trainer.lora.LOW_RANK_FIRST = True
         for m in ixc:
             m.trained_rows_only = True
         for parent, key, child in dropouts:
