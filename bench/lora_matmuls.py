@@ -4,18 +4,21 @@ For each of IXC2.5-7B's five linear shapes at T tokens (frozen W [O, K], low-ran
 h [T, 320] = [PLoRA 256 | LoRA 64], B [O, 320]), times on random bf16 data:
 
   forward
-    base+addmm   x Wᵀ, then the update accumulated in place: out.addmm_(h, Bᵀ)   (trainer/lora.py)
+    base+addmm   x Wᵀ, then the update accumulated in place: out.addmm_(h, Bᵀ)
     addmm+base   h Bᵀ first, then the base GEMM accumulates into it: out.addmm_(x, Wᵀ)
+                 (trainer/lora.py's order since LOW_RANK_FIRST)
     folded       one GEMM over the concatenated K: [x | h] [W | B]ᵀ
   backward (activation gradients; W frozen)
     two          dy W and dy B
     folded       dy [W | B] (one GEMM giving [dx | dh])
   base only      x Wᵀ, dy W: the floor the low-rank work sits on
+also the base GEMMs with Wᵀ stored instead of W, and w1 and w3 (same input) as one GEMM over
+their concatenated outputs, forward and backward.
 
 CUDA events, median of --reps after warm-up, variants interleaved per repetition so that clock
 changes hit them alike; the card's 8192³ bf16 rate measured first.
 
-    python bench/lora_matmuls.py --out-json out.json
+    python bench/lora_matmuls.py --out-json out.json [--blas cublaslt]   # one CUDA GPU
 """
 
 from __future__ import annotations
@@ -123,6 +126,8 @@ def main() -> None:
     )
     parser.add_argument("--out-json", default=None)
     args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench/lora_matmuls.py times CUDA matmuls: no CUDA device here")
     if args.blas:
         torch.backends.cuda.preferred_blas_library(args.blas)
     dev, dt = torch.device("cuda"), torch.bfloat16
