@@ -21,9 +21,8 @@ configurations), `autotune` (recompiled with inductor's max_autotune: matmuls be
 Triton templates, which can fuse the element-wise work around them), `cublaslt` (torch's matmuls
 through cuBLASLt instead of cuBLAS: `torch.backends.cuda.preferred_blas_library`), `basefirst`
 (the fused LoRA layer's base GEMM first, the low-rank GEMM accumulating into its output, as before
-`trainer.lora.LOW_RANK_FIRST`). Compiling is
-one-way, so eager variants come first, then compiled ones with `eagervit`, then the rest. Each variant:
---warmup steps, then --steps timed steps (host clock after a device sync); an out-of-memory step
+`trainer.lora.LOW_RANK_FIRST`). Compiling is one-way, so eager variants come first, then compiled
+ones with `eagervit`, then the rest. Each variant: --warmup steps, then --steps timed steps (host clock after a device sync); an out-of-memory step
 fails the variant and the next one goes on.
 
 Also, optionally: a torch.profiler breakdown of one step of a variant (kernel time by
