@@ -18,9 +18,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from schemas.cli import ExitCode
 from schemas.manifest import REJECTS_NAME, TOKENIZER_NAME, Manifest
-
-EXIT_OK, EXIT_INVALID_DATA, EXIT_USAGE = 0, 1, 2
 
 
 def tokenizer_problems(shard_dir: Path, manifest: Manifest) -> list[str]:
@@ -94,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
         manifest = Manifest.load(shard_dir)
     except (FileNotFoundError, ValueError, KeyError, TypeError) as e:
         print(f"xc-prep info: error: {e}", file=sys.stderr)
-        return EXIT_INVALID_DATA
+        return ExitCode.INVALID_DATA
     problems = None
     if args.verify:
         problems = verify_shards(shard_dir) + tokenizer_problems(shard_dir, manifest)
@@ -103,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         print_info(shard_dir, manifest)
     if problems is None:
-        return EXIT_OK
+        return ExitCode.OK
     for problem in problems:
         print(f"verify: {problem}", file=sys.stderr)
     shards = sum(len(s.shards) for s in manifest.sources)
@@ -113,9 +112,9 @@ def run(args: argparse.Namespace) -> int:
             "(it rebuilds damaged shards) or restore the folder from a copy",
             file=sys.stderr,
         )
-        return EXIT_INVALID_DATA
+        return ExitCode.INVALID_DATA
     print(f"verify: ok ({shards} shard(s), sizes and sha256 match the manifest)", file=sys.stderr)
-    return EXIT_OK
+    return ExitCode.OK
 
 
 # ---------------------------------------------------------------- preview of a stored sample
@@ -170,7 +169,7 @@ def preview_stored(args: argparse.Namespace) -> int:
 
     if args.json_file is not None:
         print("xc-prep preview: pass either JSON_FILE or --shards DIR, not both", file=sys.stderr)
-        return EXIT_USAGE
+        return ExitCode.USAGE
     shard_dir = Path(args.shards)
     try:
         manifest = Manifest.load(shard_dir)
@@ -178,21 +177,21 @@ def preview_stored(args: argparse.Namespace) -> int:
         sample = ShardReader(shard_dir / file).read(row)
     except (FileNotFoundError, ValueError) as e:
         print(f"xc-prep preview: {e}", file=sys.stderr)
-        return EXIT_INVALID_DATA
+        return ExitCode.INVALID_DATA
     if args.json:
         print(json.dumps(sample_to_preview_json(sample)))
-        return EXIT_OK
+        return ExitCode.OK
     # The folder's own copy is the tokenizer the sample was made with.
     copy = shard_dir / TOKENIZER_NAME
     tokenizer_path = copy if copy.is_file() else args.tokenizer
     if tokenizer_path is None:
         print(f"xc-prep preview: {copy} is missing; pass --tokenizer", file=sys.stderr)
-        return EXIT_USAGE
+        return ExitCode.USAGE
     print(f"stored sample {args.sample}: {shard_dir / file} row {row}")
     print(render_sample_summary(sample))
     print("-" * 72)
     print(render_sample_text(sample, Tokenizer.from_path(tokenizer_path)))
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:

@@ -25,12 +25,12 @@ from pipeline.info import add_stored_sample_arguments, preview_stored
 from pipeline.media import resolve_path
 from pipeline.template import DEFAULT_MAX_LENGTH, LAYOUTS
 from pipeline.tiling import DEFAULT_HD_NUM, STYLES
+from schemas.cli import ExitCode
 from schemas.record import Record, Turn, role_of
 from schemas.sample import IGNORE_INDEX, Sample
 
 TOKENIZER_ENV = "XC_TOKENIZER"
 TRAINED_OPEN, TRAINED_CLOSE = "⟦", "⟧"
-EXIT_OK, EXIT_INVALID_DATA, EXIT_USAGE = 0, 1, 2
 
 
 # ---------------------------------------------------------------- rendering a Sample
@@ -186,7 +186,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def _usage_error(message: str) -> int:
     print(f"xc-prep preview: {message}", file=sys.stderr)
-    return EXIT_USAGE
+    return ExitCode.USAGE
 
 
 def run(args: argparse.Namespace) -> int:
@@ -229,11 +229,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"{args.json_file} record {args.record}: [{e.code}] {e.message}", file=sys.stderr)
         if e.hint:
             print(f"  fix: {e.hint}", file=sys.stderr)
-        return EXIT_INVALID_DATA
+        return ExitCode.INVALID_DATA
     if args.json:
         print(json.dumps(sample_to_preview_json(sample)))
     else:
         print(render_sample_summary(sample, record.media))
         print("-" * 72)
         print(render_sample_text(sample, tokenizer))
-    return EXIT_OK
+    return ExitCode.OK

@@ -39,17 +39,14 @@ The manifest's `command` is the canonical form of the settings that determine th
 from __future__ import annotations
 
 import argparse
-import ast
 import dataclasses
 import functools
-import inspect
 import json
 import multiprocessing
 import os
 import shutil
 import signal
 import sys
-import textwrap
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
@@ -79,6 +76,8 @@ from pipeline.validate import (
     mark_duplicate_ids,
     media_policy_options,
 )
+from schemas.atomic import TEMP_SUFFIX, publish, temp_path, write_atomic
+from schemas.cli import ExitCode, field_docs
 from schemas.manifest import (
     MANIFEST_NAME,
     REJECTS_NAME,
@@ -104,10 +103,8 @@ PLAN_NAME = "plan.json"
 LOCK_NAME = "lock"
 SHARD_STEM = "shard-{unit:05d}"
 SHARD_GLOB = "*/shard-*.arrow"
-TEMP_SUFFIX = ".tmp"
 PROGRESS_POLL_S = 0.5
 PACKAGE_NAME = "xcomposer-finetune"
-EXIT_OK, EXIT_INVALID_DATA, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
 class UsageError(Exception):
@@ -340,35 +337,6 @@ def plan_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 
 
 # ---------------------------------------------------------------- the output folder
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def temp_path(path: Path) -> Path:
-    """The hidden temp name a file is written under before its atomic rename."""
-    return path.with_name(f".{path.name}{TEMP_SUFFIX}")
-
-
-def publish(tmp: Path, path: Path) -> None:
-    """Make a fully written temp file durable, then atomically give it its final name."""
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write bytes so that readers see the old file or the new one, never a part."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_path(path)
-    tmp.write_bytes(data)
-    publish(tmp, path)
 
 
 def lock_output(out: Path) -> int:
@@ -879,7 +847,7 @@ def shard(config: ShardConfig) -> int:
     if file_findings:
         report_file_findings(file_findings)
     if any(f.severity == "error" for f in file_findings):
-        return EXIT_INVALID_DATA
+        return ExitCode.INVALID_DATA
     fp = fingerprint(config, tokenizer.sha256)
     plan = make_plan(config, fp, inputs)
     config.out.mkdir(parents=True, exist_ok=True)
@@ -897,7 +865,7 @@ def shard(config: ShardConfig) -> int:
     finally:
         os.close(lock)
     print_summary(config, manifest, results, time.perf_counter() - started)
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def report_file_findings(findings: list[Finding]) -> None:
@@ -938,16 +906,16 @@ def run(args: argparse.Namespace) -> int:
         return shard(config_from_args(args))
     except UsageError as e:
         print(f"xc-prep shard: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
+        return ExitCode.USAGE
     except WorkerDied as e:
         print(f"xc-prep shard: error: {e}", file=sys.stderr)
-        return EXIT_INVALID_DATA
+        return ExitCode.INVALID_DATA
     except KeyboardInterrupt:
         print(
             "\nxc-prep shard: interrupted; finished shards are kept, re-run the same command to resume",
             file=sys.stderr,
         )
-        return EXIT_INTERRUPTED
+        return ExitCode.INTERRUPTED
     except OSError as e:  # a full disk, a read-only folder, ...: every finished unit is already safe
         print(
             f"xc-prep shard: error writing to {args.out}: {e}\n"
@@ -955,21 +923,7 @@ def run(args: argparse.Namespace) -> int:
             "folder and re-run the same command to resume",
             file=sys.stderr,
         )
-        return EXIT_INVALID_DATA
-
-
-def field_docs(cls: type) -> dict[str, str]:
-    """The docstring under each dataclass field: the one text for both the code and `--help`."""
-    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body  # type: ignore[attr-defined]
-    return {
-        node.target.id: following.value.value
-        for node, following in zip(body, body[1:], strict=False)
-        if isinstance(node, ast.AnnAssign)
-        and isinstance(node.target, ast.Name)
-        and isinstance(following, ast.Expr)
-        and isinstance(following.value, ast.Constant)
-        and isinstance(following.value.value, str)
-    }
+        return ExitCode.INVALID_DATA
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:

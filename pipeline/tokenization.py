@@ -28,6 +28,8 @@ from pathlib import Path
 
 import sentencepiece as spm
 
+from schemas.cli import ExitCode
+
 # The InternLM2 model logs a harmless warning (a NUL piece with byte fallback) on every load.
 spm.set_min_log_level(2)
 
@@ -277,8 +279,8 @@ def run(args: argparse.Namespace) -> int:
             "(256 byte pieces + special pieces + the corpus characters)",
             file=sys.stderr,
         )
-        return 2
+        return ExitCode.USAGE
     path = build_tiny_tokenizer(args.out, args.vocab_size)
     tok = Tokenizer.from_path(path)
     print(f"wrote {path} (vocab {tok.vocab_size}, sha256 {tok.sha256[:16]})")
-    return 0
+    return ExitCode.OK

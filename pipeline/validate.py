@@ -67,6 +67,7 @@ from pipeline.media import (
 from pipeline.sources import DataTxtError, parse_data_txt
 from pipeline.template import DEFAULT_MAX_LENGTH, LAYOUTS
 from pipeline.tiling import DEFAULT_HD_NUM, STYLES
+from schemas.cli import ExitCode
 from schemas.record import (
     IMAGE_PLACEHOLDER,
     Record,
@@ -1181,7 +1182,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def _usage_error(message: str) -> int:
     print(f"xc-prep validate: {message}", file=sys.stderr)
-    return 2
+    return ExitCode.USAGE
 
 
 def run(args: argparse.Namespace) -> int:
@@ -1217,7 +1218,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(dumps_json(report.to_json(), indent=2) + "\n", encoding="utf-8")
-    return 0 if report.ok else 1
+    return ExitCode.OK if report.ok else ExitCode.INVALID_DATA
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -201,13 +201,13 @@ import torch.distributed as dist
 from trainer import checkpoint
 from trainer.cli import main
 
-real = checkpoint._write_json_atomic
+real = checkpoint.write_json_atomic
 def write(path, data):
     # rank 0 alone finishes a checkpoint; at the second one its disk is full
     if dist.get_rank() == 0 and data.get("step") == 2:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
     return real(path, data)
-checkpoint._write_json_atomic = write
+checkpoint.write_json_atomic = write
 sys.exit(main(sys.argv[1:]))
 """
 

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from schemas.atomic import fsync_tree, write_json_atomic
 from trainer.model import IXCModel, unused_adapters_excluded
 
 CHECKPOINTS = "checkpoints"
@@ -74,22 +75,6 @@ def resolve_resume(output_dir: Path, resume: str) -> Path | None:
 
 def _rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _fsync_tree(path: Path) -> None:
-    for p in sorted(path.rglob("*")):
-        if p.is_file():
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
 
 
 def _barrier() -> None:
@@ -158,13 +143,13 @@ def save_checkpoint(
     def commit() -> None:
         if rank != 0:
             return
-        _fsync_tree(partial)
+        fsync_tree(partial)
         files = {
             str(p.relative_to(partial)): p.stat().st_size for p in sorted(partial.rglob("*")) if p.is_file()
         }
         world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         record = {"step": step, "world_size": world_size, **trainer_state, "files": files}
-        _write_json_atomic(partial / STATE_FILE, record)
+        write_json_atomic(partial / STATE_FILE, record)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(partial, final)
         for old in complete_checkpoints(output_dir)[:-keep_last]:

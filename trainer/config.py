@@ -9,9 +9,7 @@ from the resolved config by `deepspeed_config()`, never kept by hand beside it.
 from __future__ import annotations
 
 import argparse
-import ast
 import dataclasses
-import inspect
 import json
 import math
 import types
@@ -19,6 +17,8 @@ import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
+
+from schemas.cli import field_docs
 
 DEFAULT_MODEL = "internlm/internlm-xcomposer2d5-7b"
 LORA_TARGETS = ("attention.wqkv", "attention.wo", "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")
@@ -245,23 +245,6 @@ def warmup_cosine(step: int, *, total_steps: int, warmup_ratio: float) -> float:
 
 
 # ---------------------------------------------------------------- flags and config files
-
-
-def field_docs(cls: type) -> dict[str, str]:
-    """The one-line docstring written under each dataclass field."""
-    tree = ast.parse(inspect.getsource(cls))
-    body = tree.body[0].body  # type: ignore[attr-defined]
-    docs: dict[str, str] = {}
-    for node, following in zip(body, body[1:], strict=False):
-        if (
-            isinstance(node, ast.AnnAssign)
-            and isinstance(node.target, ast.Name)
-            and isinstance(following, ast.Expr)
-            and isinstance(following.value, ast.Constant)
-            and isinstance(following.value.value, str)
-        ):
-            docs[node.target.id] = following.value.value.strip()
-    return docs
 
 
 def _flag_type(annotation: Any) -> tuple[Any, dict[str, Any]]:
