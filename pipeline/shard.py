@@ -57,25 +57,20 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from pipeline.media import DEFAULT_MAX_IMAGE_PIXELS
-from pipeline.sources import DataTxtError, parse_data_txt
-from pipeline.validate import (
-    DEFAULT_HD_NUM,
-    DEFAULT_MAX_LENGTH,
-    DEFAULT_MAX_VIDEO_SECONDS,
-    LAYOUTS,
-    STYLES,
+from pipeline.checks import (
     RecordCheck,
     ValidateOptions,
-    add_media_policy_arguments,
     check_records,
-    default_workers,
     dumps_json,
-    format_findings,
     load_source,
     mark_duplicate_ids,
-    media_policy_options,
 )
+from pipeline.cli import add_media_policy_arguments, default_workers, media_policy_options
+from pipeline.media import DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_VIDEO_SECONDS
+from pipeline.sources import DataTxtError, parse_data_txt
+from pipeline.template import DEFAULT_MAX_LENGTH, LAYOUTS
+from pipeline.tiling import DEFAULT_HD_NUM, STYLES
+from pipeline.validate import format_findings
 from schemas.atomic import TEMP_SUFFIX, publish, temp_path, write_atomic
 from schemas.cli import ExitCode, field_docs
 from schemas.manifest import (
