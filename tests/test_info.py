@@ -13,7 +13,8 @@ from PIL import Image
 
 from pipeline.cli import main
 from pipeline.info import locate_sample
-from pipeline.shard import ShardConfig, shard
+from pipeline.shard import shard
+from pipeline.shard_config import ShardConfig
 from pipeline.tokenization import build_tiny_tokenizer
 from schemas.manifest import Manifest
 

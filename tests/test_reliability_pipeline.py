@@ -31,12 +31,14 @@ from PIL import Image
 import pipeline.checks as checks_module
 import pipeline.media as media_module
 import pipeline.shard as shard_module
+import pipeline.shard_units as shard_units_module
 from pipeline import video as video_module
 from pipeline.checks import HINTS, ValidateOptions, check_source
 from pipeline.cli import main
 from pipeline.media import DEFAULT_MAX_IMAGE_PIXELS, MediaError, load_rgb, probe_image_size
 from pipeline.tokenization import build_tiny_tokenizer
 from pipeline.video import MAX_FRAMES, VideoInfo
+from schemas.atomic import temp_path
 from schemas.record import Source
 from schemas.shards import ShardReader, ShardWriter, file_sha256, verify_shards
 
@@ -559,16 +561,17 @@ def inject_full_disk(monkeypatch: pytest.MonkeyPatch, where: str) -> None:
 
         monkeypatch.setattr(ShardWriter, "write", write)
         return
-    real_atomic = shard_module.write_atomic
+    writer = {"sidecar": shard_units_module, "manifest": shard_module}[where]
+    real_atomic = writer.write_atomic
     target = {"sidecar": "shard-00001.json", "manifest": "manifest.json"}[where]
 
     def write_atomic(path: Path, data: bytes) -> None:
         if path.name == target:  # a partial temp file is what a full disk leaves behind
-            shard_module.temp_path(path).write_bytes(data[: len(data) // 2])
-            raise _no_space(shard_module.temp_path(path))
+            temp_path(path).write_bytes(data[: len(data) // 2])
+            raise _no_space(temp_path(path))
         real_atomic(path, data)
 
-    monkeypatch.setattr(shard_module, "write_atomic", write_atomic)
+    monkeypatch.setattr(writer, "write_atomic", write_atomic)
 
 
 @pytest.mark.parametrize("where", ["shard", "sidecar", "manifest"])

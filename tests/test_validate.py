@@ -1,4 +1,4 @@
-"""pipeline/validate.py and `xc-prep validate`: every check on real files made in tmp_path.
+"""pipeline/checks.py, pipeline/validate.py and `xc-prep validate`: every check on real files made in tmp_path.
 
 Images come from scikit-image's bundled photos, videos are written with PyAV; the broken files
 are real too (a truncated JPEG, a zero-byte file, text named .jpg, an mp4 without its index).
