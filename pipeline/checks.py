@@ -51,12 +51,11 @@ from pipeline.errors import DataError
 from pipeline.media import (
     DEFAULT_MAX_IMAGE_PIXELS,
     DEFAULT_MAX_VIDEO_SECONDS,
-    MediaProbe,
-    probe_media,
     real_path,
     resolve_path,
     within_roots,
 )
+from pipeline.media_probe import MediaProbe, probe_media
 from pipeline.template import DEFAULT_MAX_LENGTH
 from pipeline.tiling import DEFAULT_HD_NUM
 from schemas.record import (

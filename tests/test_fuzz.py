@@ -43,7 +43,8 @@ from pipeline.checks import (
     mark_duplicate_ids,
 )
 from pipeline.errors import DataError
-from pipeline.media import MediaError, load_rgb, probe_media
+from pipeline.media import MediaError, load_rgb
+from pipeline.media_probe import probe_media
 from pipeline.sources import DATA_TXT_CODES, DataTxtError, parse_data_txt
 from pipeline.tokenization import Tokenizer, build_tiny_tokenizer
 from pipeline.validate import format_findings

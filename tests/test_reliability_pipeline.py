@@ -29,7 +29,7 @@ import skimage.data
 from PIL import Image
 
 import pipeline.checks as checks_module
-import pipeline.media as media_module
+import pipeline.media_probe as media_probe_module
 import pipeline.shard as shard_module
 import pipeline.shard_units as shard_units_module
 from pipeline import video as video_module
@@ -387,7 +387,7 @@ def test_image_bomb_costs_bounded_memory(bomb: Path, tmp_path: Path) -> None:
 
 
 def _video_record_check(tmp_path: Path, video: Path, opts: ValidateOptions) -> list[Any]:
-    media_module._media_cache.clear()  # probes are cached per process by path, size and mtime
+    media_probe_module._media_cache.clear()  # probes are cached per process by path, size and mtime
     json_path = write_json(tmp_path / "v.json", [{"id": "v", "image": str(video), "conversations": qa()}])
     with contextlib.chdir(tmp_path):
         (record,) = check_source(source_of(json_path), opts).records
