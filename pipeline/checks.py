@@ -55,9 +55,10 @@ from pipeline.media import (
     resolve_path,
     within_roots,
 )
-from pipeline.media_probe import MediaProbe, probe_media
+from pipeline.media_probe import MediaProbe, media_grid, probe_media
 from pipeline.template import DEFAULT_MAX_LENGTH
 from pipeline.tiling import DEFAULT_HD_NUM
+from pipeline.tokenization import BOS, END_OF_TURN, EOS, START_OF_TURN, UNK
 from schemas.record import (
     IMAGE_PLACEHOLDER,
     Record,
@@ -81,11 +82,11 @@ SPECIAL_STRINGS = (
     "<|action_end|>",
     "<|interpreter|>",
     "<|plugin|>",
-    "[UNUSED_TOKEN_145]",
-    "[UNUSED_TOKEN_146]",
-    "</s>",
-    "<s>",
-    "<unk>",
+    END_OF_TURN,
+    START_OF_TURN,
+    EOS,
+    BOS,
+    UNK,
 )
 _SPECIAL_RE = re.compile("|".join(re.escape(s) for s in SPECIAL_STRINGS))
 _PLACEHOLDER_LOWER = IMAGE_PLACEHOLDER.lower()
@@ -401,6 +402,37 @@ def _finding_id(rid: Any) -> Any:
     return rid if len(text) <= 200 and not _LONE_SURROGATE.search(text) else _short(rid)
 
 
+def record_from_json(raw: Any, json_dir: Path, where: str) -> Record:
+    """A `Record` from one JSON element: the one place that maps record JSON to a `Record`.
+
+    It checks only the shape it reads (a DataError otherwise), so `xc-prep preview` shows even
+    records the checks would refuse; `_check_record` applies every rule first, then builds its
+    record here.
+    """
+    if not isinstance(raw, dict) or not isinstance(raw.get("conversations"), list):
+        raise DataError("record_malformed", f"{where}: expected an object with a 'conversations' list")
+    turns = []
+    for t, turn in enumerate(raw["conversations"]):
+        if (
+            not isinstance(turn, dict)
+            or not isinstance(turn.get("from"), str)
+            or not isinstance(turn.get("value"), str)
+        ):
+            raise DataError("turn_malformed", f"{where}: conversations[{t}] needs string 'from' and 'value'")
+        # Upstream maps every non-user role to the assistant; preview does the same.
+        turns.append(Turn(role_of(turn["from"]) or "assistant", turn["value"]))
+    media = raw.get("image", [])
+    media = [media] if isinstance(media, str) else media
+    if not isinstance(media, list) or not all(isinstance(m, str) for m in media):
+        raise DataError("image_malformed", f"{where}: 'image' must be a path or a list of paths")
+    return Record(
+        id=raw.get("id"),
+        turns=tuple(turns),
+        media=tuple(media),
+        media_paths=tuple(resolve_path(m, json_dir) for m in media),
+    )
+
+
 def _check_record(
     raw: Any, index: int, file: str, json_dir: Path, roots: tuple[Path, ...] | None, opts: ValidateOptions
 ) -> RecordCheck:
@@ -440,12 +472,10 @@ def _check_record(
     turns = _check_conversations(raw, add)
     media_or_none = _check_image_field(raw, add)
     media = media_or_none or []
-    media_paths: list[Path] = []
     probes: list[MediaProbe | None] = []
     for i, path in enumerate(media):
         label = "image" if isinstance(raw.get("image"), str) else f"image[{i}]"
         resolved = resolve_path(path, json_dir)
-        media_paths.append(resolved)
         if roots is not None and not within_roots(resolved, roots):
             # Never opened: a record must not make us read /etc/..., a device or another user's files.
             real = real_path(resolved)
@@ -467,15 +497,13 @@ def _check_record(
         return RecordCheck(index, rid, None, findings, len(media) - num_videos, num_videos)
     # No error: every turn has a known role and a string value, every media file a probe.
     assert turns is not None, f"record {index}: conversations unchecked"
-    valid_turns = tuple(Turn(role, value) for role, value in turns if role is not None)
+    built = record_from_json(raw, json_dir, f"{file} record {index}")
     usable = [p for p in probes if p is not None]
-    assert len(valid_turns) == len(turns) and len(usable) == len(media), f"record {index}: unchecked parts"
+    assert len(built.turns) == len(turns) and len(usable) == len(media), f"record {index}: unchecked parts"
     tokens = trained = None
     if opts.tokenizer is not None:
-        tokens, trained = _check_length(valid_turns, usable, opts, add)
-    record = None
-    if not any(f.severity == "error" for f in findings):
-        record = Record(id=rid, turns=valid_turns, media=tuple(media), media_paths=tuple(media_paths))
+        tokens, trained = _check_length(built.turns, usable, opts, add)
+    record = None if any(f.severity == "error" for f in findings) else built
     return RecordCheck(index, rid, record, findings, len(media) - num_videos, num_videos, tokens, trained)
 
 
@@ -672,17 +700,6 @@ def cached_tokenizer(path: Path) -> Any:
     return _tokenizers[path]
 
 
-def media_grid(probe: MediaProbe, opts: ValidateOptions) -> tuple[int, int]:
-    """(rows, cols) of tiles the media file becomes under `opts` (hd_num and style)."""
-    from pipeline.tiling import hd_grid
-
-    if probe.kind == "video":
-        assert probe.grid is not None
-        return probe.grid
-    assert probe.size is not None
-    return hd_grid(probe.size[0], probe.size[1], opts.hd_num, opts.style)
-
-
 def _check_length(
     turns: tuple[Turn, ...], media: list[MediaProbe], opts: ValidateOptions, add: AddFinding
 ) -> tuple[int, int]:
@@ -694,7 +711,7 @@ def _check_length(
     from pipeline.template import render_conversation
 
     assert opts.tokenizer is not None, "length check without a tokenizer"
-    grids = [media_grid(m, opts) for m in media]
+    grids = [media_grid(m, opts.hd_num, opts.style) for m in media]
     tokenizer = cached_tokenizer(opts.tokenizer)
     try:
         # Render untruncated, then apply the template's cut ourselves to tell the two errors apart.

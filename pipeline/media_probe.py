@@ -1,9 +1,11 @@
-"""What one media file's header or metadata says, for the checks: `probe_media` never raises.
+"""What one media file's header or metadata says (`MediaProbe`), and the tile grid it gives.
 
-An image is opened (and decoded unless decode=False) with pipeline/media.py, a video probed and its
-sampled frames decoded with pipeline/video.py; sizes and lengths are checked against the media
-policy before any pixel is decoded. The result, a `MediaProbe`, holds the image's size or the video
-strip's tile grid, or the finding code and reason that make the file unusable.
+`probe_media` is the checks' probe and never raises: an image is opened (and decoded unless
+decode=False) with pipeline/media.py, a video probed and its sampled frames decoded with
+pipeline/video.py; sizes and lengths are checked against the media policy before any pixel is
+decoded. The probe holds the image's size or the video strip's tile grid, or the finding code and
+reason that make the file unusable. `media_grid(probe, hd_num, style)` is the one rule for the
+(rows, cols) of tiles a media file becomes, used by the length check and by pipeline/build.py.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from typing import Literal
 
 from pipeline.errors import DataError
 from pipeline.media import DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_VIDEO_SECONDS, load_rgb, probe_image_size
+from pipeline.tiling import hd_grid
+from schemas.sample import Style
 
 
 @dataclass(frozen=True)
@@ -27,6 +31,16 @@ class MediaProbe:
     """Video only: (rows, cols) of the frame strip's tiles (independent of hd_num)."""
     error: tuple[str, str] | None = None
     """(code, message) when the file cannot be used."""
+
+
+def media_grid(probe: MediaProbe, hd_num: int, style: Style) -> tuple[int, int]:
+    """(rows, cols) of tiles the media file becomes: a video's frame strip has its own grid
+    (independent of hd_num), an image the HD grid of its size under `hd_num` and `style`."""
+    if probe.kind == "video":
+        assert probe.grid is not None, "a video probe without a grid"
+        return probe.grid
+    assert probe.size is not None, "an image probe without a size"
+    return hd_grid(probe.size[0], probe.size[1], hd_num, style)
 
 
 _media_cache: dict[tuple[str, int, int, bool, int, float], MediaProbe] = {}

@@ -23,14 +23,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from pipeline.checks import record_from_json
 from pipeline.errors import DataError
-from pipeline.media import resolve_path
-from pipeline.template import DEFAULT_MAX_LENGTH, LAYOUTS
-from pipeline.tiling import DEFAULT_HD_NUM, STYLES
+from pipeline.template import DEFAULT_MAX_LENGTH
+from pipeline.tiling import DEFAULT_HD_NUM
 from schemas.cli import ExitCode
 from schemas.manifest import TOKENIZER_NAME, Manifest
-from schemas.record import Record, Turn, role_of
-from schemas.sample import IGNORE_INDEX, Sample
+from schemas.record import Record
+from schemas.sample import IGNORE_INDEX, LAYOUTS, STYLES, Sample
 
 TOKENIZER_ENV = "XC_TOKENIZER"
 TRAINED_OPEN, TRAINED_CLOSE = "⟦", "⟧"
@@ -92,35 +92,6 @@ def render_sample_summary(sample: Sample, media: tuple[str, ...] = ()) -> str:
 
 
 # ---------------------------------------------------------------- reading one record
-
-
-def record_from_json(raw: Any, json_dir: Path, where: str) -> Record:
-    """A `Record` from one JSON element, with only the checks preview needs to render it.
-
-    `xc-prep validate` applies every rule; preview shows even records validation would warn about.
-    """
-    if not isinstance(raw, dict) or not isinstance(raw.get("conversations"), list):
-        raise DataError("record_malformed", f"{where}: expected an object with a 'conversations' list")
-    turns = []
-    for t, turn in enumerate(raw["conversations"]):
-        if (
-            not isinstance(turn, dict)
-            or not isinstance(turn.get("from"), str)
-            or not isinstance(turn.get("value"), str)
-        ):
-            raise DataError("turn_malformed", f"{where}: conversations[{t}] needs string 'from' and 'value'")
-        # Upstream maps every non-user role to the assistant; preview does the same.
-        turns.append(Turn(role_of(turn["from"]) or "assistant", turn["value"]))
-    media = raw.get("image", [])
-    media = [media] if isinstance(media, str) else media
-    if not isinstance(media, list) or not all(isinstance(m, str) for m in media):
-        raise DataError("image_malformed", f"{where}: 'image' must be a path or a list of paths")
-    return Record(
-        id=raw.get("id"),
-        turns=tuple(turns),
-        media=tuple(media),
-        media_paths=tuple(resolve_path(m, json_dir) for m in media),
-    )
 
 
 def load_record(json_file: Path, index: int) -> Record:

@@ -52,18 +52,17 @@ from typing import Any
 
 from pipeline.checks import RecordCheck, dumps_json, load_source, mark_duplicate_ids
 from pipeline.cli import add_media_policy_arguments, default_workers, media_policy_options
-from pipeline.shard_config import TILE_CODEC_CHOICES, ShardConfig, UsageError, fingerprint
+from pipeline.shard_config import ShardConfig, UsageError, fingerprint
 from pipeline.shard_folder import lock_output, prepare_output
 from pipeline.shard_units import Progress, SourceInput, UnitTask, WorkerDied, make_tasks, run_units
 from pipeline.sources import DataTxtError, parse_data_txt
-from pipeline.template import LAYOUTS
-from pipeline.tiling import STYLES
 from pipeline.validate import format_findings
 from schemas.atomic import write_atomic
 from schemas.cli import ExitCode, field_docs
 from schemas.manifest import (
     MANIFEST_NAME,
     REJECTS_NAME,
+    TILE_CODECS,
     TOKENIZER_NAME,
     Fingerprint,
     Manifest,
@@ -71,6 +70,7 @@ from schemas.manifest import (
     SourceInfo,
 )
 from schemas.report import Finding
+from schemas.sample import LAYOUTS, STYLES
 
 # ---------------------------------------------------------------- inputs and plan
 
@@ -356,7 +356,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help=doc("samples_per_shard", d.samples_per_shard),
     )
     p.add_argument(
-        "--tile-codec", choices=TILE_CODEC_CHOICES, default=d.tile_codec, help=doc("tile_codec", d.tile_codec)
+        "--tile-codec", choices=TILE_CODECS, default=d.tile_codec, help=doc("tile_codec", d.tile_codec)
     )
     p.add_argument("--font", default=None, help=doc("font"))
     p.add_argument("--overwrite", action="store_true", help=doc("overwrite"))

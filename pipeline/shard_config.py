@@ -15,15 +15,13 @@ from pipeline.checks import ValidateOptions
 from pipeline.media import DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_VIDEO_SECONDS
 from pipeline.template import DEFAULT_MAX_LENGTH
 from pipeline.tiling import DEFAULT_HD_NUM
-from schemas.manifest import Fingerprint
+from schemas.manifest import Fingerprint, TileCodec
 from schemas.sample import Layout, Style
 
 DEFAULT_DATA_TXT = Path("data.txt")
 DEFAULT_OUT = Path("shards")
 DEFAULT_SAMPLES_PER_SHARD = 256
-DEFAULT_TILE_CODEC = "raw"
-TILE_CODEC_CHOICES = ("raw", "png")
-"""Mirrors schemas.shards.TILE_CODECS (not imported here: pyarrow would slow every `xc-prep` start)."""
+DEFAULT_TILE_CODEC: TileCodec = "raw"
 PACKAGE_NAME = "xcomposer-finetune"
 
 
@@ -53,7 +51,7 @@ class ShardConfig:
     """Worker processes (output bytes do not depend on it)."""
     samples_per_shard: int = DEFAULT_SAMPLES_PER_SHARD
     """Records per work unit, so at most this many samples per shard file."""
-    tile_codec: str = DEFAULT_TILE_CODEC
+    tile_codec: TileCodec = DEFAULT_TILE_CODEC
     """How tiles are stored; both are lossless: raw (fastest to read) or png (~2-3x smaller)."""
     font: Path | None = None
     """TrueType font for video frame labels (default: the one pipeline/video.py finds)."""

@@ -21,7 +21,8 @@ WORK_DIR = ".work"
 PLAN_NAME = "plan.json"
 LOCK_NAME = "lock"
 SHARD_STEM = "shard-{unit:05d}"
-SHARD_GLOB = "*/shard-*.arrow"
+SHARD_SUFFIX = ".arrow"
+SHARD_GLOB = f"*/shard-*{SHARD_SUFFIX}"
 
 
 def plan_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:

@@ -26,7 +26,7 @@ from typing import Any
 
 from pipeline.checks import RecordCheck, ValidateOptions, check_records, dumps_json
 from pipeline.shard_config import ShardConfig, validate_options
-from pipeline.shard_folder import SHARD_STEM, WORK_DIR
+from pipeline.shard_folder import SHARD_STEM, SHARD_SUFFIX, WORK_DIR
 from schemas.atomic import publish, temp_path, write_atomic
 from schemas.record import Source
 from schemas.report import Finding
@@ -76,7 +76,7 @@ class UnitTask:
     @property
     def shard_file(self) -> str:
         """Shard path relative to --out (as listed in the manifest)."""
-        return f"{self.source_name}/{SHARD_STEM.format(unit=self.unit)}.arrow"
+        return f"{self.source_name}/{SHARD_STEM.format(unit=self.unit)}{SHARD_SUFFIX}"
 
     @property
     def shard_path(self) -> Path:

@@ -35,10 +35,11 @@ from pipeline.checks import (
 )
 from pipeline.cli import add_media_policy_arguments, default_workers, media_policy_options
 from pipeline.sources import DataTxtError, parse_data_txt
-from pipeline.template import DEFAULT_MAX_LENGTH, LAYOUTS
-from pipeline.tiling import DEFAULT_HD_NUM, STYLES
+from pipeline.template import DEFAULT_MAX_LENGTH
+from pipeline.tiling import DEFAULT_HD_NUM
 from schemas.cli import ExitCode
 from schemas.report import Finding, Report, SourceSummary
+from schemas.sample import LAYOUTS, STYLES
 
 # Work sizing: relative cost of one text-only record vs one media file to decode, measured on a
 # 2-core machine (a 640×480 JPEG decodes in ~3 ms, a text-only record checks in ~15 µs).
