@@ -28,6 +28,10 @@ def default_workers() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+MEDIA_POLICY_FIELDS = ("allow_path", "allow_any_path", "max_image_pixels", "max_video_seconds")
+"""The option fields the media policy flags set (ValidateOptions, ShardConfig)."""
+
+
 def add_media_policy_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of the media safety policy, shared by `xc-prep validate` and `xc-prep shard`.
 

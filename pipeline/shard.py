@@ -51,18 +51,22 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.checks import RecordCheck, dumps_json, load_source, mark_duplicate_ids
-from pipeline.cli import add_media_policy_arguments, default_workers, media_policy_options
+from pipeline.cli import (
+    MEDIA_POLICY_FIELDS,
+    add_media_policy_arguments,
+    default_workers,
+    media_policy_options,
+)
 from pipeline.shard_config import ShardConfig, UsageError, fingerprint
 from pipeline.shard_folder import lock_output, prepare_output
 from pipeline.shard_units import Progress, SourceInput, UnitTask, WorkerDied, make_tasks, run_units
 from pipeline.sources import DataTxtError, parse_data_txt
 from pipeline.validate import format_findings
 from schemas.atomic import write_atomic
-from schemas.cli import ExitCode, field_docs
+from schemas.cli import ExitCode, add_dataclass_flags, field_docs
 from schemas.manifest import (
     MANIFEST_NAME,
     REJECTS_NAME,
-    TILE_CODECS,
     TOKENIZER_NAME,
     Fingerprint,
     Manifest,
@@ -70,7 +74,6 @@ from schemas.manifest import (
     SourceInfo,
 )
 from schemas.report import Finding
-from schemas.sample import LAYOUTS, STYLES
 
 # ---------------------------------------------------------------- inputs and plan
 
@@ -324,41 +327,27 @@ def run(args: argparse.Namespace) -> int:
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    d, docs = ShardConfig(), field_docs(ShardConfig)
-
-    def doc(name: str, default: object = None) -> str:
-        return docs[name] if default is None else f"{docs[name]} (default {default})"
-
     p = subparsers.add_parser(
         "shard",
         help="validate, tokenize and tile data.txt's records into resumable Arrow shards",
         description=__doc__.split("\n\n")[0],
     )
-    p.add_argument(
-        "data_txt", nargs="?", default=str(d.data_txt), metavar="DATA_TXT", help=doc("data_txt", d.data_txt)
+    workers_help = f"{field_docs(ShardConfig)['workers']} (default all CPU cores)"
+    add_dataclass_flags(
+        p,
+        ShardConfig,
+        exclude=MEDIA_POLICY_FIELDS,  # added below with validate's flags and help
+        show_defaults=True,
+        positional=("data_txt",),
+        overrides={
+            # text, not Path, for these two: config_from_args reads an empty value as unset
+            "tokenizer": {"type": str, "required": True},
+            "font": {"type": str},
+            "hd_num": {"metavar": "N"},
+            "max_length": {"metavar": "N"},
+            "workers": {"metavar": "N", "default": default_workers(), "help": workers_help},
+            "samples_per_shard": {"metavar": "N"},
+        },
     )
-    p.add_argument("--out", default=str(d.out), help=doc("out", d.out))
-    p.add_argument("--tokenizer", required=True, help=doc("tokenizer"))
-    p.add_argument("--hd-num", type=int, metavar="N", default=d.hd_num, help=doc("hd_num", d.hd_num))
-    p.add_argument(
-        "--max-length", type=int, metavar="N", default=d.max_length, help=doc("max_length", d.max_length)
-    )
-    p.add_argument("--style", choices=STYLES, default=d.style, help=doc("style", d.style))
-    p.add_argument("--layout", choices=LAYOUTS, default=d.layout, help=doc("layout", d.layout))
-    p.add_argument(
-        "--workers", type=int, metavar="N", default=default_workers(), help=doc("workers", "all CPU cores")
-    )
-    p.add_argument(
-        "--samples-per-shard",
-        type=int,
-        metavar="N",
-        default=d.samples_per_shard,
-        help=doc("samples_per_shard", d.samples_per_shard),
-    )
-    p.add_argument(
-        "--tile-codec", choices=TILE_CODECS, default=d.tile_codec, help=doc("tile_codec", d.tile_codec)
-    )
-    p.add_argument("--font", default=None, help=doc("font"))
-    p.add_argument("--overwrite", action="store_true", help=doc("overwrite"))
     add_media_policy_arguments(p)
     p.set_defaults(run=run)
