@@ -26,7 +26,7 @@ Finding codes: see `HINTS` below (record, file and media codes) and `pipeline.so
 (data.txt codes: source_missing_k, source_bad_k, source_nonpositive_k, source_extra_columns,
 source_file_missing, source_zero_samples, source_duplicate, data_txt_empty).
 
-Safety policy (RELIABILITY.md; the flags come from `pipeline.cli.add_media_policy_arguments`):
+Safety policy (RELIABILITY.md; the flags come from `pipeline.flags.add_media_policy_arguments`):
 a media path must resolve, after `..` and symlinks, inside the current directory, the JSON file's
 folder or an --allow-path folder (`media_outside_roots`, the file is never opened; --allow-any-path
 turns this off); images over --max-image-pixels and videos over --max-video-seconds (or with frames

@@ -51,7 +51,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.checks import RecordCheck, dumps_json, load_source, mark_duplicate_ids
-from pipeline.cli import (
+from pipeline.flags import (
     MEDIA_POLICY_FIELDS,
     add_media_policy_arguments,
     default_workers,

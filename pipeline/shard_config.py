@@ -57,7 +57,7 @@ class ShardConfig:
     """TrueType font for video frame labels (default: the one pipeline/video.py finds)."""
     overwrite: bool = False
     """Delete existing shards, manifest and work files in --out before writing."""
-    # The media safety policy: the same flags (pipeline/cli.py) and fields as `xc-prep validate`.
+    # The media safety policy: the same flags (pipeline/flags.py) and fields as `xc-prep validate`.
     allow_path: tuple[Path, ...] = ()
     """Extra folders media files may lie in, besides the current directory and the JSON file's folder."""
     allow_any_path: bool = False

@@ -33,7 +33,7 @@ from pipeline.checks import (
     load_source,
     mark_duplicate_ids,
 )
-from pipeline.cli import add_media_policy_arguments, default_workers, media_policy_options
+from pipeline.flags import add_media_policy_arguments, default_workers, media_policy_options
 from pipeline.sources import DataTxtError, parse_data_txt
 from pipeline.template import DEFAULT_MAX_LENGTH
 from pipeline.tiling import DEFAULT_HD_NUM
