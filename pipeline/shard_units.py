@@ -47,7 +47,7 @@ class SourceInput:
     records: list[Any]
     """The JSON file's top-level list, unchecked."""
     duplicates: dict[int, Finding]
-    """`duplicate_id` finding by record index (needs the whole file, so computed once here)."""
+    """`duplicate_id` finding by record index (needs the whole file: `read_inputs` computes it once)."""
 
 
 @dataclass(frozen=True)
