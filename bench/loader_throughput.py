@@ -42,7 +42,8 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from prep_throughput import REAL_TOKENIZER, make_photos, make_records  # noqa: E402
 
-from pipeline.shard import ShardConfig, shard  # noqa: E402
+from pipeline.shard import shard  # noqa: E402
+from pipeline.shard_config import ShardConfig  # noqa: E402
 from pipeline.tiling import hd_grid  # noqa: E402
 from pipeline.tokenization import Tokenizer, build_tiny_tokenizer  # noqa: E402
 from schemas.shards import ShardReader  # noqa: E402

@@ -31,7 +31,8 @@ import numpy as np
 from PIL import Image
 
 from pipeline.media import load_rgb
-from pipeline.shard import ShardConfig, shard
+from pipeline.shard import shard
+from pipeline.shard_config import ShardConfig
 from pipeline.tiling import CLIP_MEAN, CLIP_STD, hd_transform
 from pipeline.tokenization import build_tiny_tokenizer
 from schemas.manifest import Manifest

@@ -73,7 +73,7 @@ from prep_throughput import make_photos  # noqa: E402
 
 from pipeline import cli as prep_cli  # noqa: E402
 from pipeline.build import build_sample  # noqa: E402
-from pipeline.preview import record_from_json  # noqa: E402
+from pipeline.checks import record_from_json  # noqa: E402
 from pipeline.tiling import CLIP_MEAN, CLIP_STD  # noqa: E402
 from pipeline.tokenization import Tokenizer, build_tiny_tokenizer  # noqa: E402
 from schemas.sample import IGNORE_INDEX  # noqa: E402

@@ -25,8 +25,9 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
+from pipeline.checks import ValidateOptions  # noqa: E402
 from pipeline.tokenization import build_tiny_tokenizer  # noqa: E402
-from pipeline.validate import ValidateOptions, validate  # noqa: E402
+from pipeline.validate import validate  # noqa: E402
 
 WORDS = (
     "the image shows a small cat sitting on wooden table next to cup of coffee while light from "

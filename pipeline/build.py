@@ -12,21 +12,19 @@ import numpy as np
 
 from pipeline.errors import DataError
 from pipeline.media import DEFAULT_MAX_IMAGE_PIXELS, load_rgb, probe_image_size
+from pipeline.media_probe import MediaProbe, media_grid
 from pipeline.template import DEFAULT_MAX_LENGTH, TokenizerLike, render_conversation
-from pipeline.tiling import DEFAULT_HD_NUM, grid_of, hd_grid, hd_transform, to_tiles
+from pipeline.tiling import DEFAULT_HD_NUM, grid_of, hd_transform, to_tiles
 from pipeline.video import video_grid, video_strip
 from schemas.record import Record, is_video_path
 from schemas.sample import TILE_SIZE, ImageSpan, Layout, Sample, Style
 
 
-def media_grid(
-    path: Path, *, is_video: bool, hd_num: int, style: Style, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
-) -> tuple[int, int]:
-    """(rows, cols) one media file will take, without decoding its pixels."""
+def header_probe(path: Path, *, is_video: bool, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> MediaProbe:
+    """What the image header or the video metadata says, without decoding pixels (DataError if unreadable)."""
     if is_video:
-        return video_grid(path)
-    width, height = probe_image_size(path, max_pixels)
-    return hd_grid(width, height, hd_num, style)
+        return MediaProbe("video", grid=video_grid(path))
+    return MediaProbe("image", size=probe_image_size(path, max_pixels))
 
 
 def media_padded(
@@ -61,7 +59,7 @@ def build_sample(
     """Tokenize and tile one record; raises `DataError` for bad data (missing media, too long...)."""
     videos = [is_video_path(m) for m in record.media]
     grids = [
-        media_grid(p, is_video=v, hd_num=hd_num, style=style, max_pixels=max_image_pixels)
+        media_grid(header_probe(p, is_video=v, max_pixels=max_image_pixels), hd_num, style)
         for p, v in zip(record.media_paths, videos, strict=True)
     ]
     rendered = render_conversation(record.turns, grids, tokenizer, layout=layout, max_length=max_length)

@@ -2,6 +2,7 @@
 
 Each subcommand lives in its own module, which exposes `add_parser(subparsers)`; the parser it
 adds sets `run=<function(args) -> int>`. Exit status: 0 ok, 1 invalid data, 2 usage error.
+The flags several subcommands share are in pipeline/flags.py.
 """
 
 from __future__ import annotations

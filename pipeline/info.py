@@ -4,10 +4,6 @@ The summary comes from `manifest.json` alone (fingerprint, per-source counts, to
 so it is instant on any size of folder. `--verify` re-reads every shard and checks its size, sha256,
 Arrow footer and sample count with `schemas.shards.verify_shards` (the very check the trainer runs at
 start-up), and the copy of the tokenizer against the fingerprint; any problem exits 1, naming the file.
-
-`xc-prep preview --shards DIR [--source NAME] --sample N` (arguments and code here, one call in
-preview.py) shows a stored sample the way preview shows one built from JSON. N counts samples
-across all sources in manifest order (shard by shard, row by row), or within --source NAME.
 """
 
 from __future__ import annotations
@@ -114,83 +110,6 @@ def run(args: argparse.Namespace) -> int:
         )
         return ExitCode.INVALID_DATA
     print(f"verify: ok ({shards} shard(s), sizes and sha256 match the manifest)", file=sys.stderr)
-    return ExitCode.OK
-
-
-# ---------------------------------------------------------------- preview of a stored sample
-
-
-def add_stored_sample_arguments(parser: argparse.ArgumentParser) -> None:
-    """`xc-prep preview --shards DIR [--source NAME] --sample N` (added to preview's parser)."""
-    parser.add_argument(
-        "--shards",
-        type=Path,
-        default=None,
-        metavar="DIR",
-        help="show a stored sample of this shard folder instead of building one from JSON_FILE",
-    )
-    parser.add_argument(
-        "--source",
-        default=None,
-        help="with --shards: count --sample within this source (its name, or its path in data.txt)",
-    )
-    parser.add_argument(
-        "--sample",
-        type=int,
-        default=0,
-        help="with --shards: 0-based sample number, across all sources in manifest order unless --source",
-    )
-
-
-def locate_sample(manifest: Manifest, number: int, source: str | None = None) -> tuple[str, int]:
-    """(shard file relative to the folder, row) of stored sample `number`; ValueError when out of range."""
-    sources = manifest.sources
-    if source is not None:
-        sources = [s for s in sources if source in (s.name, s.path)]
-        if not sources:
-            known = ", ".join(s.name for s in manifest.sources)
-            raise ValueError(f"--source {source!r} is not in the manifest (sources: {known})")
-    total = sum(s.samples_written for s in sources)
-    if not 0 <= number < total:
-        raise ValueError(f"--sample {number} is out of range: {total} sample(s) stored (0..{total - 1})")
-    for s in sources:
-        for shard in s.shards:
-            if number < shard.samples:
-                return shard.file, number
-            number -= shard.samples
-    raise AssertionError("unreachable: shard sample counts add up to samples_written")
-
-
-def preview_stored(args: argparse.Namespace) -> int:
-    """Show a stored sample exactly as `xc-prep preview` shows one built from JSON."""
-    from pipeline.preview import render_sample_summary, render_sample_text, sample_to_preview_json
-    from pipeline.tokenization import Tokenizer
-    from schemas.shards import ShardReader
-
-    if args.json_file is not None:
-        print("xc-prep preview: pass either JSON_FILE or --shards DIR, not both", file=sys.stderr)
-        return ExitCode.USAGE
-    shard_dir = Path(args.shards)
-    try:
-        manifest = Manifest.load(shard_dir)
-        file, row = locate_sample(manifest, args.sample, args.source)
-        sample = ShardReader(shard_dir / file).read(row)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"xc-prep preview: {e}", file=sys.stderr)
-        return ExitCode.INVALID_DATA
-    if args.json:
-        print(json.dumps(sample_to_preview_json(sample)))
-        return ExitCode.OK
-    # The folder's own copy is the tokenizer the sample was made with.
-    copy = shard_dir / TOKENIZER_NAME
-    tokenizer_path = copy if copy.is_file() else args.tokenizer
-    if tokenizer_path is None:
-        print(f"xc-prep preview: {copy} is missing; pass --tokenizer", file=sys.stderr)
-        return ExitCode.USAGE
-    print(f"stored sample {args.sample}: {shard_dir / file} row {row}")
-    print(render_sample_summary(sample))
-    print("-" * 72)
-    print(render_sample_text(sample, Tokenizer.from_path(tokenizer_path)))
     return ExitCode.OK
 
 

@@ -29,6 +29,10 @@ at hd_num 18 never samples more than 18 × 560² = 5.6 M px of an image."""
 # functions apply the configurable limit exactly (see _pillow_limit).
 Image.MAX_IMAGE_PIXELS = DEFAULT_MAX_IMAGE_PIXELS
 
+DEFAULT_MAX_VIDEO_SECONDS = 7200.0
+"""Two hours: longer is almost surely a mistake; only 32 frames are ever decoded, but the frame
+index and the 1-fps sampling list grow with the length."""
+
 
 class MediaError(DataError):
     """A media file that cannot be used; `code` is the stable finding code."""

@@ -1,13 +1,16 @@
 """`xc-prep preview`: show what one record becomes (tokens, trained spans, image blocks and grids).
 
     xc-prep preview data/vqa.json --record 3 --tokenizer path/to/tokenizer.model [--json]
-    xc-prep preview --shards shards/ [--source NAME] --sample 7 [--json]   (a stored sample; info.py)
+    xc-prep preview --shards shards/ [--source NAME] --sample 7 [--json]   (a stored sample)
 
 The human view prints the decoded text with every image block as `<image rows×cols: N tokens>`
 and the trained tokens (labels != -100) between ⟦ and ⟧. `--json` prints exactly
 `{"input_ids": [...], "labels": [...], "images": [{"grid": [rows, cols], "span": [start, end]}]}`
 with -100 inside image spans in both lists, the format of the golden vectors.
 Media paths resolve against the current directory, then the JSON file's folder.
+
+With --shards, N counts stored samples across all sources in manifest order (shard by shard, row by
+row), or within --source NAME; the stored sample is shown exactly as one built from JSON.
 """
 
 from __future__ import annotations
@@ -20,14 +23,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from pipeline.checks import record_from_json
 from pipeline.errors import DataError
-from pipeline.info import add_stored_sample_arguments, preview_stored
-from pipeline.media import resolve_path
-from pipeline.template import DEFAULT_MAX_LENGTH, LAYOUTS
-from pipeline.tiling import DEFAULT_HD_NUM, STYLES
+from pipeline.template import DEFAULT_MAX_LENGTH
+from pipeline.tiling import DEFAULT_HD_NUM
 from schemas.cli import ExitCode
-from schemas.record import Record, Turn, role_of
-from schemas.sample import IGNORE_INDEX, Sample
+from schemas.manifest import TOKENIZER_NAME, Manifest
+from schemas.record import Record
+from schemas.sample import IGNORE_INDEX, LAYOUTS, STYLES, Sample
 
 TOKENIZER_ENV = "XC_TOKENIZER"
 TRAINED_OPEN, TRAINED_CLOSE = "⟦", "⟧"
@@ -91,35 +94,6 @@ def render_sample_summary(sample: Sample, media: tuple[str, ...] = ()) -> str:
 # ---------------------------------------------------------------- reading one record
 
 
-def record_from_json(raw: Any, json_dir: Path, where: str) -> Record:
-    """A `Record` from one JSON element, with only the checks preview needs to render it.
-
-    `xc-prep validate` applies every rule; preview shows even records validation would warn about.
-    """
-    if not isinstance(raw, dict) or not isinstance(raw.get("conversations"), list):
-        raise DataError("record_malformed", f"{where}: expected an object with a 'conversations' list")
-    turns = []
-    for t, turn in enumerate(raw["conversations"]):
-        if (
-            not isinstance(turn, dict)
-            or not isinstance(turn.get("from"), str)
-            or not isinstance(turn.get("value"), str)
-        ):
-            raise DataError("turn_malformed", f"{where}: conversations[{t}] needs string 'from' and 'value'")
-        # Upstream maps every non-user role to the assistant; preview does the same.
-        turns.append(Turn(role_of(turn["from"]) or "assistant", turn["value"]))
-    media = raw.get("image", [])
-    media = [media] if isinstance(media, str) else media
-    if not isinstance(media, list) or not all(isinstance(m, str) for m in media):
-        raise DataError("image_malformed", f"{where}: 'image' must be a path or a list of paths")
-    return Record(
-        id=raw.get("id"),
-        turns=tuple(turns),
-        media=tuple(media),
-        media_paths=tuple(resolve_path(m, json_dir) for m in media),
-    )
-
-
 def load_record(json_file: Path, index: int) -> Record:
     """Record `index` (0-based) of a JSON file, or a DataError saying what is wrong."""
     try:
@@ -135,6 +109,82 @@ def load_record(json_file: Path, index: int) -> Record:
             "record_out_of_range", f"{json_file}: --record {index} is out of range (0..{len(records) - 1})"
         )
     return record_from_json(records[index], json_file.parent, f"{json_file} record {index}")
+
+
+# ---------------------------------------------------------------- preview of a stored sample
+
+
+def add_stored_sample_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--shards DIR [--source NAME] --sample N`: show a stored sample instead of a JSON record."""
+    parser.add_argument(
+        "--shards",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="show a stored sample of this shard folder instead of building one from JSON_FILE",
+    )
+    parser.add_argument(
+        "--source",
+        default=None,
+        help="with --shards: count --sample within this source (its name, or its path in data.txt)",
+    )
+    parser.add_argument(
+        "--sample",
+        type=int,
+        default=0,
+        help="with --shards: 0-based sample number, across all sources in manifest order unless --source",
+    )
+
+
+def locate_sample(manifest: Manifest, number: int, source: str | None = None) -> tuple[str, int]:
+    """(shard file relative to the folder, row) of stored sample `number`; ValueError when out of range."""
+    sources = manifest.sources
+    if source is not None:
+        sources = [s for s in sources if source in (s.name, s.path)]
+        if not sources:
+            known = ", ".join(s.name for s in manifest.sources)
+            raise ValueError(f"--source {source!r} is not in the manifest (sources: {known})")
+    total = sum(s.samples_written for s in sources)
+    if not 0 <= number < total:
+        raise ValueError(f"--sample {number} is out of range: {total} sample(s) stored (0..{total - 1})")
+    for s in sources:
+        for shard in s.shards:
+            if number < shard.samples:
+                return shard.file, number
+            number -= shard.samples
+    raise AssertionError("unreachable: shard sample counts add up to samples_written")
+
+
+def preview_stored(args: argparse.Namespace) -> int:
+    """Show a stored sample exactly as `xc-prep preview` shows one built from JSON."""
+    from pipeline.tokenization import Tokenizer
+    from schemas.shards import ShardReader
+
+    if args.json_file is not None:
+        print("xc-prep preview: pass either JSON_FILE or --shards DIR, not both", file=sys.stderr)
+        return ExitCode.USAGE
+    shard_dir = Path(args.shards)
+    try:
+        manifest = Manifest.load(shard_dir)
+        file, row = locate_sample(manifest, args.sample, args.source)
+        sample = ShardReader(shard_dir / file).read(row)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"xc-prep preview: {e}", file=sys.stderr)
+        return ExitCode.INVALID_DATA
+    if args.json:
+        print(json.dumps(sample_to_preview_json(sample)))
+        return ExitCode.OK
+    # The folder's own copy is the tokenizer the sample was made with.
+    copy = shard_dir / TOKENIZER_NAME
+    tokenizer_path = copy if copy.is_file() else args.tokenizer
+    if tokenizer_path is None:
+        print(f"xc-prep preview: {copy} is missing; pass --tokenizer", file=sys.stderr)
+        return ExitCode.USAGE
+    print(f"stored sample {args.sample}: {shard_dir / file} row {row}")
+    print(render_sample_summary(sample))
+    print("-" * 72)
+    print(render_sample_text(sample, Tokenizer.from_path(tokenizer_path)))
+    return ExitCode.OK
 
 
 # ---------------------------------------------------------------- CLI
@@ -180,7 +230,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--font", type=Path, default=None, help="TrueType font for video frame labels")
     p.add_argument("--json", action="store_true", help="print the golden-vector JSON instead of text")
-    add_stored_sample_arguments(p)  # --shards DIR [--source NAME] --sample N (pipeline/info.py)
+    add_stored_sample_arguments(p)  # --shards DIR [--source NAME] --sample N
     p.set_defaults(run=run)
 
 

@@ -25,16 +25,14 @@ from typing import Protocol
 import numpy as np
 
 from pipeline.errors import DataError
+from pipeline.tokenization import END_OF_TURN, EOS, START_OF_TURN
 from schemas.record import IMAGE_PLACEHOLDER, Turn
-from schemas.sample import IGNORE_INDEX, IMAGE_TOKEN_ID, Layout, image_token_count
+from schemas.sample import IGNORE_INDEX, IMAGE_TOKEN_ID, LAYOUTS, Layout, image_token_count
 
 DEFAULT_MAX_LENGTH = 16384
-LAYOUTS: tuple[Layout, ...] = ("official", "inference")
-START_OF_TURN = "[UNUSED_TOKEN_146]"
-END_OF_TURN = "[UNUSED_TOKEN_145]"
 ROLE_HEADERS = {"user": f"{START_OF_TURN}user\n", "assistant": f"{START_OF_TURN}assistant\n"}
 TURN_END = f"{END_OF_TURN}\n"
-CONVERSATION_END = "</s>"
+CONVERSATION_END = EOS
 ANSWER_HEADER = TURN_END + ROLE_HEADERS["assistant"]
 """What `mask_human_targets` ignores after a user turn's 92542 (6 tokens with the real tokenizer)."""
 

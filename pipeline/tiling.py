@@ -21,13 +21,12 @@ import math
 import numpy as np
 from PIL import Image
 
-from schemas.sample import TILE_SIZE, Style
+from schemas.sample import STYLES, TILE_SIZE, Style
 
 DEFAULT_HD_NUM = 18
 TRAIN_WIDTH_CAP = 1.5
 """The fine-tuning transform lets an image grow to 1.5× its width (inference: 1×)."""
 PAD_FILL = (255, 255, 255)
-STYLES: tuple[Style, ...] = ("train", "infer")
 # Not used here (normalisation happens on the GPU) but part of the transform's definition.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

@@ -29,11 +29,11 @@ from pathlib import Path
 import sentencepiece as spm
 
 from schemas.cli import ExitCode
+from schemas.manifest import TOKENIZER_NAME
 
 # The InternLM2 model logs a harmless warning (a NUL piece with byte fallback) on every load.
 spm.set_min_log_level(2)
 
-TOKENIZER_FILE = "tokenizer.model"
 BOS = "<s>"
 EOS = "</s>"
 UNK = "<unk>"
@@ -65,11 +65,11 @@ class Tokenizer:
     def from_path(cls, path: str | Path) -> Tokenizer:
         """Load a `tokenizer.model` file, or a folder (e.g. a model checkpoint) holding one."""
         path = Path(path)
-        model_file = path / TOKENIZER_FILE if path.is_dir() else path
+        model_file = path / TOKENIZER_NAME if path.is_dir() else path
         if not model_file.is_file():
-            where = f"folder {path} has no {TOKENIZER_FILE}" if path.is_dir() else f"{path} does not exist"
+            where = f"folder {path} has no {TOKENIZER_NAME}" if path.is_dir() else f"{path} does not exist"
             raise FileNotFoundError(
-                f"tokenizer: {where}; pass a sentencepiece {TOKENIZER_FILE} or a model folder "
+                f"tokenizer: {where}; pass a sentencepiece {TOKENIZER_NAME} or a model folder "
                 f"holding one (or build a tiny one with `xc-prep tiny-tokenizer --out PATH`)"
             )
         data = model_file.read_bytes()

@@ -1,11 +1,22 @@
-"""What both command lines share: exit codes and the dataclass-field docstrings behind `--help`."""
+"""What both command lines share: exit codes, and flags made from a dataclass's fields.
+
+`add_dataclass_flags(parser, cls)` adds one `--kebab-case` flag per field of a config dataclass,
+typed from the annotation, with the docstring under the field (`field_docs`) as its help: the
+dataclass stays the single source of truth for `xc-prep shard` and `xc-train`.
+"""
 
 from __future__ import annotations
 
+import argparse
 import ast
+import dataclasses
 import inspect
 import textwrap
+import types
+import typing
+from collections.abc import Collection, Mapping
 from enum import IntEnum
+from typing import Any, Literal
 
 
 class ExitCode(IntEnum):
@@ -32,3 +43,66 @@ def field_docs(cls: type) -> dict[str, str]:
         and isinstance(following.value, ast.Constant)
         and isinstance(following.value.value, str)
     }
+
+
+def add_dataclass_flags(
+    parser: argparse.ArgumentParser,
+    cls: type,
+    *,
+    exclude: Collection[str] = (),
+    none_defaults: bool = False,
+    show_defaults: bool = False,
+    positional: Collection[str] = (),
+    overrides: Mapping[str, Mapping[str, Any]] | None = None,
+) -> None:
+    """One `--kebab-case` flag per field of dataclass `cls` (in field order, dest = the field name),
+    its help the field's docstring.
+
+    The annotation decides the argument: `X | None` reads as X, a Literal gives choices, a tuple one
+    or more values, a bool a switch (`--x`, or `--x/--no-x` where the default is not False).
+    `none_defaults`: every default is None, so that a config file can fill what the command line
+    leaves unset; otherwise the field's default is the flag's, and `show_defaults` appends
+    "(default X)" to the help where X is neither None nor a bool. Fields in `exclude` get no flag;
+    fields in `positional` become positional arguments (optional when they have a default).
+    `overrides[field]` are argparse keyword arguments that replace the derived ones (metavar,
+    required, a default computed at run time with its help, ...).
+    """
+    docs = field_docs(cls)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in exclude:
+            continue
+        default = None if none_defaults else _field_default(f)
+        kwargs: dict[str, Any] = {"default": default, "help": docs.get(f.name, "")}
+        kwargs.update(_argument_kind(hints[f.name], default))
+        if show_defaults and default is not None and not isinstance(default, bool):
+            kwargs["help"] += f" (default {default})"
+        kwargs.update((overrides or {}).get(f.name, {}))
+        if f.name in positional:
+            if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING:
+                kwargs.setdefault("nargs", "?")
+            parser.add_argument(f.name, metavar=kwargs.pop("metavar", f.name.upper()), **kwargs)
+        else:
+            parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, **kwargs)
+
+
+def _field_default(f: dataclasses.Field[Any]) -> Any:
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None if f.default is dataclasses.MISSING else f.default
+
+
+def _argument_kind(annotation: Any, default: Any) -> dict[str, Any]:
+    """argparse keyword arguments for a field's annotation (Path, int, float, str, bool, Literal, tuple)."""
+    origin = typing.get_origin(annotation)
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if origin in (typing.Union, types.UnionType) and len(args) == 1:
+        return _argument_kind(args[0], default)
+    if annotation is bool:
+        return {"action": "store_true" if default is False else argparse.BooleanOptionalAction}
+    if origin is Literal:
+        return {"choices": typing.get_args(annotation)}
+    if origin is tuple:
+        return {"nargs": "+"}
+    assert callable(annotation) and origin is None, f"no flag type for the annotation {annotation}"
+    return {"type": annotation}

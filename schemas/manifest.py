@@ -9,13 +9,17 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 REJECTS_NAME = "rejects.jsonl"
 TOKENIZER_NAME = "tokenizer.model"
-"""A copy of the tokenizer the shards were made with, beside the manifest."""
+"""The tokenizer's file name: in a model folder, and beside the manifest (a copy of the tokenizer
+the shards were made with), so a shard folder serves as a tokenizer folder too."""
+TileCodec = Literal["raw", "png"]
+TILE_CODECS: tuple[TileCodec, ...] = get_args(TileCodec)
+"""How shards store tiles (the fingerprint's tile_codec); schemas/shards.py encodes and decodes them."""
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ image, which is exactly the tiles reassembled, so the trainer derives it on the 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import numpy as np
 
@@ -23,7 +23,9 @@ MERGED_SIDE = 20
 """A 560-px tile gives 40×40 ViT patches, merged 2×2 into 20×20 LLM tokens."""
 
 Layout = Literal["official", "inference"]
+LAYOUTS: tuple[Layout, ...] = get_args(Layout)
 Style = Literal["train", "infer"]
+STYLES: tuple[Style, ...] = get_args(Style)
 
 
 def image_token_count(rows: int, cols: int) -> int:

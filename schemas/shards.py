@@ -24,11 +24,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from schemas.manifest import MANIFEST_NAME, Manifest
+from schemas.manifest import MANIFEST_NAME, TILE_CODECS, Manifest
 from schemas.sample import TILE_SIZE, ImageSpan, Sample, image_token_count
 
-SHARD_SUFFIX = ".arrow"
-TILE_CODECS = ("raw", "png")
 TILE_BYTES = TILE_SIZE * TILE_SIZE * 3
 
 SHARD_SCHEMA = pa.schema(
@@ -230,6 +228,15 @@ def file_sha256(path: Path, chunk_bytes: int = 1 << 22) -> str:
         while chunk := f.read(chunk_bytes):
             h.update(chunk)
     return h.hexdigest()
+
+
+def mismatch_message(shard_dir: Path, problems: list[str]) -> str:
+    """The error for a shard folder that fails `verify_shards`: every problem, then what to do."""
+    listed = "\n  ".join(problems)
+    return (
+        f"{shard_dir}: the shards do not match their manifest:\n  {listed}"
+        "\nre-run `xc-prep shard` (or `xc-prep info --verify` for details)"
+    )
 
 
 def verify_shards(shard_dir: Path, *, checksums: bool = True, part: tuple[int, int] = (0, 1)) -> list[str]:

@@ -2,11 +2,11 @@
 
 Hypothesis throws arbitrary JSON-like values, arbitrary text (NUL, lone UTF-16 surrogates, odd
 line breaks included) and arbitrary bytes at `pipeline.sources.parse_data_txt`,
-`pipeline.validate.check_records` and `check_source`. The properties:
+`pipeline.checks.check_records` and `check_source`. The properties:
 
 - nothing raises, except the documented usage error (`DataTxtError` for an unreadable data.txt);
 - every input is either accepted (`RecordCheck.record is not None`, no error) or reported with at
-  least one error finding whose code is a known one (`validate.HINTS`, `sources.DATA_TXT_CODES`);
+  least one error finding whose code is a known one (`checks.HINTS`, `sources.DATA_TXT_CODES`);
 - findings name the file (as written in data.txt) and the line (data.txt) or record index (JSON),
   and their text is printable and JSON-serializable (reports and rejects.jsonl are UTF-8);
 - a record validate accepts builds into a sample (or fails with a `DataError`, never a crash),
@@ -32,11 +32,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from pipeline.build import build_sample
-from pipeline.errors import DataError
-from pipeline.media import MediaError, load_rgb
-from pipeline.sources import DATA_TXT_CODES, DataTxtError, parse_data_txt
-from pipeline.tokenization import Tokenizer, build_tiny_tokenizer
-from pipeline.validate import (
+from pipeline.checks import (
     HINTS,
     SPECIAL_STRINGS,
     RecordCheck,
@@ -44,10 +40,14 @@ from pipeline.validate import (
     check_records,
     check_source,
     dumps_json,
-    format_findings,
     mark_duplicate_ids,
-    probe_media,
 )
+from pipeline.errors import DataError
+from pipeline.media import MediaError, load_rgb
+from pipeline.media_probe import probe_media
+from pipeline.sources import DATA_TXT_CODES, DataTxtError, parse_data_txt
+from pipeline.tokenization import Tokenizer, build_tiny_tokenizer
+from pipeline.validate import format_findings
 from schemas.record import Source
 from schemas.report import Finding, Report
 

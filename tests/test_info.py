@@ -12,8 +12,9 @@ import skimage.data
 from PIL import Image
 
 from pipeline.cli import main
-from pipeline.info import locate_sample
-from pipeline.shard import ShardConfig, shard
+from pipeline.preview import locate_sample
+from pipeline.shard import shard
+from pipeline.shard_config import ShardConfig
 from pipeline.tokenization import build_tiny_tokenizer
 from schemas.manifest import Manifest
 

@@ -28,14 +28,17 @@ import pytest
 import skimage.data
 from PIL import Image
 
+import pipeline.checks as checks_module
+import pipeline.media_probe as media_probe_module
 import pipeline.shard as shard_module
-import pipeline.validate as validate_module
+import pipeline.shard_units as shard_units_module
 from pipeline import video as video_module
+from pipeline.checks import HINTS, ValidateOptions, check_source
 from pipeline.cli import main
 from pipeline.media import DEFAULT_MAX_IMAGE_PIXELS, MediaError, load_rgb, probe_image_size
 from pipeline.tokenization import build_tiny_tokenizer
-from pipeline.validate import HINTS, ValidateOptions, check_source
 from pipeline.video import MAX_FRAMES, VideoInfo
+from schemas.atomic import temp_path
 from schemas.record import Source
 from schemas.shards import ShardReader, ShardWriter, file_sha256, verify_shards
 
@@ -275,10 +278,8 @@ OUTSIDE = [5, 6, 7, 8, 9, 10]
 
 def test_media_outside_the_roots_is_refused_unopened(rooted: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     probed: list[Path] = []
-    real_probe = validate_module.probe_media
-    monkeypatch.setattr(
-        validate_module, "probe_media", lambda p, **kw: probed.append(p) or real_probe(p, **kw)
-    )
+    real_probe = checks_module.probe_media
+    monkeypatch.setattr(checks_module, "probe_media", lambda p, **kw: probed.append(p) or real_probe(p, **kw))
     monkeypatch.chdir(rooted / "work")
     check = check_source(source_of(rooted / "work/data/d.json"), ValidateOptions())
     expected = [["media_outside_roots"] if i in OUTSIDE else [] for i in range(11)] + [["media_missing"]]
@@ -354,7 +355,7 @@ def test_image_pixel_limit_is_configurable(bomb: Path, tmp_path: Path, capsys) -
 MEASURE_RSS = """
 import json, resource, sys
 from pathlib import Path
-from pipeline.validate import ValidateOptions, check_source
+from pipeline.checks import ValidateOptions, check_source
 from schemas.record import Source
 json_path = Path(sys.argv[1])
 source = Source(path=json_path.name, resolved=json_path, k=1.0, line=1)
@@ -386,7 +387,7 @@ def test_image_bomb_costs_bounded_memory(bomb: Path, tmp_path: Path) -> None:
 
 
 def _video_record_check(tmp_path: Path, video: Path, opts: ValidateOptions) -> list[Any]:
-    validate_module._media_cache.clear()  # probes are cached per process by path, size and mtime
+    media_probe_module._media_cache.clear()  # probes are cached per process by path, size and mtime
     json_path = write_json(tmp_path / "v.json", [{"id": "v", "image": str(video), "conversations": qa()}])
     with contextlib.chdir(tmp_path):
         (record,) = check_source(source_of(json_path), opts).records
@@ -560,16 +561,17 @@ def inject_full_disk(monkeypatch: pytest.MonkeyPatch, where: str) -> None:
 
         monkeypatch.setattr(ShardWriter, "write", write)
         return
-    real_atomic = shard_module.write_atomic
+    writer = {"sidecar": shard_units_module, "manifest": shard_module}[where]
+    real_atomic = writer.write_atomic
     target = {"sidecar": "shard-00001.json", "manifest": "manifest.json"}[where]
 
     def write_atomic(path: Path, data: bytes) -> None:
         if path.name == target:  # a partial temp file is what a full disk leaves behind
-            shard_module.temp_path(path).write_bytes(data[: len(data) // 2])
-            raise _no_space(shard_module.temp_path(path))
+            temp_path(path).write_bytes(data[: len(data) // 2])
+            raise _no_space(temp_path(path))
         real_atomic(path, data)
 
-    monkeypatch.setattr(shard_module, "write_atomic", write_atomic)
+    monkeypatch.setattr(writer, "write_atomic", write_atomic)
 
 
 @pytest.mark.parametrize("where", ["shard", "sidecar", "manifest"])

@@ -22,7 +22,7 @@ from PIL import Image
 from pipeline.build import build_sample
 from pipeline.cli import main
 from pipeline.preview import load_record, sample_to_preview_json
-from pipeline.shard import lock_output
+from pipeline.shard_folder import lock_output
 from pipeline.tokenization import Tokenizer, build_tiny_tokenizer
 from schemas.manifest import Manifest
 from schemas.shards import ShardReader, verify_shards

@@ -1,4 +1,4 @@
-"""pipeline/validate.py and `xc-prep validate`: every check on real files made in tmp_path.
+"""pipeline/checks.py, pipeline/validate.py and `xc-prep validate`: every check on real files made in tmp_path.
 
 Images come from scikit-image's bundled photos, videos are written with PyAV; the broken files
 are real too (a truncated JPEG, a zero-byte file, text named .jpg, an mp4 without its index).
@@ -17,16 +17,10 @@ import skimage.data
 from PIL import Image
 
 import pipeline.validate as validate_module
+from pipeline.checks import HINTS, SPECIAL_STRINGS, ValidateOptions, check_source
 from pipeline.cli import main as cli_main
 from pipeline.tokenization import build_tiny_tokenizer
-from pipeline.validate import (
-    HINTS,
-    SPECIAL_STRINGS,
-    ValidateOptions,
-    check_source,
-    format_report,
-    validate,
-)
+from pipeline.validate import format_report, validate
 from schemas.record import RECORD_JSON_SCHEMA, RECORD_SCHEMA_FILE, Record, Source, render_record_json_schema
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

@@ -14,11 +14,12 @@ import json
 import math
 import types
 import typing
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from schemas.cli import field_docs
+from schemas.cli import add_dataclass_flags
 
 DEFAULT_MODEL = "internlm/internlm-xcomposer2d5-7b"
 LORA_TARGETS = ("attention.wqkv", "attention.wo", "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")
@@ -247,31 +248,10 @@ def warmup_cosine(step: int, *, total_steps: int, warmup_ratio: float) -> float:
 # ---------------------------------------------------------------- flags and config files
 
 
-def _flag_type(annotation: Any) -> tuple[Any, dict[str, Any]]:
-    """argparse type/kwargs for a field annotation (Path, int, float, str, bool, Literal, tuple)."""
-    origin = typing.get_origin(annotation)
-    args = [a for a in typing.get_args(annotation) if a is not type(None)]
-    if origin in (typing.Union, types.UnionType) and len(args) == 1:
-        return _flag_type(args[0])
-    if annotation is bool:
-        return None, {"action": argparse.BooleanOptionalAction}
-    if origin is Literal:
-        return None, {"choices": list(typing.get_args(annotation))}
-    if origin is tuple:
-        return None, {"nargs": "+"}
-    return annotation, {}
-
-
-def add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """One `--kebab-case` flag per TrainConfig field; defaults stay None so files can fill them."""
-    docs = field_docs(TrainConfig)
-    hints = typing.get_type_hints(TrainConfig)
-    for f in dataclasses.fields(TrainConfig):
-        kind, extra = _flag_type(hints[f.name])
-        kwargs: dict[str, Any] = {"default": None, "help": docs.get(f.name, ""), **extra}
-        if kind is not None:
-            kwargs["type"] = kind
-        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, **kwargs)
+def add_config_flags(parser: argparse.ArgumentParser, *, exclude: Collection[str] = ()) -> None:
+    """One `--kebab-case` flag per TrainConfig field (but `exclude`: config-file only) and `--config`;
+    defaults stay None so files can fill them."""
+    add_dataclass_flags(parser, TrainConfig, exclude=exclude, none_defaults=True)
     parser.add_argument("--config", type=Path, default=None, help="YAML or JSON file of TrainConfig fields.")
 
 

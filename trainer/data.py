@@ -64,7 +64,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from schemas.manifest import Manifest
 from schemas.sample import IGNORE_INDEX, IMAGE_TOKEN_ID, TILE_SIZE, Sample
-from schemas.shards import ShardReader, verify_shards
+from schemas.shards import ShardReader, mismatch_message, verify_shards
 
 PLAN_VERSION = 1
 """Bump when the planning algorithm changes: old loader states then refuse to resume."""
@@ -169,11 +169,7 @@ class SampleIndex:
         shards_dir = Path(shards_dir)
         problems = verify_shards(shards_dir, checksums=checksums)
         if problems:
-            raise ShardDataError(
-                f"{shards_dir}: the shards do not match their manifest:\n  "
-                + "\n  ".join(problems)
-                + "\nre-run `xc-prep shard` (or `xc-prep info --verify` for details)"
-            )
+            raise ShardDataError(mismatch_message(shards_dir, problems))
         manifest = Manifest.load(shards_dir)
         shard_files: list[str] = []
         shard_of: list[np.ndarray] = []

@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from schemas.manifest import TOKENIZER_NAME, Manifest
-from schemas.shards import file_sha256, verify_shards
+from schemas.shards import file_sha256, mismatch_message, verify_shards
 from trainer import checkpoint as ckpt
 from trainer.attention import resolve_backend
 from trainer.config import TrainConfig, batch_layout, deepspeed_config, warmup_cosine
@@ -141,11 +141,7 @@ def verify_on_all_ranks(shards: Path, checksums: bool, d: Dist) -> None:
         dist.all_gather_object(parts, problems)
         problems = sorted({p for part in parts for p in part})
     if problems:
-        raise ShardDataError(
-            f"{shards}: the shards do not match their manifest:\n  "
-            + "\n  ".join(problems)
-            + "\nre-run `xc-prep shard` (or `xc-prep info --verify` for details)"
-        )
+        raise ShardDataError(mismatch_message(shards, problems))
 
 
 def check_fingerprint(manifest: Manifest, model_dir: Path | None, cfg: TrainConfig) -> None:

@@ -1,0 +1,154 @@
+"""Settings of one `xc-prep shard` run (`ShardConfig`) and what derives from them: the options of
+the checks, the fingerprint recorded in the manifest, and the canonical command line.
+
+The flags of `xc-prep shard` map 1:1 to the fields (pipeline/shard.py builds the parser from them).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from pipeline.checks import ValidateOptions
+from pipeline.media import DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_VIDEO_SECONDS
+from pipeline.template import DEFAULT_MAX_LENGTH
+from pipeline.tiling import DEFAULT_HD_NUM
+from schemas.manifest import Fingerprint, TileCodec
+from schemas.sample import Layout, Style
+
+DEFAULT_DATA_TXT = Path("data.txt")
+DEFAULT_OUT = Path("shards")
+DEFAULT_SAMPLES_PER_SHARD = 256
+DEFAULT_TILE_CODEC: TileCodec = "raw"
+PACKAGE_NAME = "xcomposer-finetune"
+
+
+class UsageError(Exception):
+    """A bad flag value or an output folder the command must not touch (exit 2)."""
+
+
+@dataclass(frozen=True)
+class ShardConfig:
+    """Settings of one `xc-prep shard` run; flags map 1:1 to fields."""
+
+    data_txt: Path = DEFAULT_DATA_TXT
+    """data.txt listing one `<json path> <k>` per line."""
+    out: Path = DEFAULT_OUT
+    """Output folder (created if missing)."""
+    tokenizer: Path | None = None
+    """The sentencepiece tokenizer.model of the model to fine-tune (required)."""
+    hd_num: int = DEFAULT_HD_NUM
+    """Maximum number of 560-px local tiles per image."""
+    max_length: int = DEFAULT_MAX_LENGTH
+    """Maximum tokens per sample; longer samples are truncated between image blocks, or rejected."""
+    style: Style = "train"
+    """HD transform: train (official fine-tuning) or infer (model inference)."""
+    layout: Layout = "official"
+    """Token layout: official (training; <s> after a leading image) or inference (<s> first)."""
+    workers: int = 1
+    """Worker processes (output bytes do not depend on it)."""
+    samples_per_shard: int = DEFAULT_SAMPLES_PER_SHARD
+    """Records per work unit, so at most this many samples per shard file."""
+    tile_codec: TileCodec = DEFAULT_TILE_CODEC
+    """How tiles are stored; both are lossless: raw (fastest to read) or png (~2-3x smaller)."""
+    font: Path | None = None
+    """TrueType font for video frame labels (default: the one pipeline/video.py finds)."""
+    overwrite: bool = False
+    """Delete existing shards, manifest and work files in --out before writing."""
+    # The media safety policy: the same flags (pipeline/flags.py) and fields as `xc-prep validate`.
+    allow_path: tuple[Path, ...] = ()
+    """Extra folders media files may lie in, besides the current directory and the JSON file's folder."""
+    allow_any_path: bool = False
+    """Accept media files anywhere (turns off the allowed-folders check)."""
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    """Largest image (width × height) accepted; checked from the header, before decoding."""
+    max_video_seconds: float = DEFAULT_MAX_VIDEO_SECONDS
+    """Longest video accepted (frames / fps from the metadata), checked before decoding frames."""
+
+    def media_policy(self) -> dict[str, Any]:
+        """The policy fields as JSON values (they decide which records are rejected)."""
+        return {
+            "allow_path": [str(p) for p in self.allow_path],
+            "allow_any_path": self.allow_any_path,
+            "max_image_pixels": self.max_image_pixels,
+            "max_video_seconds": self.max_video_seconds,
+        }
+
+    def check(self) -> None:
+        """Raise UsageError naming the flag, the value and the fix."""
+        if self.tokenizer is None:
+            raise UsageError("--tokenizer is required: pass the model's tokenizer.model")
+        if not self.tokenizer.exists():
+            raise UsageError(f"--tokenizer {self.tokenizer}: not found")
+        for flag, value in (
+            ("--hd-num", self.hd_num),
+            ("--max-length", self.max_length),
+            ("--workers", self.workers),
+            ("--samples-per-shard", self.samples_per_shard),
+        ):
+            if value < 1:
+                raise UsageError(f"{flag} ({value}) must be at least 1")
+        if self.font is not None and not self.font.is_file():
+            raise UsageError(f"--font {self.font}: file not found")
+        if self.out.exists() and not self.out.is_dir():
+            raise UsageError(f"--out {self.out}: exists and is not a folder")
+
+    def command(self) -> list[str]:
+        """The canonical command line recorded in the manifest (without --out/--workers/--overwrite)."""
+        cmd = ["xc-prep", "shard", str(self.data_txt), "--tokenizer", str(self.tokenizer)]
+        cmd += ["--hd-num", str(self.hd_num), "--max-length", str(self.max_length)]
+        cmd += ["--style", self.style, "--layout", self.layout]
+        cmd += ["--samples-per-shard", str(self.samples_per_shard), "--tile-codec", self.tile_codec]
+        if self.font is not None:
+            cmd += ["--font", str(self.font)]
+        for folder in self.allow_path:
+            cmd += ["--allow-path", str(folder)]
+        if self.allow_any_path:
+            cmd += ["--allow-any-path"]
+        if self.max_image_pixels != DEFAULT_MAX_IMAGE_PIXELS:
+            cmd += ["--max-image-pixels", str(self.max_image_pixels)]
+        if self.max_video_seconds != DEFAULT_MAX_VIDEO_SECONDS:
+            cmd += ["--max-video-seconds", f"{self.max_video_seconds:g}"]
+        return cmd
+
+
+def code_version() -> str:
+    try:
+        return metadata.version(PACKAGE_NAME)
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def fingerprint(config: ShardConfig, tokenizer_sha256: str) -> Fingerprint:
+    return Fingerprint(
+        tokenizer_sha256=tokenizer_sha256,
+        layout=config.layout,
+        style=config.style,
+        hd_num=config.hd_num,
+        max_length=config.max_length,
+        tile_codec=config.tile_codec,
+        code_version=code_version(),
+    )
+
+
+def validate_options(config: ShardConfig) -> ValidateOptions:
+    """The options `xc-prep validate` would get for these settings.
+
+    Media are not decoded during the checks (decode_images=False) because build_sample decodes
+    every one anyway with the same `load_rgb` / `read_frames`, so a damaged image or video is
+    still rejected (`image_corrupt`, `video_unreadable`), at half the decoding cost.
+    """
+    return ValidateOptions(
+        hd_num=config.hd_num,
+        max_length=config.max_length,
+        tokenizer=config.tokenizer,
+        style=config.style,
+        layout=config.layout,
+        decode_images=False,
+        allow_path=config.allow_path,
+        allow_any_path=config.allow_any_path,
+        max_image_pixels=config.max_image_pixels,
+        max_video_seconds=config.max_video_seconds,
+    )

@@ -1,0 +1,352 @@
+"""Work units of `xc-prep shard` and the process pool that runs them.
+
+Unit j of a source covers its records [j*S, (j+1)*S) (S = --samples-per-shard): it checks them with
+pipeline/checks.py, builds each valid one (pipeline/build.py), streams the samples into
+`<source>/shard-{j:05d}.arrow` and then writes its sidecar `.work/<source>/shard-{j:05d}.json`
+(stats, the shard's size and sha256, the rejects), both atomically. A unit whose sidecar exists and
+whose shard is intact is reused: that is what lets a re-run resume. `run_units` returns the sidecars
+in unit order whatever --workers is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import multiprocessing
+import signal
+import sys
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeoutError
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.checks import RecordCheck, ValidateOptions, check_records, dumps_json
+from pipeline.shard_config import ShardConfig, validate_options
+from pipeline.shard_folder import SHARD_STEM, SHARD_SUFFIX, WORK_DIR
+from schemas.atomic import publish, temp_path, write_atomic
+from schemas.record import Source
+from schemas.report import Finding
+
+PROGRESS_POLL_S = 0.5
+
+
+class WorkerDied(Exception):
+    """A worker process was killed (e.g. by the out-of-memory killer); finished units are kept."""
+
+
+@dataclass
+class SourceInput:
+    """One data.txt source after the whole-file work: what its work units need."""
+
+    source: Source
+    input_sha256: str
+    records: list[Any]
+    """The JSON file's top-level list, unchecked."""
+    duplicates: dict[int, Finding]
+    """`duplicate_id` finding by record index (needs the whole file: `read_inputs` computes it once)."""
+
+
+@dataclass(frozen=True)
+class UnitTask:
+    """Records [start, end) of one source: one shard file and one sidecar."""
+
+    source_pos: int
+    source: Source
+    unit: int
+    records: tuple[int, int]
+    raw: tuple[Any, ...]
+    """The JSON values of records [start, end)."""
+    duplicates: dict[int, Finding]
+    """`duplicate_id` findings of records in the range, from the whole-file pass."""
+    out: Path
+
+    @property
+    def source_name(self) -> str:
+        return self.source.name
+
+    @property
+    def file(self) -> str:
+        """The JSON path as written in data.txt."""
+        return self.source.path
+
+    @property
+    def shard_file(self) -> str:
+        """Shard path relative to --out (as listed in the manifest)."""
+        return f"{self.source_name}/{SHARD_STEM.format(unit=self.unit)}{SHARD_SUFFIX}"
+
+    @property
+    def shard_path(self) -> Path:
+        return self.out / self.shard_file
+
+    @property
+    def sidecar_path(self) -> Path:
+        return self.out / WORK_DIR / self.source_name / f"{SHARD_STEM.format(unit=self.unit)}.json"
+
+
+def make_tasks(config: ShardConfig, inputs: list[SourceInput]) -> list[UnitTask]:
+    size = config.samples_per_shard
+    tasks = []
+    for pos, si in enumerate(inputs):
+        for unit, start in enumerate(range(0, len(si.records), size)):
+            end = min(start + size, len(si.records))
+            tasks.append(
+                UnitTask(
+                    source_pos=pos,
+                    source=si.source,
+                    unit=unit,
+                    records=(start, end),
+                    raw=tuple(si.records[start:end]),
+                    duplicates={i: f for i, f in si.duplicates.items() if start <= i < end},
+                    out=config.out,
+                )
+            )
+    return tasks
+
+
+def finished_unit(task: UnitTask) -> dict[str, Any] | None:
+    """The sidecar of a unit an earlier run finished, if its shard is still intact; else None."""
+    from schemas.shards import file_sha256
+
+    try:
+        sidecar = json.loads(task.sidecar_path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    if sidecar.get("records") != list(task.records):
+        return None
+    shard = sidecar.get("shard")
+    if shard is None:
+        return None if task.shard_path.exists() else sidecar
+    path = task.shard_path
+    if not path.is_file() or path.stat().st_size != shard["bytes"] or file_sha256(path) != shard["sha256"]:
+        return None
+    return sidecar
+
+
+def unit_checks(task: UnitTask, opts: ValidateOptions) -> list[RecordCheck]:
+    """validate's checks of the unit's records, with the whole-file duplicate-id findings applied
+    exactly as `mark_duplicate_ids` applies them (finding appended, record dropped)."""
+    checks = check_records(task.source, list(task.raw), task.records[0], opts)
+    return [
+        dataclasses.replace(c, record=None, findings=[*c.findings, task.duplicates[c.index]])
+        if c.index in task.duplicates
+        else c
+        for c in checks
+    ]
+
+
+def reject_json(findings: list[Finding]) -> dict[str, Any]:
+    """One rejects.jsonl line for a record: its first error, with the other errors' codes appended."""
+    first, *more = findings
+    line = first.to_json()
+    if more:
+        line["message"] += f" (+{len(more)} more: {', '.join(dict.fromkeys(f.code for f in more))})"
+    return line
+
+
+def run_unit(
+    task: UnitTask, config: ShardConfig, tokenizer: Any, progress: Callable[[int], None]
+) -> tuple[dict[str, Any], bool]:
+    """Build, write and record one unit, or reuse an earlier run's; returns (sidecar, reused)."""
+    from pipeline.build import build_sample
+    from pipeline.errors import DataError
+    from schemas.shards import ShardWriter, file_sha256
+
+    if (done := finished_unit(task)) is not None:
+        progress(task.records[1] - task.records[0])
+        return done, True
+    stats = {
+        "records_read": task.records[1] - task.records[0],
+        "samples_written": 0,
+        "rejected": 0,
+        "total_tokens": 0,
+        "trained_tokens": 0,
+        "tiles": 0,
+        "warnings": 0,
+        "truncated": 0,
+    }
+    rejects: list[dict[str, Any]] = []
+    tmp = temp_path(task.shard_path)
+    writer: ShardWriter | None = None
+    try:
+        for check in unit_checks(task, validate_options(config)):
+            errors = [f for f in check.findings if f.severity == "error"]
+            stats["warnings"] += len(check.findings) - len(errors)
+            if errors or check.record is None:
+                assert errors, f"{task.file} record {check.index}: no record and no error finding"
+                rejects.append(reject_json(errors))
+                progress(1)
+                continue
+            try:
+                sample = build_sample(
+                    check.record,
+                    tokenizer,
+                    source_name=task.source_name,
+                    file=task.file,
+                    index=check.index,
+                    hd_num=config.hd_num,
+                    style=config.style,
+                    layout=config.layout,
+                    max_length=config.max_length,
+                    font_path=config.font,
+                    max_image_pixels=config.max_image_pixels,
+                )
+            except DataError as e:
+                rejects.append(
+                    Finding(task.file, None, check.index, check.id, e.code, e.message, hint=e.hint).to_json()
+                )
+                progress(1)
+                continue
+            except Exception as e:  # a bug, not bad data: stop, but say which record triggered it
+                raise RuntimeError(
+                    f"{task.file} record {check.index} (id {check.id!r}): unexpected error while building "
+                    f"the sample: {type(e).__name__}: {e}"
+                ) from e
+            if writer is None:
+                tmp.parent.mkdir(parents=True, exist_ok=True)
+                writer = ShardWriter(tmp, config.tile_codec)
+            writer.write(sample)
+            stats["samples_written"] += 1
+            stats["total_tokens"] += sample.num_tokens
+            stats["trained_tokens"] += sample.num_trained
+            stats["tiles"] += sample.num_tiles
+            stats["truncated"] += int(bool(sample.extra.get("truncated")))
+            progress(1)
+    except BaseException:
+        if writer is not None:
+            writer.close()
+            tmp.unlink(missing_ok=True)
+        raise
+    stats["rejected"] = len(rejects)
+    shard = None
+    if writer is not None:
+        writer.close()
+        publish(tmp, task.shard_path)
+        shard = {
+            "file": task.shard_file,
+            "records": list(task.records),
+            "samples": stats["samples_written"],
+            "bytes": task.shard_path.stat().st_size,
+            "sha256": file_sha256(task.shard_path),
+        }
+    else:
+        task.shard_path.unlink(missing_ok=True)  # a stale shard from an interrupted older attempt
+    sidecar = {
+        "unit": task.unit,
+        "records": list(task.records),
+        "stats": stats,
+        "shard": shard,
+        "rejects": rejects,
+    }
+    write_atomic(task.sidecar_path, (dumps_json(sidecar, indent=1) + "\n").encode())
+    return sidecar, False
+
+
+# Worker-process state for the pool (set by the initializer; the tokenizer loads once per process).
+_worker_config: ShardConfig | None = None
+_worker_tokenizer: Any = None
+_worker_counters: Any = None
+
+
+def _init_worker(config: ShardConfig, counters: Any) -> None:
+    from pipeline.tokenization import Tokenizer
+
+    # Ctrl-C reaches the whole process group: the main process alone handles it (and stops us).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    global _worker_config, _worker_tokenizer, _worker_counters
+    _worker_config, _worker_counters = config, counters
+    assert config.tokenizer is not None, "checked by ShardConfig.check"
+    _worker_tokenizer = Tokenizer.from_path(config.tokenizer)
+
+
+def _run_unit_in_worker(task: UnitTask) -> tuple[dict[str, Any], bool]:
+    assert _worker_config is not None, "worker not initialized"
+
+    def progress(n: int) -> None:
+        with _worker_counters.get_lock():
+            _worker_counters[task.source_pos] += n
+
+    return run_unit(task, _worker_config, _worker_tokenizer, progress)
+
+
+class Progress:
+    """One tqdm bar per source on stderr with samples/s and ETA (off when stderr is not a terminal)."""
+
+    def __init__(self, inputs: list[SourceInput]):
+        from tqdm import tqdm
+
+        disable = not sys.stderr.isatty()
+        self.bars = [
+            tqdm(
+                total=len(si.records),
+                desc=si.source.name,
+                unit="sample",
+                position=i,
+                leave=True,
+                file=sys.stderr,
+                disable=disable,
+                dynamic_ncols=True,
+            )
+            for i, si in enumerate(inputs)
+        ]
+
+    def add(self, source_pos: int, n: int) -> None:
+        self.bars[source_pos].update(n)
+
+    def set(self, counts: Any) -> None:
+        for bar, count in zip(self.bars, counts, strict=True):
+            if count != bar.n:
+                bar.update(count - bar.n)
+
+    def close(self) -> None:
+        for bar in self.bars:
+            bar.close()
+
+
+def run_units(
+    config: ShardConfig, tokenizer: Any, tasks: list[UnitTask], progress: Progress
+) -> list[tuple[dict[str, Any], bool]]:
+    """Run every unit, in a pool when --workers > 1; results come back in unit order."""
+    workers = min(config.workers, len(tasks))
+    if workers <= 1:
+        return [run_unit(t, config, tokenizer, functools.partial(progress.add, t.source_pos)) for t in tasks]
+    # spawn: no fork of a process holding tqdm's threads. An executor, not multiprocessing.Pool:
+    # a worker that dies (or fails to start) raises BrokenProcessPool instead of hanging the run.
+    ctx = multiprocessing.get_context("spawn")
+    counters = ctx.Array("q", len(progress.bars))
+    results = []
+    pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(config, counters))
+    waiting_for = tasks[0]
+    try:
+        futures = [pool.submit(_run_unit_in_worker, task) for task in tasks]
+        for task, future in zip(tasks, futures, strict=True):
+            waiting_for = task
+            while True:
+                try:
+                    results.append(future.result(timeout=PROGRESS_POLL_S))
+                    break
+                except FutureTimeoutError:
+                    progress.set(counters[:])
+            progress.set(counters[:])
+    except BaseException as e:
+        # Ctrl-C, a bug in a unit or a dead worker: stop the other workers now rather than after
+        # their current unit; whatever they leave half-written is a temp file the next run deletes.
+        pool.shutdown(wait=False, cancel_futures=True)
+        children = multiprocessing.active_children()
+        for child in children:
+            child.terminate()
+        for child in children:
+            child.join(timeout=10)
+        if isinstance(e, BrokenProcessPool):
+            unit = waiting_for
+            raise WorkerDied(
+                f"a worker process died while building {unit.shard_file} (records {unit.records[0]}.."
+                f"{unit.records[1] - 1} of {unit.file}): killed, or out of memory? Finished shards are kept; "
+                "re-run the same command to resume (with fewer --workers if memory is short)"
+            ) from e
+        raise
+    pool.shutdown(wait=True)
+    return results
