@@ -187,6 +187,11 @@ class ShardReader:
             json.loads(b.column("id_json")[0].as_py()),
         )
 
+    def encoded_tiles(self, row: int) -> list[bytes]:
+        """The stored bytes of one sample's tiles, in the shard's codec, without decoding them."""
+        encoded = self._reader.get_batch(row).column("tiles")[0].values
+        return [encoded[i].as_py() for i in range(len(encoded))]
+
     def read(self, row: int) -> Sample:
         b = self._reader.get_batch(row)
         col = lambda name: b.column(name)[0]  # noqa: E731
