@@ -25,6 +25,7 @@ from index.json. (Importing `webdataset` imports torch when torch is installed: 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import io
 import json
 import sys
@@ -89,7 +90,7 @@ def sample_members(reader: ShardReader, row: int) -> dict[str, bytes]:
 
 def write_tar(shard_dir: Path, arrow_file: str, source: str, out: Path) -> dict[str, Any]:
     """One Arrow shard → one tar at the same relative path (atomically); its entry of index.json."""
-    from webdataset import TarWriter
+    from webdataset.writer import TarWriter  # only the writer: no URL opener, no decoders
 
     reader = ShardReader(shard_dir / arrow_file)
     relative = Path(arrow_file).with_suffix(TAR_SUFFIX)
@@ -163,9 +164,7 @@ def _error(message: str, code: int) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        import webdataset  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("webdataset") is None:
         return _error(f"--format webdataset needs the webdataset library: {INSTALL_HINT}", ExitCode.USAGE)
     if not (args.shard_dir / MANIFEST_NAME).is_file():
         return _error(
