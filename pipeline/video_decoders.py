@@ -24,6 +24,7 @@ error, and decord's bundled FFmpeg 4 and PyAV's FFmpeg 7 differ by at most a few
 from __future__ import annotations
 
 import bisect
+import importlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,7 +64,7 @@ def available_decoder() -> Decoder:
     """decord when it imports, else PyAV; a DataError naming the install command when neither does."""
     for name, module in (("decord", "decord"), ("pyav", "av")):
         try:
-            __import__(module)
+            importlib.import_module(module)
         except ImportError:
             continue
         return name  # type: ignore[return-value]
@@ -156,10 +157,11 @@ class PyAVReader:
         self.path = path
         try:
             self._container = av.open(str(path))
-            self._stream = self._container.streams.best("video")
-            if self._stream is None:
+            stream = self._container.streams.best("video")
+            if stream is None:
                 raise _unreadable(path, "the file holds no video stream")
-            self._stream.codec_context.thread_count = 1
+            stream.codec_context.thread_count = 1
+            self._stream = stream
             self._pts, self._keyframes = self._index()
         except DataError:
             raise
