@@ -16,17 +16,18 @@ API write, because they differ only in key names:
 The result follows the README's rules: `<ImageHere>` once per image or video, in order, in user
 turns; a single image needs none (it goes before the first question, as the official code puts
 it), so a lone placeholder that opens the first user turn is dropped. The official format has no
-system turn: `system="merge"` puts its text, then a blank line, before the first user turn's text;
-`system="drop"` leaves it out (a single image still comes first: before the system text). Consecutive turns of one role are joined with a newline (OpenAI's
-API reads them as one). Anything else the official format cannot hold raises `DataError` with a
-code of `CONVERT_HINTS`, a message and a fix.
+system turn: `system="merge"` puts its text, then a blank line, before the first question's text
+(a single image without placeholder still comes first); `system="drop"` leaves it out.
+Consecutive turns of one role are joined with a newline (OpenAI's API reads them as one).
+Anything else the official format cannot hold raises `DataError` with a code of `CONVERT_HINTS`,
+a message and a fix.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from pipeline.errors import DataError
@@ -109,7 +110,16 @@ class Converted:
     layout: Literal["from/value", "role/content"]
     system: Literal["none", "merged", "dropped"] = "none"
     joined_turns: int = 0
-    notes: list[str] = field(default_factory=list)
+
+
+def json_type(value: Any) -> str:
+    """The JSON name of a parsed value's type, for messages."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    names = {dict: "object", list: "list", str: "string", int: "number", float: "number"}
+    return names.get(type(value), type(value).__name__)
 
 
 def reject(code: str, message: str) -> DataError:
@@ -123,7 +133,7 @@ def convert_record(raw: Any, resolve: Resolve, system: SystemPolicy = "merge") -
     The id is left to the caller (it needs the whole file to keep ids unique).
     """
     if not isinstance(raw, dict):
-        raise reject("record_not_object", f"the record is a JSON {type(raw).__name__}, not an object")
+        raise reject("record_not_object", f"the record is a JSON {json_type(raw)}, not an object")
     present = [k for k in TURN_LIST_KEYS if k in raw]
     if not present:
         raise reject("turns_missing", f'no "conversations" or "messages" (keys: {", ".join(map(str, raw))})')
@@ -139,7 +149,7 @@ def convert_record(raw: Any, resolve: Resolve, system: SystemPolicy = "merge") -
     layout: Literal["from/value", "role/content"] = "from/value"
     for t, message in enumerate(messages):
         if not isinstance(message, dict):
-            raise reject("turn_not_object", f"turn {t} is a JSON {type(message).__name__}")
+            raise reject("turn_not_object", f"turn {t} is a JSON {json_type(message)}")
         if message.get("role") is not None or message.get("content") is not None:
             layout = "role/content"
         if _first(message, ("tool_calls", "function_call")) is not None:
@@ -209,7 +219,7 @@ def _media_list(raw: dict[str, Any], keys: tuple[str, str]) -> list[Any]:
         return [value]
     if isinstance(value, list):
         return value
-    raise reject("media_bad_type", f'"{present[0]}" is a JSON {type(value).__name__}')
+    raise reject("media_bad_type", f'"{present[0]}" is a JSON {json_type(value)}')
 
 
 def _segments(t: int, content: Any) -> list[Segment]:
@@ -217,7 +227,7 @@ def _segments(t: int, content: Any) -> list[Segment]:
     if isinstance(content, str):
         return _split_placeholders(t, content)
     if not isinstance(content, list):
-        raise reject("content_bad_type", f"turn {t}'s text is a JSON {type(content).__name__}")
+        raise reject("content_bad_type", f"turn {t}'s text is a JSON {json_type(content)}")
     out: list[Segment] = []
     for part in content:
         if isinstance(part, str):

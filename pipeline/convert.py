@@ -49,6 +49,7 @@ from pipeline.chat_formats import (
     MediaKind,
     SystemPolicy,
     convert_record,
+    json_type,
     reject,
 )
 from pipeline.errors import DataError
@@ -112,7 +113,9 @@ class MediaStore:
                 return self._write(bytes(value["bytes"]), kind, mime=None)
             value = value.get("path")
         if not isinstance(value, str) or not value.strip():
-            raise reject("media_bad_type", f"a {kind} is given as {type(value).__name__} {str(value)[:60]!r}")
+            raise reject(
+                "media_bad_type", f"a {kind} is given as a JSON {json_type(value)} ({str(value)[:60]!r})"
+            )
         if value.startswith("data:"):
             return self._data_url(value, kind)
         scheme = urllib.parse.urlsplit(value).scheme.lower()
@@ -126,9 +129,9 @@ class MediaStore:
         path = Path(path_text)
         folders = [self.image_folder] if self.image_folder else [Path.cwd(), self.input_dir]
         if path.is_absolute():
-            found, folder = (path, path.parent) if path.is_file() else (None, None)
+            found, folder = (path, path.parent) if _is_file(path) else (None, None)
         else:
-            folder = next((f for f in folders if (f / path).is_file()), None)
+            folder = next((f for f in folders if _is_file(f / path)), None)
             found = folder / path if folder is not None else None
         if found is None or folder is None:
             where = "" if path.is_absolute() else " in " + " nor in ".join(str(f) for f in folders)
@@ -166,6 +169,14 @@ class MediaStore:
         return name
 
 
+def _is_file(path: Path) -> bool:
+    """Path.is_file() that says False for names the OS refuses (NUL, too long, bad encoding)."""
+    try:
+        return path.is_file()
+    except (OSError, ValueError):
+        return False
+
+
 def _image_extension(data: bytes) -> str:
     from PIL import Image, UnidentifiedImageError
 
@@ -198,7 +209,9 @@ def read_json_records(path: Path) -> Iterator[RawRecord]:
         raise DataError("json_not_utf8", f"byte {e.start} is not UTF-8 ({e.reason})") from e
     try:
         whole = json.loads(text)
-    except json.JSONDecodeError as e:
+    except (RecursionError, ValueError) as e:  # nested too deeply, a 5,000-digit number
+        if not isinstance(e, json.JSONDecodeError):
+            raise DataError("json_syntax", f"the JSON holds a value Python refuses to parse ({e})") from e
         if e.msg != "Extra data":  # several values: JSON Lines
             raise DataError(
                 "json_syntax", f"invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}"
@@ -207,7 +220,7 @@ def read_json_records(path: Path) -> Iterator[RawRecord]:
     if isinstance(whole, dict) and any(k in whole for k in ("conversations", "messages")):
         whole = [whole]  # a JSON Lines file with one record
     if not isinstance(whole, list):
-        raise DataError("json_not_a_list", f"the top level is a JSON {type(whole).__name__}, not a list")
+        raise DataError("json_not_a_list", f"the top level is a JSON {json_type(whole)}, not a list")
     return (RawRecord(i, None, value) for i, value in enumerate(whole))
 
 
@@ -217,11 +230,14 @@ def _json_lines(text: str) -> Iterator[RawRecord]:
         if not line.strip():
             continue
         try:
-            yield RawRecord(index, line_no, json.loads(line))
+            record = RawRecord(index, line_no, json.loads(line))
         except json.JSONDecodeError as e:
-            yield RawRecord(
+            record = RawRecord(
                 index, line_no, None, reject("json_syntax", f"line {line_no}: {e.msg} (column {e.colno})")
             )
+        except (RecursionError, ValueError) as e:  # nested too deeply, a 5,000-digit number
+            record = RawRecord(index, line_no, None, reject("json_syntax", f"line {line_no}: {e}"))
+        yield record
         index += 1
 
 
@@ -504,7 +520,8 @@ def run(args: argparse.Namespace) -> int:
         return ExitCode.INVALID_DATA
     write_outputs(args.out, results, names)
     converted = sum(len(r.records) for r in results)
-    print(f"\nOK: {converted:,} records converted, {len(rejects):,} rejected; wrote {data_txt}")
+    images = f", {len(store.written):,} images written to {args.out / IMAGES_DIR}" if store.written else ""
+    print(f"\nOK: {converted:,} records converted, {len(rejects):,} rejected{images}; wrote {data_txt}")
     allow = "".join(f" --allow-path {folder}" for folder in sorted(store.outside_roots))
     print(f"next: xc-prep validate {data_txt}{allow}")
     return ExitCode.OK

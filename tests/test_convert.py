@@ -540,3 +540,108 @@ def test_validate_warns_on_placeholders_of_other_formats(
     assert (
         report[-1].endswith("1 warning") and "placeholder_other_format: 1 warning" in report
     )  # the literal in record 1
+
+
+# ---------------------------------------------------------------- fuzzing
+
+
+def _fuzz_records():
+    """Chat records in the three layouts, well formed and then maybe damaged in one of many ways,
+    with every kind of text; and arbitrary values."""
+    from hypothesis import strategies as st
+
+    pieces = ["a", "b ", "\n", "é"] * 4 + ["<img>", "<s>", "\ud800", "<image>", ""]
+    text = st.lists(st.sampled_from(pieces), min_size=1, max_size=5).map("".join)
+    damages = [
+        "none", "none", "none", "drop_last", "swap_roles", "tool", "system_turn", "late_system", "null_content",
+        "extra_image", "missing_image", "image_in_answer", "audio_part", "both_keys", "int_turn",
+    ]  # fmt: skip
+
+    @st.composite
+    def chat(draw):
+        layout = draw(st.sampled_from(["llava", "sharegpt", "openai"]))
+        pairs = draw(st.lists(st.tuples(text, text), min_size=1, max_size=3))
+        num_images = draw(st.integers(0, 3))
+        where = [draw(st.integers(0, len(pairs) - 1)) for _ in range(num_images)]
+        turns = []
+        for i, (question, answer) in enumerate(pairs):
+            slots = where.count(i)
+            if layout == "openai":
+                parts = [{"type": "image"}] * slots + [{"type": "text", "text": question}]
+                turns += [{"role": "user", "content": parts}, {"role": "assistant", "content": answer}]
+            else:
+                key_role, key_text = ("from", "value") if layout == "llava" else ("role", "content")
+                turns += [
+                    {
+                        key_role: "human" if layout == "llava" else "user",
+                        key_text: "<image>" * slots + question,
+                    },
+                    {key_role: "gpt" if layout == "llava" else "assistant", key_text: answer},
+                ]
+        record = {"id": draw(st.one_of(st.integers(), text, st.none())), "images": ["p"] * num_images}
+        record["conversations" if layout == "llava" else "messages"] = turns
+        damage = draw(st.sampled_from(damages))
+        turn_key = "conversations" if layout == "llava" else "messages"
+        if damage == "drop_last":
+            turns.pop()
+        elif damage == "swap_roles":
+            turns[0], turns[1] = turns[1], turns[0]
+        elif damage == "tool":
+            turns.insert(1, {"role": "tool", "content": "x"})
+        elif damage in ("system_turn", "late_system"):
+            turns.insert(
+                0 if damage == "system_turn" else len(turns), {"role": "system", "content": draw(text)}
+            )
+        elif damage == "null_content":
+            turns[-1] = {"role": "assistant", "content": None}
+        elif damage in ("extra_image", "missing_image"):
+            record["images"] = ["p"] * (num_images + (1 if damage == "extra_image" else -1))
+        elif damage == "image_in_answer":
+            turns[1] = {"role": "assistant", "content": [{"type": "image_url", "image_url": {"url": "q"}}]}
+        elif damage == "audio_part":
+            turns[0] = {"role": "user", "content": [{"type": "input_audio"}]}
+        elif damage == "both_keys":
+            record["messages" if turn_key == "conversations" else "conversations"] = []
+        elif damage == "int_turn":
+            turns.append(7)
+        return record
+
+    return st.one_of(chat(), chat(), chat(), st.integers(), st.text(max_size=3))
+
+
+def test_every_record_converts_to_what_validate_accepts_or_is_rejected_with_a_known_code(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Any JSON value: either a record validate finds no structural error in (only its content
+    checks, special tokens and lone surrogates, remain validate's), or a DataError with a known code."""
+    from hypothesis import HealthCheck, given, settings
+
+    from pipeline.chat_formats import convert_record
+    from pipeline.errors import DataError
+    from pipeline.validate import ValidateOptions, check_records
+    from schemas.record import Source
+
+    monkeypatch.chdir(tmp_path)
+    Image.fromarray(skimage.data.coffee()).resize((64, 48)).save(tmp_path / "photo.png")
+    video = Path(__file__).resolve().parent.parent / "data" / "videos" / "rocket_pan.mp4"
+    source = Source(path="fuzz.json", resolved=tmp_path / "fuzz.json", k=1.0, line=1)
+    opts = ValidateOptions(decode_images=False, allow_any_path=True)
+
+    def resolve(value: Any, kind: str) -> str:
+        if not isinstance(value, str | type(None)) or (isinstance(value, str) and "\ud800" in value):
+            raise DataError("media_bad_type", "fuzz", CONVERT_HINTS["media_bad_type"])
+        return str(video) if kind == "video" else "photo.png"
+
+    @settings(max_examples=200, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    @given(raw=_fuzz_records())
+    def check(raw: Any) -> None:
+        try:
+            record = {"id": 0, **convert_record(raw, resolve).record}
+        except DataError as e:
+            assert e.code in CONVERT_HINTS, e.code
+            return
+        (result,) = check_records(source, [record], 0, opts)
+        errors = {f.code for f in result.findings if f.severity == "error"}
+        assert errors <= {"special_token", "invalid_unicode"}, (record, result.findings)
+
+    check()
