@@ -16,7 +16,9 @@ Where the codec defines its output exactly (H.264, HEVC, VP9, AV1: bit-exact dec
 those standards) the RGB pixels are identical. MPEG-4 Part 2 (and MPEG-1/2) only bound their IDCT's
 error, and decord's bundled FFmpeg 4 and PyAV's FFmpeg 7 differ by at most a few levels there
 (tests/test_video_decoders.py measures both cases). decord 0.6 fails on videos rotated by 90° or
-270° (it reports 4 channels); PyAV turns them upright.
+270° (it reports 4 channels), where PyAV turns them upright, and its seeks in AVI files with
+B-frames return other frames (frame 5 for frame 15), where PyAV returns the frame that sequential
+decoding gives.
 
 `open_video(path, decoder=None)` picks decord when it imports, else PyAV; tests pass the decoder.
 """
