@@ -122,6 +122,10 @@ HINTS: dict[str, str] = {
     ),
     "placeholder_in_assistant": "remove <ImageHere> from assistant answers: images belong to user turns",
     "placeholder_without_media": 'remove <ImageHere>, or add the image path(s) under "image"',
+    "placeholder_other_format": (
+        "convert the file with `xc-prep convert FILE --out DIR` (LLaVA/ShareGPT/OpenAI records; it places "
+        "<ImageHere> by the official rules), or write <ImageHere> yourself"
+    ),
     "placeholder_lookalike": "write the placeholder exactly as <ImageHere> (case-sensitive), or reword the text",
     "special_token": (
         "remove or reword the special string (e.g. write '<|im_start|>' as '< |im_start| >'): "
@@ -620,7 +624,22 @@ def _usable_path_text(label: str, path: str, add: AddFinding) -> bool:
     return True
 
 
+_OTHER_PLACEHOLDER_RE = re.compile(r"<(?:image|img|video)>", re.IGNORECASE)
+
+
+def _warn_other_placeholders(turns: list[tuple[Role | None, Any]], add: AddFinding) -> None:
+    for t, (role, value) in enumerate(turns):
+        if role == "user" and isinstance(value, str) and (found := _OTHER_PLACEHOLDER_RE.findall(value)):
+            add(
+                "placeholder_other_format",
+                f"conversations[{t}] holds {', '.join(dict.fromkeys(found))}, a placeholder of another "
+                "format (LLaVA/ShareGPT) that IXC2.5 reads as plain text",
+                "warning",
+            )
+
+
 def _check_placeholders(turns: list[tuple[Role | None, Any]], num_media: int, add: AddFinding) -> None:
+    _warn_other_placeholders(turns, add)
     user_count = 0
     for t, (role, value) in enumerate(turns):
         if not isinstance(value, str):

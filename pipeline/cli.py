@@ -1,4 +1,5 @@
-"""`xc-prep`: the data preparation command line (validate, shard, info, preview, tiny-tokenizer).
+"""`xc-prep`: the data preparation command line (convert, validate, shard, info, preview,
+export, tiny-tokenizer).
 
 Each subcommand lives in its own module, which exposes `add_parser(subparsers)`; the parser it
 adds sets `run=<function(args) -> int>`. Exit status: 0 ok, 1 invalid data, 2 usage error.
@@ -11,7 +12,7 @@ import argparse
 import importlib
 import sys
 
-SUBCOMMAND_MODULES = ("validate", "shard", "info", "preview", "tokenization")
+SUBCOMMAND_MODULES = ("convert", "validate", "shard", "info", "preview", "export", "tokenization")
 
 
 def build_parser() -> argparse.ArgumentParser:

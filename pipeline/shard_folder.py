@@ -16,12 +16,12 @@ from typing import Any
 from pipeline.shard_config import ShardConfig, UsageError
 from schemas.atomic import TEMP_SUFFIX, write_atomic
 from schemas.manifest import MANIFEST_NAME, REJECTS_NAME, TOKENIZER_NAME
+from schemas.shards import SHARD_SUFFIX
 
 WORK_DIR = ".work"
 PLAN_NAME = "plan.json"
 LOCK_NAME = "lock"
 SHARD_STEM = "shard-{unit:05d}"
-SHARD_SUFFIX = ".arrow"
 SHARD_GLOB = f"*/shard-*{SHARD_SUFFIX}"
 
 

@@ -1,6 +1,7 @@
 """Video to one tiled image strip, as the IXC2.5 model's video path does (SPEC §4).
 
-1. Frames: decord, one per second (stride round(fps) from frame 0); more than 32 → 32 of them at
+1. Frames: decord (or PyAV where decord is not installed, same frames: pipeline/video_decoders.py),
+   one per second (stride round(fps) from frame 0); more than 32 → 32 of them at
    `int(i * n / 33)`.
 2. Layout: each frame resized so its long side is 1120. Landscape frames are stacked vertically,
    portrait (and square) ones side by side, each under a 40-px band labelled `<IMAGE i>`, with a
@@ -17,14 +18,12 @@ rounding in between, so a transposed resize is not byte-equal to a direct one.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from pipeline.errors import DataError
-from pipeline.media import MediaError
+from pipeline.video_decoders import Decoder, VideoInfo, open_video
 from schemas.sample import TILE_SIZE
 
 MAX_FRAMES = 32
@@ -41,55 +40,12 @@ BLACK = (0, 0, 0)
 Font = ImageFont.ImageFont | ImageFont.FreeTypeFont
 
 
-@dataclass(frozen=True)
-class VideoInfo:
-    frames: int
-    """Number of frames decord reports."""
-    fps: float
-    """Average frame rate decord reports."""
-    width: int
-    height: int
-
-
 # ---------------------------------------------------------------- reading
 
 
-def _open(path: Path):  # -> decord.VideoReader (imported lazily: decord is slow to import)
-    path = Path(path)
-    if not path.exists():
-        raise MediaError("media_missing", f"{path}: file not found")
-    import decord
-
-    try:
-        return decord.VideoReader(str(path), num_threads=1)
-    except Exception as e:  # decord raises its own DECORDError or RuntimeError, message in C++ terms
-        raise DataError(
-            "video_unreadable",
-            f"{path}: cannot open the video with decord ({str(e).splitlines()[0] if str(e) else type(e).__name__})",
-            hint="check the file plays (e.g. `ffprobe FILE`) and re-encode it to H.264 MP4",
-        ) from e
-
-
-def probe_video(path: Path) -> VideoInfo:
+def probe_video(path: Path, decoder: Decoder | None = None) -> VideoInfo:
     """Frame count, fps and frame size, decoding at most the first frame."""
-    reader = _open(path)
-    try:
-        frames = len(reader)
-        fps = float(reader.get_avg_fps())
-        height, width, channels = reader[0].shape if frames else (0, 0, 3)
-    except Exception as e:
-        raise DataError("video_unreadable", f"{path}: cannot read the video's first frame ({e})") from e
-    if channels != 3:  # decord 0.6 mis-decodes some small frame widths (e.g. 48 px) as 4 channels
-        raise DataError(
-            "video_unreadable",
-            f"{path}: decord decodes its {width}×{height} frames with {channels} channels instead of 3",
-            hint="re-encode the video at a more common frame width (e.g. a multiple of 32)",
-        )
-    if frames < 1 or width < 1 or height < 1:
-        raise DataError("video_unreadable", f"{path}: the video has no decodable frame")
-    if not fps > 0 or math.isinf(fps):
-        raise DataError("video_unreadable", f"{path}: the video reports no usable frame rate ({fps})")
-    return VideoInfo(frames=frames, fps=fps, width=int(width), height=int(height))
+    return open_video(path, decoder).info()
 
 
 def sample_frame_indices(num_frames: int, fps: float) -> list[int]:
@@ -103,16 +59,11 @@ def sample_frame_indices(num_frames: int, fps: float) -> list[int]:
     return positions
 
 
-def read_frames(path: Path) -> list[np.ndarray]:
-    """The sampled frames, uint8[h, w, 3] RGB each."""
-    info = probe_video(path)
-    indices = sample_frame_indices(info.frames, info.fps)
-    reader = _open(path)
-    try:
-        batch = reader.get_batch(indices).asnumpy()
-    except Exception as e:
-        raise DataError("video_unreadable", f"{path}: cannot decode frames {indices[:4]}... ({e})") from e
-    return list(batch)
+def read_frames(path: Path, decoder: Decoder | None = None) -> list[np.ndarray]:
+    """The sampled frames, uint8[h, w, 3] RGB each (decord if installed, else PyAV: the same frames)."""
+    reader = open_video(path, decoder)
+    info = reader.info()
+    return reader.frames(sample_frame_indices(info.frames, info.fps))
 
 
 # ---------------------------------------------------------------- layout (sizes)

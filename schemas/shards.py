@@ -27,6 +27,8 @@ import pyarrow as pa
 from schemas.manifest import MANIFEST_NAME, TILE_CODECS, Manifest
 from schemas.sample import TILE_SIZE, ImageSpan, Sample, image_token_count
 
+SHARD_SUFFIX = ".arrow"
+"""The file suffix of an Arrow IPC shard."""
 TILE_BYTES = TILE_SIZE * TILE_SIZE * 3
 
 SHARD_SCHEMA = pa.schema(
@@ -184,6 +186,11 @@ class ShardReader:
             b.column("index")[0].as_py(),
             json.loads(b.column("id_json")[0].as_py()),
         )
+
+    def encoded_tiles(self, row: int) -> list[bytes]:
+        """The stored bytes of one sample's tiles, in the shard's codec, without decoding them."""
+        encoded = self._reader.get_batch(row).column("tiles")[0].values
+        return [encoded[i].as_py() for i in range(len(encoded))]
 
     def read(self, row: int) -> Sample:
         b = self._reader.get_batch(row)
