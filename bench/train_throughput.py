@@ -16,9 +16,9 @@ Both modes train the same model on the same records, in one process, on one GPU:
             and --compile (torch.compile of each decoder and ViT layer), if given. --attention
             picks the kernel for both modes; kernels compiled at first use (FlashAttention-4) are
             built before either mode is timed (`trainer.attention.warm_up`).
-  ours      `trainer.data.PackedLoader` (≤ 4 workers) → packed rows of ≤ max_length tokens →
+  ours      `trainer.loader.PackedLoader` (≤ 4 workers) → packed rows of ≤ max_length tokens →
             `model(...)` with the chunked loss (no full logits); data wait = the time the loop
-            blocks in `next()` (`trainer.data.TimedIterator`); each step ends with a device sync, as
+            blocks in `next()` (`trainer.loader.TimedIterator`); each step ends with a device sync, as
             xc-train's do.
   official  one conversation per step (B = 1: padding to the longest in the batch pads nothing),
             every record once after the warm-up (--official-steps), its one host sync the HF
@@ -79,12 +79,15 @@ from pipeline.tokenization import Tokenizer, build_tiny_tokenizer  # noqa: E402
 from schemas.sample import IGNORE_INDEX  # noqa: E402
 from schemas.shards import ShardReader  # noqa: E402
 from trainer.attention import BACKENDS, resolve_backend, warm_up  # noqa: E402
+from trainer.batch import PackedBatch, collate  # noqa: E402
 from trainer.config import TrainConfig  # noqa: E402
-from trainer.data import LoaderConfig, PackedBatch, PackedLoader, SampleIndex, TimedIterator, collate  # noqa: E402
 from trainer.flops import llm_matmul_params, peak_bf16_flops, step_flops, vit_flops  # noqa: E402
+from trainer.index import SampleIndex  # noqa: E402
+from trainer.loader import PackedLoader, TimedIterator  # noqa: E402
 from trainer.lora import PLoRALoraLinear  # noqa: E402
 from trainer.model import IXCModel, build_model, compile_layers  # noqa: E402
 from trainer.modelio import Loaded, apply_recipe  # noqa: E402
+from trainer.plan import LoaderConfig  # noqa: E402
 from trainer.train import trainable_groups  # noqa: E402
 
 TOKENIZER_CANDIDATES = (

@@ -17,7 +17,9 @@ import sys
 from pathlib import Path
 
 from trainer.config import add_config_flags, config_from_args
-from trainer.data import LoaderConfigError, ShardDataError, plan_main
+from trainer.index import ShardDataError
+from trainer.loader import plan_main
+from trainer.plan import LoaderConfigError
 
 SUBCOMMANDS = ("eval", "generate")
 

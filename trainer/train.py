@@ -30,9 +30,11 @@ from schemas.manifest import TOKENIZER_NAME, Manifest
 from schemas.shards import file_sha256, verify_shards
 from trainer import checkpoint as ckpt
 from trainer.attention import resolve_backend
+from trainer.batch import PackedBatch
 from trainer.config import TrainConfig, batch_layout, deepspeed_config, warmup_cosine
-from trainer.data import LoaderConfig, PackedBatch, PackedLoader, SampleIndex, ShardDataError, TimedIterator
 from trainer.flops import pack_cost_weights, peak_bf16_flops, step_flops
+from trainer.index import SampleIndex, shards_mismatch
+from trainer.loader import PackedLoader, TimedIterator
 from trainer.loss import segment_losses
 from trainer.model import (
     PRESETS,
@@ -44,6 +46,7 @@ from trainer.model import (
     row_token_losses,
 )
 from trainer.modelio import BASE_DIR_NAME, load_for_training, resolve_model_dir
+from trainer.plan import LoaderConfig
 from trainer.weights import load_config
 
 SUMMARY_FILE = "train_summary.json"
@@ -141,11 +144,7 @@ def verify_on_all_ranks(shards: Path, checksums: bool, d: Dist) -> None:
         dist.all_gather_object(parts, problems)
         problems = sorted({p for part in parts for p in part})
     if problems:
-        raise ShardDataError(
-            f"{shards}: the shards do not match their manifest:\n  "
-            + "\n  ".join(problems)
-            + "\nre-run `xc-prep shard` (or `xc-prep info --verify` for details)"
-        )
+        raise shards_mismatch(shards, problems)
 
 
 def check_fingerprint(manifest: Manifest, model_dir: Path | None, cfg: TrainConfig) -> None:
