@@ -71,7 +71,8 @@ import trainer.lora  # noqa: E402
 from trainer.attention import BACKENDS  # noqa: E402
 from trainer.flops import step_flops, vit_flops  # noqa: E402
 from trainer.lora import PLoRALoraLinear  # noqa: E402
-from trainer.model import TINY_VOCAB_SIZE, IXCModel, compile_layers  # noqa: E402
+from trainer.model import IXCModel, compile_layers  # noqa: E402
+from trainer.model_config import TINY_VOCAB_SIZE  # noqa: E402
 
 KERNEL_CATEGORIES = (
     ("attention (flash/varlen/cudnn)", r"flash|fmha|attn|sdpa"),

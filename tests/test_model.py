@@ -12,21 +12,18 @@ from schemas.sample import IGNORE_INDEX, image_token_count
 from trainer import attention
 from trainer.generate import generate
 from trainer.model import (
-    PLORA_TARGETS,
     IXCModel,
     PLoRALinear,
     apply_rotary,
-    assemble_image_tokens,
     build_model,
     compile_layers,
-    merge_patches,
     num_parameters,
-    patch_embeddings,
     plora_selector,
-    preset_config,
     rotary_cos_sin,
     row_token_losses,
 )
+from trainer.model_config import PLORA_TARGETS, preset_config
+from trainer.vision import assemble_image_tokens, merge_patches, patch_embeddings
 
 # (text before, grid, text after) segments per sample; grid None = text only.
 SAMPLES = [
@@ -168,7 +165,7 @@ def test_checkpointing_and_compiled_layers_give_same_gradients(samples: list[dic
         if compiled:
             assert compile_layers(m, backend="aot_eager") == (
                 m.config.num_hidden_layers,
-                m.config.vision_config().num_hidden_layers,
+                m.config.vit_num_hidden_layers,
             )
         torch.manual_seed(4)
         out = m(**inputs, targets=targets)

@@ -13,8 +13,10 @@ import trainer.lora
 from schemas.sample import image_token_count
 from trainer.config import TrainConfig
 from trainer.lora import PLoRALoraLinear, hashed_bits, linear_plus_low_rank, two_dropouts
-from trainer.model import PLORA_TARGETS, IXCModel, VisionTower, build_model, compile_layers
+from trainer.model import IXCModel, build_model, compile_layers
+from trainer.model_config import PLORA_TARGETS
 from trainer.modelio import Loaded, apply_recipe
+from trainer.vision import VisionTower
 
 
 def _row() -> dict:

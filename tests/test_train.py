@@ -36,7 +36,8 @@ from trainer.config import LORA_TARGETS, RECIPES, TrainConfig, config_from_args,
 from trainer.evaluate import generate_for_sample
 from trainer.index import SampleIndex
 from trainer.merge import main as xc_merge
-from trainer.model import build_model, preset_config
+from trainer.model import build_model
+from trainer.model_config import preset_config
 from trainer.modelio import load_for_inference
 from trainer.weights import load_model, save_model
 

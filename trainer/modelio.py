@@ -25,7 +25,8 @@ import torch.distributed as dist
 
 from schemas.manifest import TOKENIZER_NAME
 from trainer.config import TrainConfig
-from trainer.model import PRESETS, IXCModel, PLoRALinear, build_model
+from trainer.model import IXCModel, PLoRALinear, build_model
+from trainer.model_config import PRESETS
 from trainer.weights import CONFIG_FILE, load_model, save_model
 
 ADAPTER_CONFIG = "adapter_config.json"

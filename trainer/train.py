@@ -36,15 +36,8 @@ from trainer.flops import pack_cost_weights, peak_bf16_flops, step_flops
 from trainer.index import SampleIndex, shards_mismatch
 from trainer.loader import PackedLoader, TimedIterator
 from trainer.loss import segment_losses
-from trainer.model import (
-    PRESETS,
-    IXCModel,
-    ModelConfig,
-    compile_layers,
-    num_parameters,
-    preset_config,
-    row_token_losses,
-)
+from trainer.model import IXCModel, compile_layers, num_parameters, row_token_losses
+from trainer.model_config import PRESETS, ModelConfig, preset_config
 from trainer.modelio import BASE_DIR_NAME, load_for_training, resolve_model_dir
 from trainer.plan import LoaderConfig
 from trainer.weights import load_config

@@ -22,7 +22,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from trainer.model import _DTYPES, IXCModel, ModelConfig, build_model
+from trainer.model import IXCModel, build_model
+from trainer.model_config import DTYPES, ModelConfig
 
 CONFIG_FILE = "config.json"
 SAFE_SINGLE = "model.safetensors"
@@ -275,7 +276,7 @@ def save_model(
         }
         (folder / SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n")
     config = model.config.to_dict()
-    config["torch_dtype"] = {v: k for k, v in _DTYPES.items()}[dtype]
+    config["torch_dtype"] = {v: k for k, v in DTYPES.items()}[dtype]
     (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     source = Path(copy_from) if copy_from is not None else model.source_dir
     if source is not None and Path(source).resolve() != folder.resolve():
