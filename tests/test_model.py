@@ -22,7 +22,7 @@ from trainer.model import (
     rotary_cos_sin,
     row_token_losses,
 )
-from trainer.model_config import PLORA_TARGETS, preset_config
+from trainer.model_config import preset_config
 from trainer.vision import assemble_image_tokens, merge_patches, patch_embeddings
 
 # (text before, grid, text after) segments per sample; grid None = text only.
@@ -492,8 +492,10 @@ def test_generate_with_kv_cache_matches_recompute(model: IXCModel, samples: list
 def test_module_names_match_the_official_checkpoint(model: IXCModel) -> None:
     from trainer.config import LORA_TARGETS
 
-    assert LORA_TARGETS == PLORA_TARGETS  # the trainer's default LoRA targets are these five linears
     names = {n for n, _ in model.named_modules()}
-    for target in PLORA_TARGETS:
+    # The trainer's default LoRA targets are exactly the five PLoRA linears of a layer.
+    layer = model.model.layers[0]
+    assert {n for n, m in layer.named_modules() if isinstance(m, PLoRALinear)} == set(LORA_TARGETS)
+    for target in LORA_TARGETS:
         assert f"model.layers.0.{target}" in names
     assert "model.layers.0.attention.wqkv.Plora_A" in names

@@ -11,10 +11,9 @@ from peft import LoraConfig, get_peft_model
 
 import trainer.lora
 from schemas.sample import image_token_count
-from trainer.config import TrainConfig
+from trainer.config import LORA_TARGETS, TrainConfig
 from trainer.lora import PLoRALoraLinear, hashed_bits, linear_plus_low_rank, two_dropouts
 from trainer.model import IXCModel, build_model, compile_layers
-from trainer.model_config import PLORA_TARGETS
 from trainer.modelio import Loaded, apply_recipe
 from trainer.vision import VisionTower
 
@@ -43,7 +42,7 @@ def test_peft_lora_trains_only_lora_and_merges_exactly(task_type: str | None) ->
     model = build_model("tiny", seed=0)
     model.requires_grad_(False)
     config = LoraConfig(
-        r=4, lora_alpha=8, lora_dropout=0.0, target_modules=list(PLORA_TARGETS), task_type=task_type
+        r=4, lora_alpha=8, lora_dropout=0.0, target_modules=list(LORA_TARGETS), task_type=task_type
     )
     peft_model = get_peft_model(model, config)
     trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
@@ -78,7 +77,7 @@ def test_peft_modules_to_save_vit_and_sampler_train_with_checkpointing() -> None
     config = LoraConfig(
         r=4,
         lora_alpha=8,
-        target_modules=list(PLORA_TARGETS),
+        target_modules=list(LORA_TARGETS),
         modules_to_save=["vit", "vision_proj"],
         task_type="CAUSAL_LM",
     )

@@ -22,6 +22,7 @@ from schemas.cli import field_docs
 
 DEFAULT_MODEL = "internlm/internlm-xcomposer2d5-7b"
 LORA_TARGETS = ("attention.wqkv", "attention.wo", "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")
+"""The five PLoRA linears of every decoder layer (`trainer.model.PLoRALinear`): what LoRA wraps by default."""
 
 # SPEC §6: the official recipes. Keys are TrainConfig fields that are None until resolved.
 RECIPES: dict[str, dict[str, Any]] = {

@@ -19,7 +19,6 @@ VIT_PATCH_SIDE = 2 * MERGED_SIDE
 """A 560-px tile gives 40×40 ViT patches; 2×2 of them merge into one LLM token."""
 UNUSED_ADAPTERS = ("lora_sft", "lora_dpo", "lora_web")
 """Per-linear adapters of the released model's writing/web modes: loaded and saved, never run."""
-PLORA_TARGETS = ("attention.wqkv", "attention.wo", "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 """config.json's torch_dtype names."""
 
