@@ -350,8 +350,7 @@ def test_last_layer_on_trained_rows_only_is_exact(samples: list[dict], checkpoin
     targets[0, trained] = torch.arange(len(trained)) + 7
     results = []
     for rows_only in (False, True):
-        m = build_model("tiny", seed=0).eval()
-        m.trained_rows_only = rows_only
+        m = build_model("tiny", seed=0, trained_rows_only=rows_only).eval()
         if checkpointing:
             m.gradient_checkpointing_enable()
         out = m(**inputs, targets=targets)

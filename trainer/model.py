@@ -427,17 +427,19 @@ class IXCModel(nn.Module):
 
     Runtime switches (not saved): `attention_backend` ('auto', 'flash', 'varlen', 'sdpa'),
     `gradient_checkpointing_enable()/disable()`, `checkpoint_layers` (how many decoder layers, from
-    the first, are recomputed while checkpointing is on; None = all), `chunk_tokens` of the loss,
-    `trained_rows_only` (default True: given targets, the last decoder layer computes its queries,
-    `wo` and feed-forward only at the trained positions, the only rows the loss reads; its keys and
-    values still come from every position. Exact: the other rows' outputs feed nothing);
+    the first, are recomputed while checkpointing is on; None = all), `chunk_tokens` of the loss;
     `compile_layers(model)` compiles the decoder and ViT layers in place.
+
+    Given targets, the last decoder layer computes its queries, `wo` and feed-forward only at the
+    trained positions, the only rows the loss reads; its keys and values still come from every
+    position. Exact: the other rows' outputs feed nothing. `trained_rows_only=False` runs it on
+    every row, the reference this is tested against.
     """
 
     # Read by PEFT/transformers helpers (weight-conversion scoping); HF's InternLM2 uses "model".
     base_model_prefix = "model"
 
-    def __init__(self, config: ModelConfig, attention: str = "auto"):
+    def __init__(self, config: ModelConfig, attention: str = "auto", trained_rows_only: bool = True):
         super().__init__()
         self.config = config
         self.model = InternLM2Model(config)
@@ -453,7 +455,7 @@ class IXCModel(nn.Module):
         self.gradient_checkpointing = False
         self.checkpoint_layers: int | None = None
         self.chunk_tokens = DEFAULT_CHUNK_TOKENS
-        self.trained_rows_only = True
+        self.trained_rows_only = trained_rows_only
         self.source_dir: Path | None = None  # set by weights.load_model: tokenizer files are copied from it
 
     # ---- switches
@@ -720,11 +722,13 @@ def build_model(
     device: str | torch.device = "cpu",
     vocab_size: int | None = None,
     attention: str = "auto",
+    trained_rows_only: bool = True,
 ) -> IXCModel:
     """A freshly initialized IXCModel from a config or a preset name ('tiny', '7b').
 
     device='meta' allocates nothing (counting keys/shapes of the 7B, planning). dtype defaults to
     fp32 on CPU and the config's torch_dtype elsewhere. Unused adapters stay on the CPU (or meta).
+    attention and trained_rows_only: see IXCModel.
     """
     if isinstance(config, str):
         config = preset_config(config, vocab_size)
@@ -734,7 +738,7 @@ def build_model(
     if dtype is None:
         dtype = torch.float32 if device.type == "cpu" else config.dtype
     with torch.device(device):
-        model = IXCModel(config, attention=attention)
+        model = IXCModel(config, attention=attention, trained_rows_only=trained_rows_only)
     model.to(dtype)
     for module in model.plora_linears():
         for key, tensor in module.unused_adapters.items():

@@ -144,8 +144,13 @@ def _base_model(cfg: TrainConfig, manifest_dir: Path, output_dir: Path, dtype: t
     return Loaded(model, folder, cfg.model, f"loaded from {folder}")
 
 
-def apply_recipe(loaded: Loaded, cfg: TrainConfig) -> Loaded:
-    """Freeze per fix_vit/fix_sampler; wrap with PEFT LoRA when use_lora."""
+def apply_recipe(loaded: Loaded, cfg: TrainConfig, *, fused_lora: bool = True) -> Loaded:
+    """Freeze per fix_vit/fix_sampler; wrap with PEFT LoRA when use_lora.
+
+    LoRA wraps each PLoRA linear in `trainer.lora.PLoRALoraLinear` (both low-rank updates in one
+    matmul); `fused_lora=False` keeps PEFT's own `lora.Linear`, the official recipe's layer: the
+    reference the fused one is tested and benchmarked against.
+    """
     model = loaded.model
     vision_post_ln = model.vit.vision_tower.vision_model.post_layernorm
     if cfg.use_lora:
@@ -165,7 +170,8 @@ def apply_recipe(loaded: Loaded, cfg: TrainConfig) -> Loaded:
             modules_to_save=modules_to_save or None,
             task_type="CAUSAL_LM",
         )
-        lora._register_custom_module({PLoRALinear: PLoRALoraLinear})
+        if fused_lora:
+            lora._register_custom_module({PLoRALinear: PLoRALoraLinear})
         peft_model = get_peft_model(model, lora)
         peft_model.peft_config["default"].base_model_name_or_path = loaded.base_ref
         loaded.peft_model = peft_model
