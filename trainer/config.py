@@ -289,7 +289,11 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def load_config_file(path: Path) -> dict[str, Any]:
-    text = Path(path).read_text()
+    """A --config file's fields; a file that cannot be read or parsed is a usage error (ValueError)."""
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise ValueError(f"--config {path}: cannot be read ({e.strerror or e})") from e
     if Path(path).suffix.lower() in (".yaml", ".yml"):
         import yaml
 

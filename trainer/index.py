@@ -16,12 +16,9 @@ import numpy as np
 
 from schemas.manifest import Manifest
 from schemas.shards import ShardReader, verify_shards
+from trainer.errors import ShardDataError
 
 MAX_LISTED_PROBLEMS = 10
-
-
-class ShardDataError(ValueError):
-    """The shards cannot serve this plan (invalid data: exit 1)."""
 
 
 def shards_mismatch(shards_dir: Path, problems: list[str]) -> ShardDataError:

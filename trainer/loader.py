@@ -26,11 +26,11 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from schemas.shards import ShardReader
 from trainer.batch import PackedBatch, collate
-from trainer.index import SampleIndex, ShardDataError, check_budgets
+from trainer.errors import LoaderConfigError, ShardDataError
+from trainer.index import SampleIndex, check_budgets
 from trainer.plan import (
     EpochPlan,
     LoaderConfig,
-    LoaderConfigError,
     compute_plan_id,
     format_plan,
     plan_epoch,

@@ -47,7 +47,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from trainer.index import SampleIndex, ShardDataError, check_budgets
+from trainer.errors import LoaderConfigError, ShardDataError
+from trainer.index import SampleIndex, check_budgets
 
 PLAN_VERSION = 1
 """Bump when the planning algorithm changes: old loader states then refuse to resume."""
@@ -55,10 +56,6 @@ STREAM_DRAW = 0
 STREAM_PACK_ORDER = 1
 STREAM_PACK_SHUFFLE = 2
 NO_TILE_BUDGET = 1 << 30
-
-
-class LoaderConfigError(ValueError):
-    """A loader setting is invalid (a usage error: exit 2)."""
 
 
 # --------------------------------------------------------------------------- config

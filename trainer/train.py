@@ -32,6 +32,7 @@ from trainer import checkpoint as ckpt
 from trainer.attention import resolve_backend
 from trainer.batch import PackedBatch
 from trainer.config import TrainConfig, batch_layout, deepspeed_config, warmup_cosine
+from trainer.errors import TrainingHalted
 from trainer.flops import pack_cost_weights, peak_bf16_flops, step_flops
 from trainer.index import SampleIndex, shards_mismatch
 from trainer.loader import PackedLoader, TimedIterator
@@ -43,10 +44,6 @@ from trainer.plan import LoaderConfig
 from trainer.weights import load_config
 
 SUMMARY_FILE = "train_summary.json"
-
-
-class TrainingHalted(RuntimeError):
-    """A numeric fault stopped the run; the message names the samples; the last checkpoint is intact."""
 
 
 @dataclass
