@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from schemas.cli import ExitCode
-from trainer.config import add_config_flags, config_from_args
+from trainer.config import add_train_flags, config_from_args
 from trainer.errors import HALTS, HANDLED, LoaderConfigError, exit_code
 
 PLAN_ONLY = "--plan-only"
@@ -41,7 +41,7 @@ def build_parser(prog: str = "xc-train") -> argparse.ArgumentParser:
         "Other subcommands: `xc-train plan|eval|generate|merge ...` (see their --help).",
     )
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    add_config_flags(parser)
+    add_train_flags(parser)
     return parser
 
 
@@ -54,7 +54,7 @@ def build_plan_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--world-size", type=int, default=1, metavar="N", help="data-parallel ranks to plan for [1]"
     )
-    add_config_flags(parser)
+    add_train_flags(parser)
     return parser
 
 

@@ -24,6 +24,12 @@ DEFAULT_MODEL = "internlm/internlm-xcomposer2d5-7b"
 LORA_TARGETS = ("attention.wqkv", "attention.wo", "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")
 """The five PLoRA linears of every decoder layer (`trainer.model.PLoRALinear`): what LoRA wraps by default."""
 
+CONFIG_FILE_ONLY: frozenset[str] = frozenset(
+    {"use_lora", "lora_targets", "adam_beta1", "adam_beta2", "max_grad_norm"}
+)
+"""TrainConfig fields without a flag: the official recipe's values, changed in a --config file if at
+all (`--recipe lora` is how LoRA is chosen; the LoRA targets are exact module names)."""
+
 # SPEC §6: the official recipes. Keys are TrainConfig fields that are None until resolved.
 RECIPES: dict[str, dict[str, Any]] = {
     "full": {
@@ -276,6 +282,22 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, default=None, help="YAML or JSON file of TrainConfig fields.")
 
 
+def add_train_flags(parser: argparse.ArgumentParser) -> None:
+    """`add_config_flags` less the fields of CONFIG_FILE_ONLY, which --help lists as config-file keys."""
+    add_config_flags(parser)
+    # TODO(merge with the shared flags mechanism): pass exclude=CONFIG_FILE_ONLY to
+    # schemas.cli.add_dataclass_flags instead of removing the actions afterwards.
+    for action in [a for a in parser._actions if a.dest in CONFIG_FILE_ONLY]:
+        parser._remove_action(action)
+        for group in parser._action_groups:
+            if action in group._group_actions:
+                group._group_actions.remove(action)
+        for option in action.option_strings:
+            del parser._option_string_actions[option]
+    keys = ", ".join(sorted(CONFIG_FILE_ONLY))
+    parser.epilog = f"Settable in a --config file only: {keys} (defaults: the official recipe)."
+
+
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """Defaults < --config file < flags. Unknown keys in a file are an error naming them."""
     values: dict[str, Any] = {}
@@ -367,8 +389,10 @@ __all__ = [
     "DEFAULT_MODEL",
     "LORA_TARGETS",
     "RECIPES",
+    "CONFIG_FILE_ONLY",
     "TrainConfig",
     "add_config_flags",
+    "add_train_flags",
     "batch_layout",
     "config_from_args",
     "deepspeed_config",
