@@ -23,11 +23,13 @@ Everything else (adapter names, saving, merging, other forms of `image_tokens`) 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 from peft.tuners.lora.layer import Linear as LoraLinear
+
+from trainer.model import PLoRALinear
 
 
 @torch.library.custom_op("xcomposer::linear_plus_low_rank", mutates_args=())
@@ -200,7 +202,7 @@ class PLoRALoraLinear(LoraLinear):
         active = [a for a in self.active_adapters if a in self.lora_A]
         if len(active) != 1 or active[0] in self.lora_variant:
             return None
-        base = self.get_base_layer()
+        base = cast(PLoRALinear, self.get_base_layer())
         weights = (
             base.weight,
             base.Plora_B.weight,
@@ -217,7 +219,7 @@ class PLoRALoraLinear(LoraLinear):
         adapter = self._fused_adapter(x, args, kwargs)
         if adapter is None:
             return super().forward(x, *args, **kwargs)
-        base = self.get_base_layer()
+        base = cast(PLoRALinear, self.get_base_layer())
         image_tokens = args[0]
         flat_x = x.reshape(-1, x.shape[-1])
         x_plora, x_lora = two_dropouts(

@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -204,7 +204,7 @@ def load_for_inference(path: str | Path, *, dtype: torch.dtype, device: torch.de
             raise ValueError(f"{path}: an adapter of the random 7b preset has no saved base to load")
         base = load_model(resolve_model_dir(base_ref), dtype=dtype, device=device)
         wrapped = PeftModel.from_pretrained(base, str(path))
-        model = wrapped.base_model.model
+        model = cast(IXCModel, wrapped.base_model.model)
         model.source_dir = Path(os.fspath(base.source_dir)) if base.source_dir else None
         return model.eval()
     return load_model(resolve_model_dir(str(path)), dtype=dtype, device=device)

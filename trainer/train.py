@@ -321,6 +321,7 @@ def train(cfg: TrainConfig, argv: list[str] | None = None) -> dict[str, Any]:
     from tqdm import tqdm
 
     cfg = cfg.resolve()
+    assert cfg.shards is not None and cfg.learning_rate is not None, "resolve() fills both"
     started = time.perf_counter()
     startup: dict[str, float] = {}  # seconds per start-up phase (setup = process group + shard check)
 
@@ -555,7 +556,9 @@ def train(cfg: TrainConfig, argv: list[str] | None = None) -> dict[str, Any]:
                 d, f"warning: {len(skipped_total)} sample(s) skipped for non-finite loss: {skipped_total}"
             )
         if d.device.type == "cuda":
-            log_line(d, "peak GPU memory per rank: " + ", ".join(f"{p / 2**30:.1f}" for p in peaks) + " GiB")
+            log_line(
+                d, "peak GPU memory per rank: " + ", ".join(f"{(p or 0) / 2**30:.1f}" for p in peaks) + " GiB"
+            )
         log_line(d, f"done: {step} steps, final loss {summary['final_loss']:.4f}, outputs in {output_dir}")
     if dist.is_initialized():
         dist.barrier()
