@@ -7,21 +7,17 @@ with their exact token counts, multi-turn and text-only samples; each row starts
 point of the cycle). A variant is `MODE:N[:ATTENTION][+FLAG...]`: MODE `eager` or `compiled`
 (torch.compile of each decoder and ViT layer, `trainer.model.compile_layers`), N = decoder layers
 recomputed in backward (32 = full checkpointing, as the official recipe; 0 = none), ATTENTION the
-model's attention kernel (trainer/attention.py; default auto), FLAGs: `unfused` (PEFT's own LoRA
-forward: the Plora and LoRA updates added one by one instead of trainer/lora.py's single matmul),
-`eagervit` (the ViT's layers not compiled), `nodrop` (the LoRA and Plora dropouts removed: what
-dropout costs, an upper bound for fusing it; not a training setting), `rngfunc` (recompiled with
+model's attention kernel (trainer/attention.py; default auto), FLAGs: `eagervit` (the ViT's layers
+not compiled), `nodrop` (the LoRA and Plora dropouts removed: what dropout costs, an upper bound
+for fusing it; not a training setting), `rngfunc` (recompiled with
 torch._functorch.config.functionalize_rng_ops: backward regenerates the dropout masks from the
-saved RNG state instead of keeping them), `allrows` (the last decoder layer on every row, as
-before `IXCModel.trained_rows_only`), `twodraws` (the fused layer's two dropouts drawn by two
-`F.dropout` calls, as before `trainer.lora.two_dropouts`), `randint` (the two dropouts decided by
-one 64-bit Philox draw per element, as before `two_dropouts` hashed the element index), `cdt`
-(recompiled with inductor's coordinate-descent tuning of its Triton kernels' launch
-configurations), `autotune` (recompiled with inductor's max_autotune: matmuls benchmarked against
-Triton templates, which can fuse the element-wise work around them), `cublaslt` (torch's matmuls
-through cuBLASLt instead of cuBLAS: `torch.backends.cuda.preferred_blas_library`), `basefirst`
-(the fused LoRA layer's base GEMM first, the low-rank GEMM accumulating into its output, as before
-`trainer.lora.LOW_RANK_FIRST`). Compiling is one-way, so eager variants come first, then compiled
+saved RNG state instead of keeping them), `cdt` (recompiled with inductor's coordinate-descent
+tuning of its Triton kernels' launch configurations), `autotune` (recompiled with inductor's
+max_autotune: matmuls benchmarked against Triton templates, which can fuse the element-wise work
+around them), `cublaslt` (torch's matmuls through cuBLASLt instead of cuBLAS:
+`torch.backends.cuda.preferred_blas_library`). The variants that compared the product's own paths
+(`unfused`, `allrows`, `twodraws`, `randint`, `basefirst`) are gone with the switches they flipped;
+their figures are in BENCHMARKS.md. Compiling is one-way, so eager variants come first, then compiled
 ones with `eagervit`, then the rest. Each variant: --warmup steps, then --steps timed steps (host clock after a device sync); an out-of-memory step
 fails the variant and the next one goes on.
 
@@ -67,11 +63,10 @@ from train_throughput import (  # noqa: E402
     sync,
 )
 
-import trainer.lora  # noqa: E402
 from trainer.attention import BACKENDS  # noqa: E402
 from trainer.flops import step_flops, vit_flops  # noqa: E402
-from trainer.lora import PLoRALoraLinear  # noqa: E402
-from trainer.model import TINY_VOCAB_SIZE, IXCModel, compile_layers  # noqa: E402
+from trainer.model import compile_layers  # noqa: E402
+from trainer.model_config import TINY_VOCAB_SIZE  # noqa: E402
 
 KERNEL_CATEGORIES = (
     ("attention (flash/varlen/cudnn)", r"flash|fmha|attn|sdpa"),
@@ -86,17 +81,12 @@ KERNEL_CATEGORIES = (
 
 
 VARIANT_FLAGS = (
-    "unfused",
     "eagervit",
     "nodrop",
     "rngfunc",
-    "allrows",
-    "twodraws",
-    "randint",
     "cdt",
     "autotune",
     "cublaslt",
-    "basefirst",
 )
 INDUCTOR_FLAGS = {"cdt": "coordinate_descent_tuning", "autotune": "max_autotune"}
 """Variant flags that recompile with an inductor option on."""
@@ -225,15 +215,6 @@ def variant_name(mode: str, layers: int, backend: str, flags: frozenset[str]) ->
 
 def apply_flags(model: Any, flags: frozenset[str]) -> Callable[[], None]:
     """Set a variant's flags (VARIANT_FLAGS); returns what undoes them."""
-    fused = [m for m in model.modules() if isinstance(m, PLoRALoraLinear)]
-    for m in fused:
-        m.fuse = "unfused" not in flags
-        m.one_draw = "twodraws" not in flags
-        m.hashed = "randint" not in flags
-    trainer.lora.LOW_RANK_FIRST = "basefirst" not in flags
-    ixc = [m for m in model.modules() if isinstance(m, IXCModel)]
-    for m in ixc:
-        m.trained_rows_only = "allrows" not in flags
     dropouts: list[tuple[torch.nn.Module, str, torch.nn.Module]] = []
     if "nodrop" in flags:
         for parent in list(model.modules()):
@@ -256,11 +237,6 @@ def apply_flags(model: Any, flags: frozenset[str]) -> Callable[[], None]:
         torch._dynamo.reset()
 
     def restore() -> None:
-        for m in fused:
-            m.fuse = m.one_draw = m.hashed = True
-        trainer.lora.LOW_RANK_FIRST = True
-        for m in ixc:
-            m.trained_rows_only = True
         for parent, key, child in dropouts:
             parent.add_module(key, child)
         if "rngfunc" in flags:

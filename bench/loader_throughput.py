@@ -1,4 +1,4 @@
-"""Loader throughput: packed micro-batches from shards (`trainer.data.PackedLoader`) versus the
+"""Loader throughput: packed micro-batches from shards (`trainer.loader.PackedLoader`) versus the
 official per-sample path, on the same records and the same machine.
 
 Data: real photos (scikit-image's sample images at 0.3–2 MP, JPEG, made by bench/prep_throughput.py)
@@ -47,7 +47,9 @@ from pipeline.shard_config import ShardConfig  # noqa: E402
 from pipeline.tiling import hd_grid  # noqa: E402
 from pipeline.tokenization import Tokenizer, build_tiny_tokenizer  # noqa: E402
 from schemas.shards import ShardReader  # noqa: E402
-from trainer.data import LoaderConfig, PackedLoader, SampleIndex, TimedIterator  # noqa: E402
+from trainer.index import SampleIndex  # noqa: E402
+from trainer.loader import PackedLoader, TimedIterator  # noqa: E402
+from trainer.plan import LoaderConfig  # noqa: E402
 
 TILE = 560
 HD_NUM = 18

@@ -6,7 +6,7 @@ h [T, 320] = [PLoRA 256 | LoRA 64], B [O, 320]), times on random bf16 data:
   forward
     base+addmm   x Wᵀ, then the update accumulated in place: out.addmm_(h, Bᵀ)
     addmm+base   h Bᵀ first, then the base GEMM accumulates into it: out.addmm_(x, Wᵀ)
-                 (trainer/lora.py's order since LOW_RANK_FIRST)
+                 (trainer/lora.py's order, `linear_plus_low_rank`)
     folded       one GEMM over the concatenated K: [x | h] [W | B]ᵀ
   backward (activation gradients; W frozen)
     two          dy W and dy B

@@ -46,7 +46,7 @@ from train_throughput import build_lora_model, package_versions, sync  # noqa: E
 
 from pipeline.tiling import hd_grid  # noqa: E402
 from schemas.sample import IGNORE_INDEX, TILE_SIZE, image_token_count  # noqa: E402
-from trainer.model import TINY_VOCAB_SIZE  # noqa: E402
+from trainer.model_config import TINY_VOCAB_SIZE  # noqa: E402
 
 REAL_VOCAB_SIZE = 92544
 SAMPLE_CYCLE: tuple[tuple[tuple[tuple[int, int], ...], int], ...] = (

@@ -16,9 +16,9 @@ Both modes train the same model on the same records, in one process, on one GPU:
             and --compile (torch.compile of each decoder and ViT layer), if given. --attention
             picks the kernel for both modes; kernels compiled at first use (FlashAttention-4) are
             built before either mode is timed (`trainer.attention.warm_up`).
-  ours      `trainer.data.PackedLoader` (≤ 4 workers) → packed rows of ≤ max_length tokens →
+  ours      `trainer.loader.PackedLoader` (≤ 4 workers) → packed rows of ≤ max_length tokens →
             `model(...)` with the chunked loss (no full logits); data wait = the time the loop
-            blocks in `next()` (`trainer.data.TimedIterator`); each step ends with a device sync, as
+            blocks in `next()` (`trainer.loader.TimedIterator`); each step ends with a device sync, as
             xc-train's do.
   official  one conversation per step (B = 1: padding to the longest in the batch pads nothing),
             every record once after the warm-up (--official-steps), its one host sync the HF
@@ -49,6 +49,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import datetime
+import gc
 import itertools
 import json
 import os
@@ -79,12 +80,14 @@ from pipeline.tokenization import Tokenizer, build_tiny_tokenizer  # noqa: E402
 from schemas.sample import IGNORE_INDEX  # noqa: E402
 from schemas.shards import ShardReader  # noqa: E402
 from trainer.attention import BACKENDS, resolve_backend, warm_up  # noqa: E402
+from trainer.batch import PackedBatch, collate  # noqa: E402
 from trainer.config import TrainConfig  # noqa: E402
-from trainer.data import LoaderConfig, PackedBatch, PackedLoader, SampleIndex, TimedIterator, collate  # noqa: E402
 from trainer.flops import llm_matmul_params, peak_bf16_flops, step_flops, vit_flops  # noqa: E402
-from trainer.lora import PLoRALoraLinear  # noqa: E402
+from trainer.index import SampleIndex  # noqa: E402
+from trainer.loader import PackedLoader, TimedIterator  # noqa: E402
 from trainer.model import IXCModel, build_model, compile_layers  # noqa: E402
 from trainer.modelio import Loaded, apply_recipe  # noqa: E402
+from trainer.plan import LoaderConfig  # noqa: E402
 from trainer.train import trainable_groups  # noqa: E402
 
 TOKENIZER_CANDIDATES = (
@@ -207,13 +210,20 @@ def resolve_tokenizer(arg: str | None, preset: str, work: Path) -> Path:
 
 
 def build_lora_model(
-    preset: str, device: torch.device, dtype: torch.dtype, vocab_size: int, seed: int = 0
+    preset: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    vocab_size: int,
+    seed: int = 0,
+    fused_lora: bool = True,
 ) -> tuple[IXCModel, torch.optim.Optimizer, list[torch.nn.Parameter], TrainConfig]:
-    """The trainer's LoRA recipe on a random preset: model, fused AdamW, trainable params, config."""
+    """The trainer's LoRA recipe on a random preset: model, fused AdamW, trainable params, config.
+    fused_lora=False: PEFT's own LoRA layer, as the official recipe runs (`apply_recipe`)."""
     torch.manual_seed(seed)
     model = build_model(preset, seed=seed, dtype=dtype, device=device, vocab_size=vocab_size)
     cfg = TrainConfig(shards=Path("."), model=preset, recipe="lora").resolve()
-    model = apply_recipe(Loaded(model, None, preset, f"{preset} preset, random init"), cfg).model
+    loaded = Loaded(model, None, preset, f"{preset} preset, random init")
+    model = apply_recipe(loaded, cfg, fused_lora=fused_lora).model
     # PEFT creates the adapters in fp32; DeepSpeed's bf16 engine casts the whole module to bf16.
     model.to(dtype)
     model.gradient_checkpointing_enable()
@@ -473,7 +483,6 @@ def run_official(
             "records": len(records),
         },
     )
-    set_fused_lora(model, fused_lora)
     needed = args.official_warmup + args.official_steps
     sync(device)
     last = time.perf_counter()
@@ -530,12 +539,6 @@ def log_step(name: str, i: int, warmup: int, s: Step) -> None:
 
 def official_name(fused_lora: bool) -> str:
     return "official+fused-lora" if fused_lora else "official"
-
-
-def set_fused_lora(model: torch.nn.Module, enabled: bool) -> None:
-    for module in model.modules():
-        if isinstance(module, PLoRALoraLinear):
-            module.fuse = enabled
 
 
 def print_table(results: dict[str, Any]) -> None:
@@ -692,8 +695,14 @@ def main(argv: list[str] | None = None) -> int:
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             data_future = pool.submit(prepare)
             t0 = time.perf_counter()
+            official_layers = (
+                []
+                if args.skip_official
+                else {"peft": [False], "fused": [True], "both": [False, True]}[args.official_lora]
+            )
+            model_fused = official_layers[0] if official_layers else True
             model, optimizer, params, _ = build_lora_model(
-                args.preset, device, dtype, tokenizer.vocab_size, args.seed
+                args.preset, device, dtype, tokenizer.vocab_size, args.seed, fused_lora=model_fused
             )
             results["model_build_s"] = time.perf_counter() - t0
             model.attention_backend = args.attention
@@ -734,6 +743,18 @@ def main(argv: list[str] | None = None) -> int:
 
         phases: list[Phase] = []
 
+        def rebuild(fused_lora: bool) -> tuple[IXCModel, torch.optim.Optimizer, list[torch.nn.Parameter]]:
+            """PEFT's LoRA layer (the official recipe's) and ours are two models of the same weights
+            (same seed); the caller drops the one in use first, so that one is in memory at a time."""
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            built, opt, trainable, _ = build_lora_model(
+                args.preset, device, dtype, tokenizer.vocab_size, args.seed, fused_lora=fused_lora
+            )
+            built.attention_backend = args.attention
+            return built, opt, trainable
+
         def record(phase: Phase) -> None:
             phases.append(phase)
             results["phases"] = [p.summary(peak, datasheet) for p in phases]
@@ -761,7 +782,11 @@ def main(argv: list[str] | None = None) -> int:
             interleaved = [r for group in itertools.zip_longest(*by_kind) for r in group if r is not None]
             if args.official_steps is None:
                 args.official_steps = len(interleaved)  # after the warm-up, each record once
-            for fused_lora in {"peft": [False], "fused": [True], "both": [False, True]}[args.official_lora]:
+            for fused_lora in official_layers:
+                if fused_lora != model_fused:
+                    del model, optimizer, params
+                    model, optimizer, params = rebuild(fused_lora)
+                    model_fused = fused_lora
                 try:
                     record(
                         run_official(
@@ -773,7 +798,9 @@ def main(argv: list[str] | None = None) -> int:
                     record(Phase(official_name(fused_lora), error=traceback.format_exc()))
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
-        set_fused_lora(model, True)
+        if not model_fused:
+            del model, optimizer, params
+            model, optimizer, params = rebuild(True)
         model.checkpoint_layers = args.checkpoint_layers
         if args.compile:
             compile_layers(model)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -14,7 +13,6 @@ import pytest
 from pipeline.cli import build_parser
 from pipeline.shard_config import ShardConfig
 from schemas.cli import add_dataclass_flags, field_docs
-from trainer.config import add_config_flags, config_from_args
 
 
 @dataclass(frozen=True)
@@ -78,13 +76,3 @@ def test_xc_prep_shard_flags_come_from_shard_config() -> None:
         assert f.name in actions, f.name
         if f.name not in ("allow_path", "allow_any_path", "max_image_pixels", "max_video_seconds"):
             assert actions[f.name].help.startswith(docs[f.name]), f.name
-
-
-def test_a_train_field_kept_off_the_command_line_still_comes_from_the_config_file(tmp_path: Path) -> None:
-    parser = argparse.ArgumentParser(prog="xc-train", exit_on_error=False)
-    add_config_flags(parser, exclude={"seed"})
-    with pytest.raises(SystemExit):  # an unknown flag
-        parser.parse_args(["--seed", "3"])
-    config = tmp_path / "train.json"
-    config.write_text(json.dumps({"seed": 3}))
-    assert config_from_args(parser.parse_args(["--config", str(config)])).seed == 3

@@ -1,4 +1,4 @@
-"""trainer/data.py: epoch plan, packing, distribution over ranks × workers, resume, collate, dry run."""
+"""trainer/{index,plan,batch,loader}.py: epoch plan, packing, distribution over ranks × workers, resume, collate, dry run."""
 
 from __future__ import annotations
 
@@ -16,21 +16,17 @@ import pytest
 from schemas.manifest import Fingerprint, Manifest, ShardInfo, SourceInfo
 from schemas.sample import IGNORE_INDEX, IMAGE_TOKEN_ID, TILE_SIZE, ImageSpan, Sample, image_token_count
 from schemas.shards import file_sha256, write_shard
+from trainer.batch import collate
 from trainer.cli import main as cli_main
-from trainer.data import (
-    PREFETCH_THREAD_NAME,
+from trainer.index import SampleIndex, ShardDataError
+from trainer.loader import PREFETCH_THREAD_NAME, PackedLoader, TimedIterator, plan_main
+from trainer.plan import (
     LoaderConfig,
     LoaderConfigError,
-    PackedLoader,
-    SampleIndex,
-    ShardDataError,
-    TimedIterator,
     assign_ranks,
-    collate,
     format_plan,
     pack_samples,
     plan_epoch,
-    plan_main,
     split_packs,
 )
 

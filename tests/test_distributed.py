@@ -225,7 +225,8 @@ def test_full_recipe_on_two_ranks_when_one_rank_has_no_image(mixed_shards: Path,
     that adds nothing), so ZeRO-2's and ZeRO-3's gradient reductions stay in step with the rank
     whose row has one (before: gloo aborted at the first such step). Same losses as one rank."""
     from trainer.config import TrainConfig
-    from trainer.data import SampleIndex, plan_epoch
+    from trainer.index import SampleIndex
+    from trainer.plan import plan_epoch
     from trainer.train import loader_config
 
     common = ["--shards", str(mixed_shards), "--model", "tiny", "--recipe", "full", "--max-length", "2048"]

@@ -12,21 +12,18 @@ from schemas.sample import IGNORE_INDEX, image_token_count
 from trainer import attention
 from trainer.generate import generate
 from trainer.model import (
-    PLORA_TARGETS,
     IXCModel,
     PLoRALinear,
     apply_rotary,
-    assemble_image_tokens,
     build_model,
     compile_layers,
-    merge_patches,
     num_parameters,
-    patch_embeddings,
     plora_selector,
-    preset_config,
     rotary_cos_sin,
     row_token_losses,
 )
+from trainer.model_config import preset_config
+from trainer.vision import assemble_image_tokens, merge_patches, patch_embeddings
 
 # (text before, grid, text after) segments per sample; grid None = text only.
 SAMPLES = [
@@ -168,7 +165,7 @@ def test_checkpointing_and_compiled_layers_give_same_gradients(samples: list[dic
         if compiled:
             assert compile_layers(m, backend="aot_eager") == (
                 m.config.num_hidden_layers,
-                m.config.vision_config().num_hidden_layers,
+                m.config.vit_num_hidden_layers,
             )
         torch.manual_seed(4)
         out = m(**inputs, targets=targets)
@@ -353,8 +350,7 @@ def test_last_layer_on_trained_rows_only_is_exact(samples: list[dict], checkpoin
     targets[0, trained] = torch.arange(len(trained)) + 7
     results = []
     for rows_only in (False, True):
-        m = build_model("tiny", seed=0).eval()
-        m.trained_rows_only = rows_only
+        m = build_model("tiny", seed=0, trained_rows_only=rows_only).eval()
         if checkpointing:
             m.gradient_checkpointing_enable()
         out = m(**inputs, targets=targets)
@@ -495,8 +491,10 @@ def test_generate_with_kv_cache_matches_recompute(model: IXCModel, samples: list
 def test_module_names_match_the_official_checkpoint(model: IXCModel) -> None:
     from trainer.config import LORA_TARGETS
 
-    assert LORA_TARGETS == PLORA_TARGETS  # the trainer's default LoRA targets are these five linears
     names = {n for n, _ in model.named_modules()}
-    for target in PLORA_TARGETS:
+    # The trainer's default LoRA targets are exactly the five PLoRA linears of a layer.
+    layer = model.model.layers[0]
+    assert {n for n, m in layer.named_modules() if isinstance(m, PLoRALinear)} == set(LORA_TARGETS)
+    for target in LORA_TARGETS:
         assert f"model.layers.0.{target}" in names
     assert "model.layers.0.attention.wqkv.Plora_A" in names

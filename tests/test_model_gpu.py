@@ -138,24 +138,30 @@ def test_bf16_auto_backend_matches_sdpa_and_checkpointing_matches() -> None:
 def test_bf16_fused_lora_layer_matches_pefts() -> None:
     """The LoRA recipe's fused layer (trainer/lora.py) in bf16 on CUDA: PEFT's loss and gradients,
     dropout on (the same draws in the same order)."""
-    model = build_model("tiny", seed=0, device="cuda", dtype=torch.bfloat16)
     cfg = TrainConfig(shards=Path("."), model="tiny", recipe="lora", lora_r=4, lora_alpha=8).resolve()
-    peft_model = apply_recipe(Loaded(model, None, "tiny", "test"), cfg).model.to(torch.bfloat16).train()
-    layers = [m for m in peft_model.modules() if isinstance(m, PLoRALoraLinear)]
+    fused, plain = (
+        apply_recipe(
+            Loaded(build_model("tiny", seed=0, device="cuda", dtype=torch.bfloat16), None, "tiny", "test"),
+            cfg,
+            fused_lora=fused_lora,
+        )
+        .model.to(torch.bfloat16)
+        .train()
+        for fused_lora in (True, False)
+    )
+    assert any(isinstance(m, PLoRALoraLinear) for m in fused.modules())
     with torch.no_grad():
-        for name, p in peft_model.named_parameters():
+        for name, p in fused.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.1)
+    plain.load_state_dict(fused.state_dict())  # the same weights, LoRA's random init included
     row = _packed(torch.Generator().manual_seed(3))
     results = []
-    for fuse in (True, False):
-        for layer in layers:
-            layer.fuse = fuse
+    for model in (fused, plain):
         torch.manual_seed(5)
-        out = peft_model(**row)
+        out = model(**row)
         out.loss_sum.backward()
-        grads = {n: p.grad.float() for n, p in peft_model.named_parameters() if p.grad is not None}
-        peft_model.zero_grad(set_to_none=True)
+        grads = {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None}
         results.append((out.loss_sum.detach().float(), grads))
     (loss_fused, g_fused), (loss_peft, g_peft) = results
     torch.testing.assert_close(loss_fused, loss_peft, atol=0.5, rtol=2e-3)

@@ -11,10 +11,11 @@ from peft import LoraConfig, get_peft_model
 
 import trainer.lora
 from schemas.sample import image_token_count
-from trainer.config import TrainConfig
+from trainer.config import LORA_TARGETS, TrainConfig
 from trainer.lora import PLoRALoraLinear, hashed_bits, linear_plus_low_rank, two_dropouts
-from trainer.model import PLORA_TARGETS, IXCModel, VisionTower, build_model, compile_layers
+from trainer.model import IXCModel, build_model, compile_layers
 from trainer.modelio import Loaded, apply_recipe
+from trainer.vision import VisionTower
 
 
 def _row() -> dict:
@@ -41,7 +42,7 @@ def test_peft_lora_trains_only_lora_and_merges_exactly(task_type: str | None) ->
     model = build_model("tiny", seed=0)
     model.requires_grad_(False)
     config = LoraConfig(
-        r=4, lora_alpha=8, lora_dropout=0.0, target_modules=list(PLORA_TARGETS), task_type=task_type
+        r=4, lora_alpha=8, lora_dropout=0.0, target_modules=list(LORA_TARGETS), task_type=task_type
     )
     peft_model = get_peft_model(model, config)
     trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
@@ -76,7 +77,7 @@ def test_peft_modules_to_save_vit_and_sampler_train_with_checkpointing() -> None
     config = LoraConfig(
         r=4,
         lora_alpha=8,
-        target_modules=list(PLORA_TARGETS),
+        target_modules=list(LORA_TARGETS),
         modules_to_save=["vit", "vision_proj"],
         task_type="CAUSAL_LM",
     )
@@ -98,17 +99,24 @@ def test_fused_low_rank_update_equals_peft_forward(compiled: bool) -> None:
     own forward, same dropout draws in eager mode (compiled, the dropouts draw another way:
     test_two_dropouts_under_compile; compared here in eval mode); other forms of image_tokens take
     PEFT's path."""
-    model = build_model("tiny", seed=0)
     cfg = TrainConfig(shards=Path("."), model="tiny", recipe="lora", lora_r=4, lora_alpha=8).resolve()
-    peft_model = apply_recipe(Loaded(model, None, "tiny", "test"), cfg).model.train(not compiled)
-    layers = [m for m in peft_model.modules() if isinstance(m, PLoRALoraLinear)]
-    assert len(layers) == 5 * model.config.num_hidden_layers
+    fused, plain = (
+        apply_recipe(
+            Loaded(build_model("tiny", seed=0), None, "tiny", "test"), cfg, fused_lora=fused_lora
+        ).model.train(not compiled)
+        for fused_lora in (True, False)
+    )
+    layers = [m for m in fused.modules() if isinstance(m, PLoRALoraLinear)]
+    assert len(layers) == 5 * fused.config.num_hidden_layers
+    assert not any(isinstance(m, PLoRALoraLinear) for m in plain.modules())
     with torch.no_grad():
-        for name, p in peft_model.named_parameters():
+        for name, p in fused.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.1)
+    plain.load_state_dict(fused.state_dict())  # the same weights, LoRA's random init included
     if compiled:
-        compile_layers(peft_model, backend="aot_eager")
+        compile_layers(fused, backend="aot_eager")
+        compile_layers(plain, backend="aot_eager")
     calls = []
 
     def counted(*args: torch.Tensor) -> torch.Tensor:
@@ -117,20 +125,17 @@ def test_fused_low_rank_update_equals_peft_forward(compiled: bool) -> None:
 
     row = _row()
 
-    def run(fuse: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        for layer in layers:
-            layer.fuse = fuse
+    def run(model: torch.nn.Module) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         torch.manual_seed(1)  # the same dropout masks for both
-        loss = peft_model(**row).loss_sum
+        loss = model(**row).loss_sum
         loss.backward()
-        grads = {n: p.grad for n, p in peft_model.named_parameters() if p.grad is not None}
-        peft_model.zero_grad(set_to_none=True)
+        grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
         return loss.detach(), grads
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(trainer.lora, "linear_plus_low_rank", counted)
-        fused_loss, fused_grads = run(True)
-        plain_loss, plain_grads = run(False)
+        fused_loss, fused_grads = run(fused)
+        plain_loss, plain_grads = run(plain)
     if not compiled:  # (a compiled graph runs the traced ops, not the patched Python function)
         assert len(calls) == len(layers)
     torch.testing.assert_close(fused_loss, plain_loss, atol=1e-5, rtol=1e-5)

@@ -29,13 +29,15 @@ from schemas.manifest import TOKENIZER_NAME
 from schemas.shards import ShardReader
 from trainer import checkpoint as ckpt
 from trainer import train as train_module
+from trainer.batch import PackedBatch, collate
 from trainer.cli import build_parser
 from trainer.cli import main as xc_train
+from trainer.cli import merge_main as xc_merge
 from trainer.config import LORA_TARGETS, RECIPES, TrainConfig, config_from_args, deepspeed_config
-from trainer.data import PackedBatch, SampleIndex, collate
 from trainer.evaluate import generate_for_sample
-from trainer.merge import main as xc_merge
-from trainer.model import build_model, preset_config
+from trainer.index import SampleIndex
+from trainer.model import build_model
+from trainer.model_config import preset_config
 from trainer.modelio import load_for_inference
 from trainer.weights import load_model, save_model
 

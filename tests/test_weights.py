@@ -9,8 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from trainer.errors import ModelFolderError
 from trainer.model import IXCModel, build_model
-from trainer.weights import CheckpointError, load_config, load_model, save_model
+from trainer.weights import load_config, load_model, save_model
 
 SHARD_BYTES = 150_000  # the tiny model is ~0.57 MB in bf16: several shards
 
@@ -95,10 +96,10 @@ def _copy_with(saved: Path, dest: Path, edit) -> Path:  # noqa: ANN001
 
 
 def test_errors_name_the_problem(saved: Path, tmp_path: Path) -> None:
-    with pytest.raises(CheckpointError, match="does not exist"):
+    with pytest.raises(ModelFolderError, match="does not exist"):
         load_model(tmp_path / "nope")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(CheckpointError, match="config.json is missing"):
+    with pytest.raises(ModelFolderError, match="config.json is missing"):
         load_config(tmp_path / "empty")
 
     def damage(t: dict) -> None:
@@ -108,7 +109,7 @@ def test_errors_name_the_problem(saved: Path, tmp_path: Path) -> None:
         t["plora_sub_GN"] = torch.zeros(1, 1, 1, 7)
 
     folder = _copy_with(saved, tmp_path / "bad", damage)
-    with pytest.raises(CheckpointError) as e:
+    with pytest.raises(ModelFolderError) as e:
         load_model(folder)
     msg = str(e.value)
     assert "2 missing key(s)" in msg and "output.weight" in msg and "lora_web_B" in msg
@@ -120,9 +121,9 @@ def test_errors_name_the_problem(saved: Path, tmp_path: Path) -> None:
     for f in saved.iterdir():
         if not f.name.startswith("model-00002"):
             (partial / f.name).write_bytes(f.read_bytes())
-    with pytest.raises(CheckpointError, match="1 are missing: model-00002"):
+    with pytest.raises(ModelFolderError, match="1 are missing: model-00002"):
         load_model(partial)
-    with pytest.raises(CheckpointError, match="already holds weights"):
+    with pytest.raises(ModelFolderError, match="already holds weights"):
         save_model(load_model(saved), saved)
 
 

@@ -25,8 +25,8 @@ import inspect
 import itertools
 import logging
 import time
-from dataclasses import dataclass
-from typing import Any, Literal
+from dataclasses import dataclass, replace
+from typing import Any, Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -49,7 +49,7 @@ except Exception:  # noqa: BLE001
 try:
     from torch.nn.attention.varlen import varlen_attn
 except Exception:  # noqa: BLE001
-    varlen_attn = None
+    varlen_attn = None  # type: ignore[assignment]
 
 # torch changed varlen_attn's keywords between releases: read them once instead of pinning a version.
 _VARLEN_PARAMS = set(inspect.signature(varlen_attn).parameters) if varlen_attn is not None else set()
@@ -165,11 +165,16 @@ class QueryRuns:
     max_seqlen_k: int
 
     def to(self, device: torch.device) -> QueryRuns:
-        moved = {
-            name: value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
-            for name, value in vars(self).items()
-        }
-        return QueryRuns(**moved)
+        def move(t: torch.Tensor) -> torch.Tensor:
+            return t.to(device, non_blocking=True)
+
+        return replace(
+            self,
+            index=move(self.index),
+            key_index=move(self.key_index),
+            cu_seqlens_q=move(self.cu_seqlens_q),
+            cu_seqlens_k=move(self.cu_seqlens_k),
+        )
 
 
 def query_runs(positions: torch.Tensor, cu_seqlens: torch.Tensor) -> QueryRuns | None:
@@ -268,7 +273,8 @@ def varlen_attention(
                 # Query head n reads KV head n // (H / H_kv): repeat_interleave keeps that order.
                 k = k.repeat_interleave(num_heads // num_kv_heads, dim=1)
                 v = v.repeat_interleave(num_heads // num_kv_heads, dim=1)
-        return varlen_attn(q, k, v, cu_seqlens, cu_seqlens_k, max_seqlen, max_seqlen_k, **kwargs)
+        out = varlen_attn(q, k, v, cu_seqlens, cu_seqlens_k, max_seqlen, max_seqlen_k, **kwargs)
+        return cast(torch.Tensor, out)  # (with return_aux it would be a tuple)
     bounds = cu_seqlens.tolist()
     if cu_seqlens_k is not cu_seqlens:
         bounds_k = cu_seqlens_k.tolist()

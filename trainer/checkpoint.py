@@ -28,16 +28,13 @@ import torch
 import torch.distributed as dist
 
 from schemas.atomic import fsync_tree, write_json_atomic
+from trainer.errors import CheckpointError
 from trainer.model import IXCModel, unused_adapters_excluded
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
 PARTIAL_SUFFIX = ".partial"
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint could not be written or is damaged; the message names the file and the way out."""
 
 
 def checkpoint_root(output_dir: Path) -> Path:

@@ -14,7 +14,6 @@ import json
 import math
 import types
 import typing
-from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -23,6 +22,13 @@ from schemas.cli import add_dataclass_flags
 
 DEFAULT_MODEL = "internlm/internlm-xcomposer2d5-7b"
 LORA_TARGETS = ("attention.wqkv", "attention.wo", "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")
+"""The five PLoRA linears of every decoder layer (`trainer.model.PLoRALinear`): what LoRA wraps by default."""
+
+CONFIG_FILE_ONLY: frozenset[str] = frozenset(
+    {"use_lora", "lora_targets", "adam_beta1", "adam_beta2", "max_grad_norm"}
+)
+"""TrainConfig fields without a flag: the official recipe's values, changed in a --config file if at
+all (`--recipe lora` is how LoRA is chosen; the LoRA targets are exact module names)."""
 
 # SPEC §6: the official recipes. Keys are TrainConfig fields that are None until resolved.
 RECIPES: dict[str, dict[str, Any]] = {
@@ -248,11 +254,13 @@ def warmup_cosine(step: int, *, total_steps: int, warmup_ratio: float) -> float:
 # ---------------------------------------------------------------- flags and config files
 
 
-def add_config_flags(parser: argparse.ArgumentParser, *, exclude: Collection[str] = ()) -> None:
-    """One `--kebab-case` flag per TrainConfig field (but `exclude`: config-file only) and `--config`;
-    defaults stay None so files can fill them."""
-    add_dataclass_flags(parser, TrainConfig, exclude=exclude, none_defaults=True)
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One `--kebab-case` flag per TrainConfig field but those of CONFIG_FILE_ONLY (which --help
+    lists as config-file keys), and `--config`; defaults stay None so files can fill them."""
+    add_dataclass_flags(parser, TrainConfig, exclude=CONFIG_FILE_ONLY, none_defaults=True)
     parser.add_argument("--config", type=Path, default=None, help="YAML or JSON file of TrainConfig fields.")
+    keys = ", ".join(sorted(CONFIG_FILE_ONLY))
+    parser.epilog = f"Settable in a --config file only: {keys} (defaults: the official recipe)."
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -268,7 +276,11 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def load_config_file(path: Path) -> dict[str, Any]:
-    text = Path(path).read_text()
+    """A --config file's fields; a file that cannot be read or parsed is a usage error (ValueError)."""
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise ValueError(f"--config {path}: cannot be read ({e.strerror or e})") from e
     if Path(path).suffix.lower() in (".yaml", ".yml"):
         import yaml
 
@@ -342,6 +354,7 @@ __all__ = [
     "DEFAULT_MODEL",
     "LORA_TARGETS",
     "RECIPES",
+    "CONFIG_FILE_ONLY",
     "TrainConfig",
     "add_config_flags",
     "batch_layout",

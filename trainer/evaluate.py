@@ -17,8 +17,9 @@ import torch
 from schemas.manifest import TOKENIZER_NAME
 from schemas.sample import IGNORE_INDEX, Sample
 from schemas.shards import ShardReader
-from trainer.data import SampleIndex, collate
+from trainer.batch import collate
 from trainer.generate import generate
+from trainer.index import SampleIndex
 from trainer.loss import segment_losses
 from trainer.model import row_token_losses
 from trainer.modelio import load_for_inference

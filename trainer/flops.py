@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from trainer.model import ModelConfig
+from schemas.sample import TILE_SIZE
+from trainer.model_config import ModelConfig
 
 # Dense bf16 tensor-core peaks by the vendor's datasheets (no sparsity); used only when the
 # bench has not measured the card. H100/H200 SXM: 989 TFLOP/s.
@@ -43,11 +44,10 @@ def step_flops(config: ModelConfig, packs: list[list[int]], lora: bool) -> float
 
 def vit_flops(config: ModelConfig, num_views: int, trains: bool) -> float:
     """ViT forward (+ backward if it trains) FLOPs for `num_views` 560-px views (tiles + global views)."""
-    vc = config.vision_config()
-    tokens = (vc.image_size // vc.patch_size) ** 2 + 1
-    d, f = vc.hidden_size, vc.intermediate_size
+    tokens = (TILE_SIZE // config.vit_patch_size) ** 2 + 1
+    d, f = config.vit_hidden_size, config.vit_intermediate_size
     per_layer = 2 * tokens * (4 * d * d + 2 * d * f) + 4 * tokens * tokens * d
-    forward = vc.num_hidden_layers * per_layer * num_views
+    forward = config.vit_num_hidden_layers * per_layer * num_views
     return forward * (3 if trains else 1)
 
 

@@ -23,17 +23,13 @@ Everything else (adapter names, saving, merging, other forms of `image_tokens`) 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 from peft.tuners.lora.layer import Linear as LoraLinear
 
-LOW_RANK_FIRST = True
-"""`linear_plus_low_rank` makes the rank-320 product first and lets the base GEMM accumulate into
-it (its epilogue reads the output once, inside the large GEMM); False: the base GEMM first, then
-the low-rank GEMM reads and writes the [T, O] output again (−0.3 % of an H200 step for True;
-benchmarks compare them)."""
+from trainer.model import PLoRALinear
 
 
 @torch.library.custom_op("xcomposer::linear_plus_low_rank", mutates_args=())
@@ -49,12 +45,12 @@ def linear_plus_low_rank(
 
     A custom op, so that torch.compile calls it as it is: one matmul accumulates in place into
     the other's fresh output (an out-of-place addmm, which is what a compiled graph makes of it,
-    first copies the [T, O] input); which one first: LOW_RANK_FIRST.
+    first copies the [T, O] input). The rank-320 product comes first and the base GEMM accumulates
+    into it: its epilogue reads the [T, O] output once, inside the large GEMM, where the other
+    order would have the low-rank GEMM read and write it again.
     """
     low_rank = torch.cat((h1, h2), dim=1), torch.cat((b1, b2), dim=1).t()
-    if LOW_RANK_FIRST:
-        return torch.mm(*low_rank).addmm_(x, weight.t())
-    return torch.nn.functional.linear(x, weight).addmm_(*low_rank)
+    return torch.mm(*low_rank).addmm_(x, weight.t())
 
 
 @linear_plus_low_rank.register_fake
@@ -193,18 +189,12 @@ class PLoRALoraLinear(LoraLinear):
     The fused path runs for training and evaluation alike when one plain LoRA adapter is active
     and unmerged, the row has image tokens given as the 0/1 mask, and the adapter has the model's
     dtype; anything else (index form, no image tokens, merged or disabled adapters, several
-    adapters, DoRA and other variants, mixed dtypes) is PEFT's forward unchanged. `fuse = False`
-    turns the fused path off, `one_draw = False` draws the two dropouts as two `F.dropout` calls
-    under torch.compile too, `hashed = False` draws them as one 64-bit integer per element
-    (`two_dropouts`; benchmarks compare them).
+    adapters, DoRA and other variants, mixed dtypes) is PEFT's forward unchanged. PEFT's own
+    `lora.Linear` (`apply_recipe(..., fused_lora=False)`) is the reference it is tested against.
     """
 
-    fuse = True
-    one_draw = True
-    hashed = True
-
     def _fused_adapter(self, x: torch.Tensor, args: tuple, kwargs: dict) -> str | None:
-        if not self.fuse or kwargs or len(args) != 1 or self.disable_adapters or self.merged:
+        if kwargs or len(args) != 1 or self.disable_adapters or self.merged:
             return None
         image_tokens = args[0]
         if image_tokens is None or not image_tokens.is_floating_point():
@@ -212,7 +202,7 @@ class PLoRALoraLinear(LoraLinear):
         active = [a for a in self.active_adapters if a in self.lora_A]
         if len(active) != 1 or active[0] in self.lora_variant:
             return None
-        base = self.get_base_layer()
+        base = cast(PLoRALinear, self.get_base_layer())
         weights = (
             base.weight,
             base.Plora_B.weight,
@@ -229,19 +219,12 @@ class PLoRALoraLinear(LoraLinear):
         adapter = self._fused_adapter(x, args, kwargs)
         if adapter is None:
             return super().forward(x, *args, **kwargs)
-        base = self.get_base_layer()
+        base = cast(PLoRALinear, self.get_base_layer())
         image_tokens = args[0]
         flat_x = x.reshape(-1, x.shape[-1])
-        if self.one_draw:
-            x_plora, x_lora = two_dropouts(
-                flat_x,
-                _dropout_rate(base.lora_dropout),
-                _dropout_rate(self.lora_dropout[adapter]),
-                self.training,
-                self.hashed,
-            )
-        else:  # in PEFT's order: the base layer's Plora dropout first, then LoRA's
-            x_plora, x_lora = base.lora_dropout(flat_x), self.lora_dropout[adapter](flat_x)
+        x_plora, x_lora = two_dropouts(
+            flat_x, _dropout_rate(base.lora_dropout), _dropout_rate(self.lora_dropout[adapter]), self.training
+        )
         h_plora = base.Plora_A(x_plora) * image_tokens
         h_lora = self.lora_A[adapter](x_lora)
         scaling = self.scaling[adapter]

@@ -1,4 +1,5 @@
-"""`xc-merge`: fold a LoRA adapter into its base and write a full checkpoint in the official layout.
+"""`xc-train merge` (also `xc-merge`): fold a LoRA adapter into its base and write a full checkpoint
+in the official layout.
 
 W += (alpha / r) · B · A on the five target linears (PEFT's merge); every other tensor — the
 Plora and unused lora_sft/dpo/web weights, norms, ViT, vision_proj, separators — is written with
@@ -7,17 +8,17 @@ the bytes it was loaded with. The result loads with `--model` like the released 
 
 from __future__ import annotations
 
-import argparse
-import sys
 from pathlib import Path
 
 import torch
 
 from trainer.modelio import ADAPTER_CONFIG, resolve_model_dir
-from trainer.weights import CheckpointError, load_config, load_model, save_model
+from trainer.weights import load_config, load_model, save_model
 
 
+@torch.no_grad()
 def merge(adapter: Path, base: str | None, out: Path, *, overwrite: bool = False) -> Path:
+    """Merge the adapter folder into `base` (default: the base the adapter records) and save to `out`."""
     from peft import PeftConfig, PeftModel
 
     if not (adapter / ADAPTER_CONFIG).is_file():
@@ -31,31 +32,3 @@ def merge(adapter: Path, base: str | None, out: Path, *, overwrite: bool = False
     merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
     save_model(merged, out, dtype=dtype, copy_from=base_dir, overwrite=overwrite)
     return out
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="xc-merge", description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--adapter", type=Path, required=True, help="adapter folder written by xc-train --recipe lora"
-    )
-    parser.add_argument(
-        "--base", default=None, help="base model folder or hub id (default: the adapter's recorded base)"
-    )
-    parser.add_argument("--out", type=Path, required=True, help="output folder for the merged checkpoint")
-    parser.add_argument("--overwrite", action="store_true", help="replace weights already in --out")
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as e:
-        return int(e.code or 0)
-    try:
-        with torch.no_grad():
-            merge(args.adapter, args.base, args.out, overwrite=args.overwrite)
-    except (OSError, CheckpointError, ValueError) as e:  # OSError: missing folder, full disk, ...
-        print(f"xc-merge: error: {e}", file=sys.stderr)
-        return 1
-    print(f"merged {args.adapter} into {args.out}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

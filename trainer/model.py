@@ -1,5 +1,8 @@
 """Native InternLM-XComposer 2.5: InternLM2 decoder + Partial LoRA + CLIP ViT-L/14-560 + vision_proj.
 
+This file holds the decoder, `IXCModel` and its construction; `config.json` is
+`trainer/model_config.py`, the vision tower and image-token layout `trainer/vision.py`.
+
 Same architecture and parameter names as the released `internlm/internlm-xcomposer2d5-7b`
 (SPEC §5), so its checkpoint loads and saves unchanged (`trainer/weights.py`), but written for
 fine-tuning: packed rows with per-sample attention, chunked loss, per-layer checkpointing, no
@@ -25,18 +28,16 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-from transformers import CLIPVisionConfig, CLIPVisionModel
-from transformers.models.clip.modeling_clip import CLIPVisionEmbeddings
 
-from schemas.sample import IGNORE_INDEX, MERGED_SIDE, TILE_SIZE, image_token_count
+from schemas.sample import IGNORE_INDEX, TILE_SIZE, image_token_count
 from trainer import images
 from trainer.attention import (
     QueryRuns,
@@ -47,258 +48,11 @@ from trainer.attention import (
     varlen_attention,
 )
 from trainer.loss import DEFAULT_CHUNK_TOKENS, chunked_cross_entropy, token_losses
+from trainer.model_config import ModelConfig, preset_config
+from trainer.vision import VisionTower, assemble_image_tokens, merge_patches
 
 END_OF_TURN_ID = 92542
 """`[UNUSED_TOKEN_145]` in the InternLM2 tokenizer: ends every turn, the stop token at inference."""
-VIT_PATCH_SIDE = 2 * MERGED_SIDE
-"""A 560-px tile gives 40×40 ViT patches; 2×2 of them merge into one LLM token."""
-UNUSED_ADAPTERS = ("lora_sft", "lora_dpo", "lora_web")
-"""Per-linear adapters of the released model's writing/web modes: loaded and saved, never run."""
-PLORA_TARGETS = ("attention.wqkv", "attention.wo", "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-
-
-# --------------------------------------------------------------------------- config
-
-
-@dataclass
-class ModelConfig:
-    """`config.json` of an IXC2.5 folder: official field names, our extras where the official file is silent.
-
-    Defaults are the released 7B model's (SPEC §5). Fields the official file has but this code does
-    not read (auto_map, use_cache, ...) ride along in `extra` and are written back unchanged.
-    """
-
-    architectures: list[str] = field(default_factory=lambda: ["InternLMXComposer2ForCausalLM"])
-    """Class names for transformers' Auto loaders (official value kept)."""
-    model_type: str = "internlm2"
-    """transformers model type; must be internlm2."""
-    vocab_size: int = 92544
-    """Rows of tok_embeddings and output."""
-    hidden_size: int = 4096
-    """Decoder width."""
-    intermediate_size: int = 14336
-    """SwiGLU inner width (w1/w3 out, w2 in)."""
-    num_hidden_layers: int = 32
-    """Decoder layers."""
-    num_attention_heads: int = 32
-    """Query heads; head_dim = hidden_size / num_attention_heads."""
-    num_key_value_heads: int = 8
-    """Key/value heads (GQA groups of wqkv)."""
-    max_position_embeddings: int = 24576
-    """RoPE length beyond which dynamic NTK scaling starts."""
-    max_length: int = 16384
-    """Training context of the released recipe."""
-    rope_theta: float = 1_000_000.0
-    """RoPE base."""
-    rope_scaling: dict[str, Any] | None = field(default_factory=lambda: {"type": "dynamic", "factor": 2.0})
-    """RoPE scaling: {'type': 'dynamic', 'factor': f} or null."""
-    rms_norm_eps: float = 1e-5
-    """RMSNorm epsilon."""
-    bias: bool = False
-    """Linear biases in the decoder (always false for InternLM2)."""
-    bos_token_id: int = 1
-    """`<s>`."""
-    eos_token_id: int = 2
-    """`</s>`."""
-    pad_token_id: int = 2
-    """Padding id (= eos)."""
-    tie_word_embeddings: bool = False
-    """output and tok_embeddings are separate matrices."""
-    torch_dtype: str = "bfloat16"
-    """Dtype of the stored weights and the default load/save dtype."""
-    initializer_range: float = 0.02
-    """Std of the normal init of a fresh (random) model."""
-
-    # --- ours: absent from the official file, official values by default (written only if changed)
-    plora_r: int = 256
-    """Rank of the Partial LoRA (Plora_A/B) on the five linears."""
-    plora_dropout: float = 0.05
-    """Dropout on the Plora input while training (the official value)."""
-    lora_sft_r: int = 256
-    """Rank of the unused lora_sft adapters."""
-    lora_dpo_r: int = 256
-    """Rank of the unused lora_dpo adapters."""
-    lora_web_r: int = 512
-    """Rank of the unused lora_web adapters."""
-    vit_hidden_size: int = 1024
-    """CLIP ViT width (the merged image token has 4× this)."""
-    vit_intermediate_size: int = 4096
-    """CLIP ViT MLP width."""
-    vit_num_hidden_layers: int = 24
-    """CLIP ViT layers (features are the last layer's output)."""
-    vit_num_attention_heads: int = 16
-    """CLIP ViT heads."""
-    vit_patch_size: int = 14
-    """ViT patch side in pixels: a 560-px tile must give 40×40 patches."""
-    vit_layer_norm_eps: float = 1e-5
-    """CLIP LayerNorm epsilon."""
-    vit_hidden_act: str = "quick_gelu"
-    """CLIP MLP activation."""
-
-    extra: dict[str, Any] = field(default_factory=dict)
-    """Unknown config.json fields, kept for writing back."""
-    source_keys: tuple[str, ...] = field(default=(), repr=False, compare=False)
-    """Keys (in order) of the config.json this came from: written back in that order."""
-
-    def __post_init__(self) -> None:
-        problems = []
-        if self.model_type != "internlm2":
-            problems.append(f"model_type is {self.model_type!r}, expected 'internlm2' (an IXC2.5 checkpoint)")
-        if self.hidden_size % self.num_attention_heads:
-            problems.append(
-                f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads ({self.num_attention_heads})"
-            )
-        if self.num_attention_heads % self.num_key_value_heads:
-            problems.append(
-                f"num_attention_heads ({self.num_attention_heads}) must be divisible by "
-                f"num_key_value_heads ({self.num_key_value_heads})"
-            )
-        if (self.hidden_size // self.num_attention_heads) % 2:
-            problems.append(
-                f"head dim ({self.hidden_size // self.num_attention_heads}) must be even for RoPE"
-            )
-        if TILE_SIZE % self.vit_patch_size or TILE_SIZE // self.vit_patch_size != VIT_PATCH_SIDE:
-            problems.append(
-                f"vit_patch_size ({self.vit_patch_size}) must cut a {TILE_SIZE}-px tile into "
-                f"{VIT_PATCH_SIDE}×{VIT_PATCH_SIDE} patches (use 14)"
-            )
-        if self.vit_hidden_size % self.vit_num_attention_heads:
-            problems.append(
-                f"vit_hidden_size ({self.vit_hidden_size}) must be divisible by "
-                f"vit_num_attention_heads ({self.vit_num_attention_heads})"
-            )
-        if self.rope_scaling is not None and self.rope_scaling.get("type") != "dynamic":
-            problems.append(
-                f"rope_scaling {self.rope_scaling} is not supported (only type 'dynamic', or null)"
-            )
-        if self.torch_dtype not in _DTYPES:
-            problems.append(f"torch_dtype {self.torch_dtype!r} is not one of {', '.join(_DTYPES)}")
-        if self.tie_word_embeddings:
-            problems.append("tie_word_embeddings is true, but IXC2.5 has an untied output head")
-        if self.bias:
-            problems.append("bias is true, but InternLM2 linears have no bias")
-        if problems:
-            raise ValueError("invalid IXC2.5 model config:\n  " + "\n  ".join(problems))
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
-
-    @property
-    def q_per_kv(self) -> int:
-        """Query heads per key/value group (4 in the 7B model)."""
-        return self.num_attention_heads // self.num_key_value_heads
-
-    @property
-    def image_feature_size(self) -> int:
-        """Width of a merged image token before vision_proj: 2×2 ViT patches concatenated."""
-        return 4 * self.vit_hidden_size
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return _DTYPES[self.torch_dtype]
-
-    def unused_adapter_ranks(self) -> dict[str, int]:
-        return dict(zip(UNUSED_ADAPTERS, (self.lora_sft_r, self.lora_dpo_r, self.lora_web_r), strict=True))
-
-    def vision_config(self) -> CLIPVisionConfig:
-        config = CLIPVisionConfig(
-            hidden_size=self.vit_hidden_size,
-            intermediate_size=self.vit_intermediate_size,
-            num_hidden_layers=self.vit_num_hidden_layers,
-            num_attention_heads=self.vit_num_attention_heads,
-            image_size=TILE_SIZE,
-            patch_size=self.vit_patch_size,
-            hidden_act=self.vit_hidden_act,
-            layer_norm_eps=self.vit_layer_norm_eps,
-        )
-        config._attn_implementation = "sdpa"
-        return config
-
-    def to_dict(self) -> dict[str, Any]:
-        """config.json content: the source file's keys in its order, official fields, our fields if changed.
-
-        Our extra fields are written only when they differ from the official default or were in
-        the source file, so the released config.json round-trips unchanged.
-        """
-        defaults = ModelConfig()
-        values: dict[str, Any] = {}
-        for f in dataclasses.fields(self):
-            if f.name in ("extra", "source_keys"):
-                continue
-            value = getattr(self, f.name)
-            if (
-                f.name in _OUR_FIELDS
-                and value == getattr(defaults, f.name)
-                and f.name not in self.source_keys
-            ):
-                continue
-            values[f.name] = value
-        values.update(self.extra)
-        ordered = {k: values.pop(k) for k in self.source_keys if k in values}
-        return ordered | values
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
-        known = {f.name for f in dataclasses.fields(cls)} - {"extra", "source_keys"}
-        values = {k: v for k, v in data.items() if k in known}
-        extra = {k: v for k, v in data.items() if k not in known}
-        if "torch_dtype" not in values and isinstance(extra.get("dtype"), str):
-            values["torch_dtype"] = extra["dtype"]  # transformers >= 5 writes `dtype`
-        return cls(**values, extra=extra, source_keys=tuple(data))
-
-
-_OUR_FIELDS = {
-    "plora_r",
-    "plora_dropout",
-    "lora_sft_r",
-    "lora_dpo_r",
-    "lora_web_r",
-    "vit_hidden_size",
-    "vit_intermediate_size",
-    "vit_num_hidden_layers",
-    "vit_num_attention_heads",
-    "vit_patch_size",
-    "vit_layer_norm_eps",
-    "vit_hidden_act",
-    "initializer_range",
-}
-
-PRESETS = ("tiny", "7b")
-TINY_VOCAB_SIZE = 512
-"""The tiny tokenizer's default vocabulary (`xc-prep tiny-tokenizer`)."""
-
-
-def preset_config(name: str, vocab_size: int | None = None) -> ModelConfig:
-    """`7b`: the released sizes. `tiny`: the same architecture at toy size (tests, demo).
-
-    `vocab_size` overrides the vocabulary (the tiny tokenizer's size for `tiny`).
-    """
-    if name == "7b":
-        config = ModelConfig()
-    elif name == "tiny":
-        config = ModelConfig(
-            vocab_size=TINY_VOCAB_SIZE,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            plora_r=8,
-            lora_sft_r=4,
-            lora_dpo_r=4,
-            lora_web_r=8,
-            vit_hidden_size=32,
-            vit_intermediate_size=64,
-            vit_num_hidden_layers=2,
-            vit_num_attention_heads=2,
-        )
-    else:
-        raise ValueError(f"unknown model preset {name!r}: use one of {', '.join(PRESETS)} or a model folder")
-    if vocab_size is not None:
-        config = dataclasses.replace(config, vocab_size=vocab_size)
-    return config
 
 
 # --------------------------------------------------------------------------- decoder pieces
@@ -594,101 +348,6 @@ class KVCache:
         return self.k, self.v
 
 
-# --------------------------------------------------------------------------- vision
-
-
-class _CLIPHolder(nn.Module):
-    # transformers 5 flattened CLIPVisionModel (no `.vision_model` level); the official checkpoint
-    # keeps that level, so it is restored here: keys vit.vision_tower.vision_model.*.
-    def __init__(self, config: CLIPVisionConfig):
-        super().__init__()
-        self.vision_model = CLIPVisionModel(config)
-
-
-class VisionTower(nn.Module):
-    """CLIP ViT-L/14 at 560 px. Output: the LAST encoder layer (before post_layernorm), CLS dropped."""
-
-    def __init__(self, config: ModelConfig):
-        super().__init__()
-        self.vision_tower = _CLIPHolder(config.vision_config())
-        # post_layernorm is in the checkpoint but not on the feature path: frozen so that no
-        # optimizer carries state for it and no rank waits for a gradient it never gets.
-        self.vision_tower.vision_model.post_layernorm.requires_grad_(False)
-        self.gradient_checkpointing = False
-
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        """float[B, 3, 560, 560] -> [B, 1600, vit_hidden] (40×40 patches, row-major)."""
-        clip = self.vision_tower.vision_model
-        h = clip.pre_layrnorm(patch_embeddings(clip.embeddings, pixels))
-        for layer in clip.encoder.layers:
-            if self.gradient_checkpointing and torch.is_grad_enabled():
-                h = checkpoint(layer, h, None, use_reentrant=False)
-            else:
-                h = layer(h, None)
-        return h[:, 1:]
-
-
-def patch_embeddings(embeddings: CLIPVisionEmbeddings, pixels: torch.Tensor) -> torch.Tensor:
-    """transformers' CLIPVisionEmbeddings.forward (no position interpolation), its p×p stride-p
-    patch convolution computed as one matmul: [B·patches, 3·p·p] × [3·p·p, C].
-
-    Same products, accumulated in another order. On CUDA the convolution ran as cuDNN's implicit
-    GEMM at 20 TFLOP/s (2.7 ms for 28 views of 560 px on an H200).
-    ZeRO-3 gathers a module's weights only when that module is called: the matmul reads the
-    convolution's weight without calling it, so under ZeRO-3 the module itself runs.
-    """
-    conv = embeddings.patch_embedding
-    if hasattr(conv.weight, "ds_id"):
-        return embeddings(pixels)
-    b, channels, height, width = pixels.shape
-    size, p = cast(int, embeddings.image_size), conv.weight.shape[-1]
-    if (height, width) != (size, size):
-        raise ValueError(f"Input image size ({height}*{width}) doesn't match model ({size}*{size}).")
-    side = size // p
-    patches = pixels.to(conv.weight.dtype).reshape(b, channels, side, p, side, p)
-    patches = patches.permute(0, 2, 4, 1, 3, 5).reshape(b, side * side, channels * p * p)
-    x = F.linear(patches, conv.weight.reshape(conv.weight.shape[0], -1), conv.bias)
-    cls = embeddings.class_embedding.to(x.dtype).expand(b, 1, -1)
-    return torch.cat([cls, x], dim=1) + embeddings.position_embedding(embeddings.position_ids)
-
-
-def merge_patches(features: torch.Tensor) -> torch.Tensor:
-    """[B, 1600, C] -> [B, 20, 20, 4C]: token (y, x) = concat of patches (2y,2x), (2y,2x+1), (2y+1,2x), (2y+1,2x+1)."""
-    b, n, c = features.shape
-    assert n == VIT_PATCH_SIDE**2, f"expected {VIT_PATCH_SIDE**2} patches per tile, got {n}"
-    side = MERGED_SIDE
-    grid = features.reshape(b, side, 2, side, 2, c).permute(0, 1, 3, 2, 4, 5)  # (b, y, x, dy, dx, c)
-    return grid.reshape(b, side, side, 4 * c)
-
-
-def assemble_image_tokens(
-    merged: torch.Tensor, grids: list[tuple[int, int]], glb_gn: torch.Tensor, sub_gn: torch.Tensor
-) -> torch.Tensor:
-    """Lay out each image's tokens as the official model does (SPEC §5), before vision_proj.
-
-    merged [I + N, 20, 20, 4C]: the I global views first, then the N local tiles image by image.
-    Per image: global 20×20 with `sub_gn` after each row (420), one `glb_gn`, then the local tiles
-    reassembled into (rows·20)×(cols·20) with `sub_gn` after each of its rows.
-    Returns [sum image_token_count(grid), 4C].
-    """
-    num_images = len(grids)
-    width = merged.shape[-1]
-    sub = sub_gn.reshape(1, 1, width).to(merged.dtype)
-    glb = glb_gn.reshape(1, width).to(merged.dtype)
-    out = []
-    offset = num_images
-    for i, (rows, cols) in enumerate(grids):
-        side = MERGED_SIDE
-        global_rows = torch.cat([merged[i], sub.expand(side, 1, width)], dim=1).reshape(-1, width)
-        local = merged[offset : offset + rows * cols].reshape(rows, cols, side, side, width)
-        offset += rows * cols
-        local = local.permute(0, 2, 1, 3, 4).reshape(rows * side, cols * side, width)
-        local_rows = torch.cat([local, sub.expand(rows * side, 1, width)], dim=1).reshape(-1, width)
-        out.extend([global_rows, glb, local_rows])
-        assert sum(p.shape[0] for p in out[-3:]) == image_token_count(rows, cols)
-    return torch.cat(out)
-
-
 # --------------------------------------------------------------------------- the model
 
 
@@ -768,17 +427,19 @@ class IXCModel(nn.Module):
 
     Runtime switches (not saved): `attention_backend` ('auto', 'flash', 'varlen', 'sdpa'),
     `gradient_checkpointing_enable()/disable()`, `checkpoint_layers` (how many decoder layers, from
-    the first, are recomputed while checkpointing is on; None = all), `chunk_tokens` of the loss,
-    `trained_rows_only` (default True: given targets, the last decoder layer computes its queries,
-    `wo` and feed-forward only at the trained positions, the only rows the loss reads; its keys and
-    values still come from every position. Exact: the other rows' outputs feed nothing);
+    the first, are recomputed while checkpointing is on; None = all), `chunk_tokens` of the loss;
     `compile_layers(model)` compiles the decoder and ViT layers in place.
+
+    Given targets, the last decoder layer computes its queries, `wo` and feed-forward only at the
+    trained positions, the only rows the loss reads; its keys and values still come from every
+    position. Exact: the other rows' outputs feed nothing. `trained_rows_only=False` runs it on
+    every row, the reference this is tested against.
     """
 
     # Read by PEFT/transformers helpers (weight-conversion scoping); HF's InternLM2 uses "model".
     base_model_prefix = "model"
 
-    def __init__(self, config: ModelConfig, attention: str = "auto"):
+    def __init__(self, config: ModelConfig, attention: str = "auto", trained_rows_only: bool = True):
         super().__init__()
         self.config = config
         self.model = InternLM2Model(config)
@@ -794,7 +455,7 @@ class IXCModel(nn.Module):
         self.gradient_checkpointing = False
         self.checkpoint_layers: int | None = None
         self.chunk_tokens = DEFAULT_CHUNK_TOKENS
-        self.trained_rows_only = True
+        self.trained_rows_only = trained_rows_only
         self.source_dir: Path | None = None  # set by weights.load_model: tokenizer files are copied from it
 
     # ---- switches
@@ -1061,11 +722,13 @@ def build_model(
     device: str | torch.device = "cpu",
     vocab_size: int | None = None,
     attention: str = "auto",
+    trained_rows_only: bool = True,
 ) -> IXCModel:
     """A freshly initialized IXCModel from a config or a preset name ('tiny', '7b').
 
     device='meta' allocates nothing (counting keys/shapes of the 7B, planning). dtype defaults to
     fp32 on CPU and the config's torch_dtype elsewhere. Unused adapters stay on the CPU (or meta).
+    attention and trained_rows_only: see IXCModel.
     """
     if isinstance(config, str):
         config = preset_config(config, vocab_size)
@@ -1075,7 +738,7 @@ def build_model(
     if dtype is None:
         dtype = torch.float32 if device.type == "cpu" else config.dtype
     with torch.device(device):
-        model = IXCModel(config, attention=attention)
+        model = IXCModel(config, attention=attention, trained_rows_only=trained_rows_only)
     model.to(dtype)
     for module in model.plora_linears():
         for key, tensor in module.unused_adapters.items():

@@ -18,14 +18,15 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
 
 from schemas.manifest import TOKENIZER_NAME
 from trainer.config import TrainConfig
-from trainer.model import PRESETS, IXCModel, PLoRALinear, build_model
+from trainer.model import IXCModel, PLoRALinear, build_model
+from trainer.model_config import PRESETS
 from trainer.weights import CONFIG_FILE, load_model, save_model
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -143,8 +144,13 @@ def _base_model(cfg: TrainConfig, manifest_dir: Path, output_dir: Path, dtype: t
     return Loaded(model, folder, cfg.model, f"loaded from {folder}")
 
 
-def apply_recipe(loaded: Loaded, cfg: TrainConfig) -> Loaded:
-    """Freeze per fix_vit/fix_sampler; wrap with PEFT LoRA when use_lora."""
+def apply_recipe(loaded: Loaded, cfg: TrainConfig, *, fused_lora: bool = True) -> Loaded:
+    """Freeze per fix_vit/fix_sampler; wrap with PEFT LoRA when use_lora.
+
+    LoRA wraps each PLoRA linear in `trainer.lora.PLoRALoraLinear` (both low-rank updates in one
+    matmul); `fused_lora=False` keeps PEFT's own `lora.Linear`, the official recipe's layer: the
+    reference the fused one is tested and benchmarked against.
+    """
     model = loaded.model
     vision_post_ln = model.vit.vision_tower.vision_model.post_layernorm
     if cfg.use_lora:
@@ -164,7 +170,8 @@ def apply_recipe(loaded: Loaded, cfg: TrainConfig) -> Loaded:
             modules_to_save=modules_to_save or None,
             task_type="CAUSAL_LM",
         )
-        lora._register_custom_module({PLoRALinear: PLoRALoraLinear})
+        if fused_lora:
+            lora._register_custom_module({PLoRALinear: PLoRALoraLinear})
         peft_model = get_peft_model(model, lora)
         peft_model.peft_config["default"].base_model_name_or_path = loaded.base_ref
         loaded.peft_model = peft_model
@@ -197,7 +204,7 @@ def load_for_inference(path: str | Path, *, dtype: torch.dtype, device: torch.de
             raise ValueError(f"{path}: an adapter of the random 7b preset has no saved base to load")
         base = load_model(resolve_model_dir(base_ref), dtype=dtype, device=device)
         wrapped = PeftModel.from_pretrained(base, str(path))
-        model = wrapped.base_model.model
+        model = cast(IXCModel, wrapped.base_model.model)
         model.source_dir = Path(os.fspath(base.source_dir)) if base.source_dir else None
         return model.eval()
     return load_model(resolve_model_dir(str(path)), dtype=dtype, device=device)

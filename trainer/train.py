@@ -27,30 +27,23 @@ import torch
 import torch.distributed as dist
 
 from schemas.manifest import TOKENIZER_NAME, Manifest
-from schemas.shards import file_sha256, mismatch_message, verify_shards
+from schemas.shards import file_sha256, verify_shards
 from trainer import checkpoint as ckpt
 from trainer.attention import resolve_backend
+from trainer.batch import PackedBatch
 from trainer.config import TrainConfig, batch_layout, deepspeed_config, warmup_cosine
-from trainer.data import LoaderConfig, PackedBatch, PackedLoader, SampleIndex, ShardDataError, TimedIterator
+from trainer.errors import TrainingHalted
 from trainer.flops import pack_cost_weights, peak_bf16_flops, step_flops
+from trainer.index import SampleIndex, shards_mismatch
+from trainer.loader import PackedLoader, TimedIterator
 from trainer.loss import segment_losses
-from trainer.model import (
-    PRESETS,
-    IXCModel,
-    ModelConfig,
-    compile_layers,
-    num_parameters,
-    preset_config,
-    row_token_losses,
-)
+from trainer.model import IXCModel, compile_layers, num_parameters, row_token_losses
+from trainer.model_config import PRESETS, ModelConfig, preset_config
 from trainer.modelio import BASE_DIR_NAME, load_for_training, resolve_model_dir
+from trainer.plan import LoaderConfig
 from trainer.weights import load_config
 
 SUMMARY_FILE = "train_summary.json"
-
-
-class TrainingHalted(RuntimeError):
-    """A numeric fault stopped the run; the message names the samples; the last checkpoint is intact."""
 
 
 @dataclass
@@ -141,7 +134,7 @@ def verify_on_all_ranks(shards: Path, checksums: bool, d: Dist) -> None:
         dist.all_gather_object(parts, problems)
         problems = sorted({p for part in parts for p in part})
     if problems:
-        raise ShardDataError(mismatch_message(shards, problems))
+        raise shards_mismatch(shards, problems)
 
 
 def check_fingerprint(manifest: Manifest, model_dir: Path | None, cfg: TrainConfig) -> None:
@@ -328,6 +321,7 @@ def train(cfg: TrainConfig, argv: list[str] | None = None) -> dict[str, Any]:
     from tqdm import tqdm
 
     cfg = cfg.resolve()
+    assert cfg.shards is not None and cfg.learning_rate is not None, "resolve() fills both"
     started = time.perf_counter()
     startup: dict[str, float] = {}  # seconds per start-up phase (setup = process group + shard check)
 
@@ -562,7 +556,9 @@ def train(cfg: TrainConfig, argv: list[str] | None = None) -> dict[str, Any]:
                 d, f"warning: {len(skipped_total)} sample(s) skipped for non-finite loss: {skipped_total}"
             )
         if d.device.type == "cuda":
-            log_line(d, "peak GPU memory per rank: " + ", ".join(f"{p / 2**30:.1f}" for p in peaks) + " GiB")
+            log_line(
+                d, "peak GPU memory per rank: " + ", ".join(f"{(p or 0) / 2**30:.1f}" for p in peaks) + " GiB"
+            )
         log_line(d, f"done: {step} steps, final loss {summary['final_loss']:.4f}, outputs in {output_dir}")
     if dist.is_initialized():
         dist.barrier()

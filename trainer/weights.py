@@ -22,7 +22,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from trainer.model import _DTYPES, IXCModel, ModelConfig, build_model
+from trainer.errors import ModelFolderError
+from trainer.model import IXCModel, build_model
+from trainer.model_config import DTYPES, ModelConfig
 
 CONFIG_FILE = "config.json"
 SAFE_SINGLE = "model.safetensors"
@@ -43,34 +45,30 @@ DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
 _LIST_AT_MOST = 12
 
 
-class CheckpointError(ValueError):
-    """A model folder that cannot be loaded as IXC2.5: says what, where, and what to do."""
-
-
 # --------------------------------------------------------------------------- reading
 
 
 def load_config(folder: str | Path) -> ModelConfig:
-    """`ModelConfig` of a model folder; CheckpointError if the folder or config.json is missing/invalid."""
+    """`ModelConfig` of a model folder; ModelFolderError if the folder or config.json is missing/invalid."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise CheckpointError(
+        raise ModelFolderError(
             f"model folder {folder} does not exist (give a folder holding config.json and the weights, or a preset: tiny, 7b)"
         )
     path = folder / CONFIG_FILE
     if not path.is_file():
-        raise CheckpointError(
+        raise ModelFolderError(
             f"{path} is missing: an IXC2.5 model folder needs its config.json beside the weights"
         )
     try:
         data = json.loads(path.read_text())
         return ModelConfig.from_dict(data)
     except (json.JSONDecodeError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{path}: {e}") from e
+        raise ModelFolderError(f"{path}: {e}") from e
 
 
 def weight_files(folder: Path) -> list[Path]:
-    """The checkpoint files of a folder, safetensors preferred over .bin; CheckpointError if none/partial."""
+    """The checkpoint files of a folder, safetensors preferred over .bin; ModelFolderError if none/partial."""
     for index_name, single in ((SAFE_INDEX, SAFE_SINGLE), (BIN_INDEX, BIN_SINGLE)):
         index = folder / index_name
         if index.is_file():
@@ -78,7 +76,7 @@ def weight_files(folder: Path) -> list[Path]:
             names = sorted(set(weight_map.values()))
             missing = [n for n in names if not (folder / n).is_file()]
             if missing:
-                raise CheckpointError(
+                raise ModelFolderError(
                     f"{index} lists {len(names)} shard files but {len(missing)} are missing: "
                     f"{', '.join(missing[:_LIST_AT_MOST])} — copy the complete checkpoint"
                 )
@@ -88,7 +86,7 @@ def weight_files(folder: Path) -> list[Path]:
     loose = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("pytorch_model*.bin"))
     if loose:
         return loose
-    raise CheckpointError(
+    raise ModelFolderError(
         f"{folder} holds no weights ({SAFE_SINGLE}, {SAFE_INDEX} + shards, {BIN_SINGLE} or {BIN_INDEX} + shards)"
     )
 
@@ -98,7 +96,7 @@ def _read_bin(path: Path) -> dict[str, torch.Tensor]:
         # mmap: tensors are paged in when copied to the model, not all at once.
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # noqa: BLE001  (pickle errors come in many types)
-        raise CheckpointError(f"{path}: not a readable weights-only torch checkpoint ({e})") from e
+        raise ModelFolderError(f"{path}: not a readable weights-only torch checkpoint ({e})") from e
 
 
 def _shapes(files: list[Path]) -> dict[str, tuple[tuple[int, ...], Path]]:
@@ -116,7 +114,7 @@ def _shapes(files: list[Path]) -> dict[str, tuple[tuple[int, ...], Path]]:
                 duplicates.append(f"{key} ({found[key][1].name}, {path.name})")
             found[key] = (shape, path)
     if duplicates:
-        raise CheckpointError(f"keys stored twice: {', '.join(duplicates[:_LIST_AT_MOST])}")
+        raise ModelFolderError(f"keys stored twice: {', '.join(duplicates[:_LIST_AT_MOST])}")
     return found
 
 
@@ -147,7 +145,7 @@ def _check_keys(
             more = f"\n    ... and {len(items) - _LIST_AT_MOST} more" if len(items) > _LIST_AT_MOST else ""
             problems.append(f"  {len(items)} {title} key(s):\n    {listed}{more}")
     if problems:
-        raise CheckpointError(
+        raise ModelFolderError(
             f"{folder}: the weights do not match config.json ({len(expected)} keys expected, {len(found)} found):\n"
             + "\n".join(problems)
             + "\n  Check that config.json belongs to these weights and that every shard was copied completely."
@@ -233,7 +231,7 @@ def save_model(
         for p in folder.glob(pattern)
     ]
     if old and not overwrite:
-        raise CheckpointError(
+        raise ModelFolderError(
             f"{folder} already holds weights ({old[0].name}, ...): choose an empty folder or pass overwrite=True "
             "(`xc-merge --overwrite`)"
         )
@@ -275,7 +273,7 @@ def save_model(
         }
         (folder / SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n")
     config = model.config.to_dict()
-    config["torch_dtype"] = {v: k for k, v in _DTYPES.items()}[dtype]
+    config["torch_dtype"] = {v: k for k, v in DTYPES.items()}[dtype]
     (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     source = Path(copy_from) if copy_from is not None else model.source_dir
     if source is not None and Path(source).resolve() != folder.resolve():

@@ -1,0 +1,148 @@
+"""What the shards hold, read once at start-up: every stored sample's lengths and location.
+
+`SampleIndex` reads the manifest, checks the shards against it and reads the per-sample lengths
+(tokens, trained tokens, tiles) of every shard, in manifest order; the epoch plan
+(`trainer/plan.py`) is computed from these arrays alone, and the loader (`trainer/loader.py`)
+reads samples by their (shard, row).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from schemas.manifest import Manifest
+from schemas.shards import ShardReader, mismatch_message, verify_shards
+from trainer.errors import ShardDataError
+
+MAX_LISTED_PROBLEMS = 10
+
+
+def shards_mismatch(shards_dir: Path, problems: list[str]) -> ShardDataError:
+    """The error for shards that differ from their manifest (`verify_shards`' problems)."""
+    return ShardDataError(mismatch_message(shards_dir, problems))
+
+
+@dataclass
+class SampleIndex:
+    """Lengths and locations of every stored sample, in manifest order (sources, shards, rows).
+
+    Global sample id g: samples of source i are [source_offsets[i], source_offsets[i+1]).
+    """
+
+    shards_dir: Path
+    manifest: Manifest
+    shard_files: list[str]
+    """Shard paths relative to shards_dir."""
+    sample_shard: np.ndarray
+    """int32[S] shard of each sample (index into shard_files)."""
+    sample_row: np.ndarray
+    """int32[S] row of each sample in its shard."""
+    num_tokens: np.ndarray
+    """int64[S]"""
+    num_trained: np.ndarray
+    """int64[S]"""
+    num_tiles: np.ndarray
+    """int64[S]"""
+    source_offsets: np.ndarray
+    """int64[num_sources + 1]"""
+
+    @classmethod
+    def load(cls, shards_dir: Path, *, checksums: bool = False) -> SampleIndex:
+        """Read the manifest, check the shards against it, and read every sample's lengths."""
+        shards_dir = Path(shards_dir)
+        problems = verify_shards(shards_dir, checksums=checksums)
+        if problems:
+            raise shards_mismatch(shards_dir, problems)
+        manifest = Manifest.load(shards_dir)
+        shard_files: list[str] = []
+        shard_of: list[np.ndarray] = []
+        rows: list[np.ndarray] = []
+        tokens: list[np.ndarray] = []
+        trained: list[np.ndarray] = []
+        tiles: list[np.ndarray] = []
+        offsets = [0]
+        for source in manifest.sources:
+            for shard in source.shards:
+                reader = ShardReader(shards_dir / shard.file)
+                t, tr, ti = reader.lengths()
+                shard_of.append(np.full(len(t), len(shard_files), dtype=np.int32))
+                rows.append(np.arange(len(t), dtype=np.int32))
+                tokens.append(t)
+                trained.append(tr)
+                tiles.append(ti)
+                shard_files.append(shard.file)
+            offsets.append(offsets[-1] + source.samples_written)
+        cat = lambda xs, dt: np.concatenate(xs).astype(dt) if xs else np.zeros(0, dt)  # noqa: E731
+        return cls(
+            shards_dir=shards_dir,
+            manifest=manifest,
+            shard_files=shard_files,
+            sample_shard=cat(shard_of, np.int32),
+            sample_row=cat(rows, np.int32),
+            num_tokens=cat(tokens, np.int64),
+            num_trained=cat(trained, np.int64),
+            num_tiles=cat(tiles, np.int64),
+            source_offsets=np.asarray(offsets, dtype=np.int64),
+        )
+
+    def __len__(self) -> int:
+        return int(self.num_tokens.shape[0])
+
+    def source_of(self, sample_ids: np.ndarray) -> np.ndarray:
+        """Source position of each global sample id."""
+        return np.searchsorted(self.source_offsets, sample_ids, side="right") - 1
+
+    def describe(self, g: int) -> str:
+        """Where sample g lives, for error messages (reads its provenance, not its tiles)."""
+        path = self.shards_dir / self.shard_files[self.sample_shard[g]]
+        source, file, index, record_id = ShardReader(path).provenance(int(self.sample_row[g]))
+        return f"{path} row {self.sample_row[g]} (source {source!r}, {file} record {index}, id {record_id!r})"
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What identifies these shards' contents: the manifest fingerprint and every shard's checksum."""
+        m = self.manifest
+        return {
+            "fingerprint": asdict(m.fingerprint),
+            "sources": [
+                {
+                    "name": s.name,
+                    "path": s.path,
+                    "k": s.k,
+                    "samples": s.samples_written,
+                    "shards": [sh.sha256 for sh in s.shards],
+                }
+                for s in m.sources
+            ],
+        }
+
+
+def check_budgets(index: SampleIndex, max_length: int, max_tiles: int | None) -> None:
+    """Raise ShardDataError naming every sample that cannot fit one pack (never split)."""
+    too_long = np.flatnonzero(index.num_tokens > max_length)
+    too_tiled = np.flatnonzero(index.num_tiles > max_tiles) if max_tiles is not None else np.zeros(0, int)
+    if not len(too_long) and not len(too_tiled):
+        return
+    made_with = index.manifest.fingerprint.max_length
+    lines = []
+    if len(too_long):
+        lines.append(
+            f"{len(too_long)} sample(s) have more than max_length {max_length} tokens "
+            f"(the shards were made with max_length {made_with}):"
+        )
+        lines += [
+            f"  {index.num_tokens[g]} tokens: {index.describe(g)}" for g in too_long[:MAX_LISTED_PROBLEMS]
+        ]
+    if len(too_tiled):
+        lines.append(f"{len(too_tiled)} sample(s) have more than max_tiles {max_tiles} tiles:")
+        lines += [
+            f"  {index.num_tiles[g]} tiles: {index.describe(g)}" for g in too_tiled[:MAX_LISTED_PROBLEMS]
+        ]
+    lines.append(
+        f"a sample is never split: use --max-length >= {int(index.num_tokens.max())} and "
+        f"--max-tiles >= {int(index.num_tiles.max())}, or re-shard with `xc-prep shard --max-length {max_length}`"
+    )
+    raise ShardDataError("\n".join(lines))
