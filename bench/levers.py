@@ -17,7 +17,7 @@ max_autotune: matmuls benchmarked against Triton templates, which can fuse the e
 around them), `cublaslt` (torch's matmuls through cuBLASLt instead of cuBLAS:
 `torch.backends.cuda.preferred_blas_library`). The variants that compared the product's own paths
 (`unfused`, `allrows`, `twodraws`, `randint`, `basefirst`) are gone with the switches they flipped;
-their figures are in BENCHMARKS.md. Compiling is one-way, so eager variants come first, then compiled
+their figures are in dev/LOG.md. Compiling is one-way, so eager variants come first, then compiled
 ones with `eagervit`, then the rest. Each variant: --warmup steps, then --steps timed steps (host clock after a device sync); an out-of-memory step
 fails the variant and the next one goes on.
 

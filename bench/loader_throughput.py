@@ -5,7 +5,7 @@ Data: real photos (scikit-image's sample images at 0.3–2 MP, JPEG, made by ben
 in three sources: single-image, multi-image (2–3) and text-only records, sharded once with
 `xc-prep shard` for each tile codec.
   official  what the official recipe does per sample inside the training process: parse the JSON
-            record, tokenize the turns, decode every image, HD transform (SPEC §3, written out
+            record, tokenize the turns, decode every image, HD transform (docs/IXC25.md#hd-transform, written out
             here with PIL/numpy) and normalize to float32 [3, H, W]. One process = one worker.
   loader    PackedLoader over the shards, every sample `--repeat` times in one epoch, packed into
             16384-token micro-batches: read + collate (+ pin + copy to the GPU when CUDA is
@@ -62,7 +62,7 @@ TEXT_ANSWER = "A careful, complete answer that walks through the reasoning step 
 
 
 def official_hd_transform(img: Image.Image, hd_num: int = HD_NUM) -> np.ndarray:
-    """SPEC §3, training style: resize + centred white padding → normalized float32 [3, H, W]."""
+    """docs/IXC25.md#hd-transform, training style: resize + centred white padding → normalized float32 [3, H, W]."""
     width, height = img.size
     transposed = width < height
     if transposed:

@@ -1,6 +1,6 @@
 """Parse `data.txt`, the list of JSON sources, into `schemas.record.Source`s plus findings.
 
-One line per source: `<json path> <k>` (SPEC §1); the source contributes `int(k * 1000)` samples
+One line per source: `<json path> <k>` (docs/IXC25.md#data-txt); the source contributes `int(k * 1000)` samples
 per epoch. Blank lines and lines starting with `#` are skipped (the official recipe would choke on
 them, we are lenient). Paths resolve against the current directory first, then against data.txt's
 folder. Every problem becomes a `Finding` whose `file` is data.txt as the user named it and whose

@@ -1,4 +1,4 @@
-"""Chat template, BOS rules, image placement and label mask of IXC2.5 fine-tuning (SPEC §2).
+"""Chat template, BOS rules, image placement and label mask of IXC2.5 fine-tuning (docs/IXC25.md#chat-template).
 
 The default `layout="official"` reproduces the official training path token for token:
 - `conv2text`: each turn is `[UNUSED_TOKEN_146]{user|assistant}\\n{value.strip()}[UNUSED_TOKEN_145]\\n`,

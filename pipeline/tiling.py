@@ -1,4 +1,4 @@
-"""HD dynamic partition of an image into 560×560 tiles (SPEC §3), as uint8 arrays.
+"""HD dynamic partition of an image into 560×560 tiles (docs/IXC25.md#hd-transform), as uint8 arrays.
 
 Two styles, both from the official code:
   train  the fine-tuning transform (`R560_HD18_Identity_transform`): width capped at 1.5× the

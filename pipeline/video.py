@@ -1,4 +1,4 @@
-"""Video to one tiled image strip, as the IXC2.5 model's video path does (SPEC §4).
+"""Video to one tiled image strip, as the IXC2.5 model's video path does (docs/IXC25.md#video).
 
 1. Frames: decord (or PyAV where decord is not installed, same frames: pipeline/video_decoders.py),
    one per second (stride round(fps) from frame 0); more than 32 → 32 of them at

@@ -1,4 +1,4 @@
-"""Input contract: the upstream IXC2.5 JSON record and the `data.txt` source list (SPEC §1).
+"""Input contract: the upstream IXC2.5 JSON record and the `data.txt` source list (docs/IXC25.md#data-format).
 
 A JSON file is a list of records `{"id", "conversations", "image"?}`; `image` is one path or a list
 of paths (images or videos). `data.txt` lists `<json path> <k>` lines; a source contributes

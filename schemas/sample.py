@@ -1,4 +1,4 @@
-"""The tokenized, tiled training sample: what one input record becomes (SPEC §2–3).
+"""The tokenized, tiled training sample: what one input record becomes (docs/IXC25.md#chat-template, #hd-transform).
 
 Shapes and dtypes (T = tokens, N = local tiles of all images of the sample):
   input_ids: int32[T]   token ids; IMAGE_TOKEN_ID (-100) at every image position
@@ -31,7 +31,7 @@ STYLES: tuple[Style, ...] = get_args(Style)
 def image_token_count(rows: int, cols: int) -> int:
     """LLM tokens one image occupies: global 20×(20+1) + glb separator + local (rows·20)×(cols·20+1).
 
-    Equals `(rows*cols + 1) * 400 + 1 + (rows + 1) * 20` (SPEC §3).
+    Equals `(rows*cols + 1) * 400 + 1 + (rows + 1) * 20` (docs/IXC25.md#tokens-per-image).
     """
     return (rows * cols + 1) * 400 + 1 + (rows + 1) * 20
 

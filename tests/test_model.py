@@ -112,7 +112,7 @@ def test_text_sample_gets_no_plora_contribution(model: IXCModel, samples: list[d
 
 
 def test_wqkv_layout_matches_per_head_reference(model: IXCModel) -> None:
-    """SPEC §5: wqkv rows = (kv groups, q_per_kv + 2, head_dim); query head n in group n // q_per_kv."""
+    """docs/IXC25.md#wqkv-layout: wqkv rows = (kv groups, q_per_kv + 2, head_dim); query head n in group n // q_per_kv."""
     c = model.config
     attention = model.model.layers[0].attention
     t, d, qpk = 7, c.head_dim, c.q_per_kv
@@ -374,7 +374,7 @@ def test_7b_keys_and_shapes_on_meta() -> None:
     m = build_model("7b", device="meta")
     sd = m.state_dict()
     assert len(sd) == 1904
-    assert sum(v.numel() for v in sd.values()) * 2 == 22_191_468_544  # SPEC §5: bytes in bf16
+    assert sum(v.numel() for v in sd.values()) * 2 == 22_191_468_544  # docs/IXC25.md#checkpoint-layout: bytes in bf16
     expect = {
         "model.tok_embeddings.weight": (92544, 4096),
         "output.weight": (92544, 4096),

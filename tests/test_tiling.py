@@ -71,7 +71,7 @@ def test_padded_image_equals_golden_png(ixc_dir: Path, png: str, source: str) ->
 
 @pytest.mark.parametrize(
     ("size", "grid", "tokens"),
-    [  # SPEC §3, training transform at hd 18
+    [  # docs/IXC25.md#tokens-per-image, training transform at hd 18
         ((336, 336), (1, 1), 841),
         ((640, 480), (2, 2), 2061),
         ((1280, 720), (3, 4), 5281),

@@ -1,4 +1,4 @@
-"""Video: frame sampling, strip layout and grid (SPEC §4) on real small videos written with PyAV."""
+"""Video: frame sampling, strip layout and grid (docs/IXC25.md#video) on real small videos written with PyAV."""
 
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ def frame_index(frame: np.ndarray) -> int:
 
 
 def expected_strip_grid(num_frames: int, width: int, height: int) -> tuple[int, int]:
-    """SPEC §4 by hand: frames to long side 1120, 50-px slot overhead, short side to 560, pad."""
+    """docs/IXC25.md#video by hand: frames to long side 1120, 50-px slot overhead, short side to 560, pad."""
     if width > height:
         canvas_w, canvas_h = 1120, num_frames * (int(1120 / (width / height)) + 50)
     else:

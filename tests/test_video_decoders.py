@@ -1,4 +1,4 @@
-"""decord and PyAV give the same frames: frame indices per SPEC §4 and identical RGB pixels for
+"""decord and PyAV give the same frames: frame indices per docs/IXC25.md#video and identical RGB pixels for
 H.264/HEVC/VP9 (bit-exact codecs); MPEG-4 Part 2 within the bound its IDCT leaves open."""
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def both(path: Path) -> tuple[VideoInfo, list[int], np.ndarray, np.ndarray]:
 def test_shipped_video_gives_the_same_frames_with_both_decoders() -> None:
     info, indices, decord_frames, pyav_frames = both(SHIPPED_VIDEO)
     assert info == VideoInfo(frames=40, fps=10.0, width=320, height=240)
-    assert indices == [0, 10, 20, 30]  # one frame per second from frame 0 (SPEC §4)
+    assert indices == [0, 10, 20, 30]  # one frame per second from frame 0 (docs/IXC25.md#video)
     np.testing.assert_array_equal(pyav_frames, decord_frames)
     np.testing.assert_array_equal(np.stack(read_frames(SHIPPED_VIDEO, "pyav")), decord_frames)
 

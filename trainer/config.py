@@ -2,7 +2,7 @@
 
 Every field of `TrainConfig` is a `--kebab-case` flag whose help text is the field's docstring;
 `--config FILE` (YAML or JSON, same field names) sets defaults that flags override. Fields left
-`None` take the recipe's default (SPEC §6 table) in `resolve()`. The DeepSpeed JSON is generated
+`None` take the recipe's default (docs/IXC25.md#official-recipe) in `resolve()`. The DeepSpeed JSON is generated
 from the resolved config by `deepspeed_config()`, never kept by hand beside it.
 """
 
@@ -30,7 +30,7 @@ CONFIG_FILE_ONLY: frozenset[str] = frozenset(
 """TrainConfig fields without a flag: the official recipe's values, changed in a --config file if at
 all (`--recipe lora` is how LoRA is chosen; the LoRA targets are exact module names)."""
 
-# SPEC §6: the official recipes. Keys are TrainConfig fields that are None until resolved.
+# The official recipes (docs/IXC25.md#official-recipe). Keys are TrainConfig fields that are None until resolved.
 RECIPES: dict[str, dict[str, Any]] = {
     "full": {
         "learning_rate": 1e-5,
@@ -58,7 +58,7 @@ class TrainConfig:
     output_dir: Path = Path("output")
     """Where checkpoints, TensorBoard logs, the final model/adapter and the resolved config go."""
     recipe: Literal["full", "lora"] = "full"
-    """Official recipe whose defaults apply: full fine-tuning or LoRA (SPEC §6)."""
+    """Official recipe whose defaults apply: full fine-tuning or LoRA (docs/IXC25.md#official-recipe)."""
 
     # --- what trains
     use_lora: bool | None = None
@@ -102,8 +102,8 @@ class TrainConfig:
     """Recompute each decoder layer in the backward pass (non-reentrant)."""
     checkpoint_layers: int | None = None
     """With gradient checkpointing, recompute only the first N decoder layers (default: all). Fewer
-    keep more activations and run faster: on an H200 at 16k tokens, LoRA 7B, compiled, 16 of 32
-    peak at 79 GiB and 0 at 133 GiB vs 28 GiB for all (BENCHMARKS.md)."""
+    keep more activations and run faster; docs/PERFORMANCE.md#checkpoint-layers says how to pick N
+    for a card."""
     compile: bool = False
     """torch.compile each decoder and ViT layer (regional, dynamic shapes; fuses norms, RoPE, SwiGLU,
     the LoRA/PLoRA element-wise work and the ViT's LayerNorm/quick_gelu). The first step pays the

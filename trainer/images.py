@@ -1,6 +1,6 @@
 """GPU side of images: uint8 tiles from the shards -> normalized ViT inputs, and the global views.
 
-The shards hold each image's padded HD canvas cut into 560×560 uint8 tiles (SPEC §3). What the
+The shards hold each image's padded HD canvas cut into 560×560 uint8 tiles (docs/IXC25.md#hd-transform). What the
 official transform does after that is done here, on the device the tiles are sent to:
   - CLIP normalization of every tile (`normalize_tiles`), in fp32, then cast to the model dtype;
   - the GLOBAL view of each image (`global_views`): the tiles reassembled into the padded canvas,

@@ -4,7 +4,7 @@ This file holds the decoder, `IXCModel` and its construction; `config.json` is
 `trainer/model_config.py`, the vision tower and image-token layout `trainer/vision.py`.
 
 Same architecture and parameter names as the released `internlm/internlm-xcomposer2d5-7b`
-(SPEC §5), so its checkpoint loads and saves unchanged (`trainer/weights.py`), but written for
+(docs/IXC25.md#architecture), so its checkpoint loads and saves unchanged (`trainer/weights.py`), but written for
 fine-tuning: packed rows with per-sample attention, chunked loss, per-layer checkpointing, no
 network in the constructor, current transformers.
 

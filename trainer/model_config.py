@@ -1,6 +1,6 @@
 """`config.json` of an IXC2.5 model folder as a typed `ModelConfig`, its checks, and the presets.
 
-Official field names and defaults (the released 7B's, SPEC §5); our extra fields (Plora and
+Official field names and defaults (the released 7B's, docs/IXC25.md#config-json); our extra fields (Plora and
 unused-adapter ranks, ViT sizes) are written back only when they differ from the official value
 or were in the source file, so the released config.json round-trips unchanged.
 """
@@ -27,7 +27,7 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 class ModelConfig:
     """`config.json` of an IXC2.5 folder: official field names, our extras where the official file is silent.
 
-    Defaults are the released 7B model's (SPEC §5). Fields the official file has but this code does
+    Defaults are the released 7B model's (docs/IXC25.md#config-json). Fields the official file has but this code does
     not read (auto_map, use_cache, ...) ride along in `extra` and are written back unchanged.
     """
 

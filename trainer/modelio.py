@@ -6,7 +6,7 @@ downloaded with huggingface_hub when the network allows. A `tiny` base is writte
 `<output-dir>/base` (official layout, with the shards' tokenizer) so that adapters, `xc-merge`,
 eval and generate can load it again by path.
 
-Recipes (SPEC §6): full fine-tuning trains every registered parameter except what fix_vit /
+Recipes (docs/IXC25.md#official-recipe): full fine-tuning trains every registered parameter except what fix_vit /
 fix_sampler freeze (the unused lora_sft/dpo/web weights are not parameters: they never get
 optimizer state). LoRA freezes the base and wraps the five linears by exact name with PEFT; the two
 separator vectors stay frozen (the official recipe trains them and then drops them from the
@@ -179,7 +179,7 @@ def apply_recipe(loaded: Loaded, cfg: TrainConfig, *, fused_lora: bool = True) -
         model.requires_grad_(True)
         model.vit.requires_grad_(not cfg.fix_vit)
         model.vision_proj.requires_grad_(not cfg.fix_sampler)
-    # Features are taken before post_layernorm (SPEC §5): it never gets a gradient.
+    # Features are taken before post_layernorm (docs/IXC25.md#vision): it never gets a gradient.
     vision_post_ln.requires_grad_(False)
     loaded.zero_stage = cfg.zero_stage or 0
     return loaded

@@ -4,7 +4,7 @@ Reads only the shard index (`trainer/index.py`); no sample is opened. The whole 
 front from the lengths in the index, so every decision is a pure function of (shards, config,
 seed, epoch), whatever the world size, and the loader state is O(1) (`trainer/loader.py`):
 
-1. Draw (SPEC §1). Each source contributes `int(k * 1000)` samples per epoch (or an override).
+1. Draw (docs/IXC25.md#data-txt). Each source contributes `int(k * 1000)` samples per epoch (or an override).
    With n samples available and a count c: every sample appears `c // n` times plus a random
    subset of `c % n` distinct samples once more, i.e. all samples once plus balanced repeats when
    c ≥ n, a random subset without replacement when c < n. Redrawn each epoch, seeded by

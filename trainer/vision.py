@@ -103,7 +103,7 @@ def merge_patches(features: torch.Tensor) -> torch.Tensor:
 def assemble_image_tokens(
     merged: torch.Tensor, grids: list[tuple[int, int]], glb_gn: torch.Tensor, sub_gn: torch.Tensor
 ) -> torch.Tensor:
-    """Lay out each image's tokens as the official model does (SPEC §5), before vision_proj.
+    """Lay out each image's tokens as the official model does (docs/IXC25.md#image-token-layout), before vision_proj.
 
     merged [I + N, 20, 20, 4C]: the I global views first, then the N local tiles image by image.
     Per image: global 20×20 with `sub_gn` after each row (420), one `glb_gn`, then the local tiles
