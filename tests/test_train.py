@@ -453,6 +453,32 @@ def test_sigkill_then_resume_gives_the_uninterrupted_loss_curve(
     print(f"resumed at step {resumed_at}: max relative loss difference {rel:.2e}")
 
 
+@pytest.mark.parametrize(("flag", "saved", "now"), [("model", "tiny", "7b"), ("seed", "42", "7")])
+def test_resume_with_another_model_or_seed_is_refused_before_the_model_is_built(
+    tiny_text_shards: Path, tmp_path: Path, capfd: pytest.CaptureFixture, flag: str, saved: str, now: str
+) -> None:
+    """A checkpoint holds only what trains: the frozen weights come from --model (and --seed, for a
+    preset's random init), so resuming under another one is refused, naming both values."""
+    out = tmp_path / "run"
+    argv = [*train_argv(tiny_text_shards, out), "--seed", "42"]
+    # The checkpoint's trainer state as `train` records it: the resolved config of the saved run.
+    saved_config = config_from_args(build_parser().parse_args(argv)).resolve().to_json()
+    assert (saved_config["model"], str(saved_config["seed"])) == ("tiny", "42")
+    checkpoint = ckpt.checkpoint_root(out) / "step-00000001"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / ckpt.STATE_FILE).write_text(json.dumps({"step": 1, "config": saved_config, "files": {}}))
+    capfd.readouterr()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train_module, "load_for_training", lambda *a, **k: pytest.fail("model built"))
+        assert xc_train([*argv, "--resume", "auto", f"--{flag}", now]) == 1
+    err = capfd.readouterr().err
+    assert (
+        f"xc-train: stopped: {checkpoint}: saved by a run with --{flag} {saved}, this run has --{flag} {now}"
+        in err
+    )
+    assert f"resume with --{flag} {saved} (or --resume none to start over)" in err
+
+
 # --------------------------------------------------------------------------- configuration
 
 
