@@ -1,4 +1,5 @@
-"""Shared fixtures. Tests that need `../shared` (SPEC, golden vectors, real tokenizer) skip without it."""
+"""Shared fixtures. Tests that need `../shared` (SPEC, golden vectors, real tokenizer) skip without it,
+unless XC_REQUIRE_SHARED=1 (CI, `.ci/run`): then they fail, so the golden tests cannot vanish."""
 
 from __future__ import annotations
 
@@ -9,22 +10,27 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+REQUIRE_SHARED_ENV = "XC_REQUIRE_SHARED"
+"""Set to 1 where ../shared must be present (CI): a test needing it fails instead of skipping."""
 
 
 def _shared_dir() -> Path | None:
-    candidates = [os.environ.get("XC_SHARED"), REPO_ROOT.parent / "shared"]
-    for c in candidates:
-        if c and (Path(c) / "ixc25" / "SPEC.md").is_file():
-            return Path(c)
-    return None
+    """$XC_SHARED when set (and then only it), else `../shared` beside the checkout."""
+    given = os.environ.get("XC_SHARED")
+    folder = Path(given) if given else REPO_ROOT.parent / "shared"
+    return folder if (folder / "ixc25" / "SPEC.md").is_file() else None
 
 
 @pytest.fixture(scope="session")
 def shared_dir() -> Path:
-    """`../shared` beside the checkout (CI has it; a user's clone does not: then skip)."""
+    """`../shared` beside the checkout, or $XC_SHARED (CI has it; a user's clone does not: then skip,
+    or fail under XC_REQUIRE_SHARED=1)."""
     d = _shared_dir()
     if d is None:
-        pytest.skip("../shared (IXC2.5 golden vectors and tokenizer) is not present")
+        missing = "../shared (IXC2.5 golden vectors and tokenizer) is not present (or point XC_SHARED at it)"
+        if os.environ.get(REQUIRE_SHARED_ENV) == "1":
+            pytest.fail(f"{missing}; {REQUIRE_SHARED_ENV}=1 requires it", pytrace=False)
+        pytest.skip(missing)
     return d
 
 
