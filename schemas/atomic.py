@@ -2,7 +2,7 @@
 
 A reader (or a resumed run) sees either the old file or the complete new one, never a part: the
 bytes go to a hidden temp name, are fsync'ed, renamed into place, and the folder is fsync'ed so
-that the rename itself survives a power loss. The order write → fsync(file) → rename →
+that the rename itself survives a power loss (a checkpoint folder: every file, then the rename). The order write → fsync(file) → rename →
 fsync(folder) is what the tests observe.
 """
 
@@ -50,6 +50,14 @@ def temp_path(path: Path) -> Path:
 def publish(tmp: Path, path: Path) -> None:
     """Make a fully written temp file durable, then atomically give it its final name."""
     fsync_file(tmp)
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def publish_tree(tmp: Path, path: Path) -> None:
+    """Make every file and folder of a fully written temp folder durable, then atomically give it
+    its final name (which must not exist) and make that rename durable."""
+    fsync_tree(tmp)
     os.replace(tmp, path)
     fsync_dir(path.parent)
 
