@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -42,6 +43,25 @@ def ixc_dir(shared_dir: Path) -> Path:
 @pytest.fixture(scope="session")
 def real_tokenizer_path(ixc_dir: Path) -> Path:
     return ixc_dir / "tokenizer.model"
+
+
+DIST_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
+
+
+@pytest.fixture
+def one_rank_group() -> Any:
+    """This process as a one-rank gloo group (`trainer.train.setup_distributed`, for a DeepSpeed
+    engine in process); the launcher variables it sets are undone afterwards. The group itself
+    stays: DeepSpeed keeps a handle on it, and later in-process runs join it."""
+    from trainer.train import setup_distributed
+
+    saved = {k: os.environ.get(k) for k in DIST_ENV}
+    yield setup_distributed()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
 
 
 TEXT_ANSWERS = [

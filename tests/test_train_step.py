@@ -30,6 +30,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import DIST_ENV
 
 from schemas.sample import IGNORE_INDEX, TILE_SIZE, Sample
 from trainer import train as train_module
@@ -37,7 +38,6 @@ from trainer.config import TrainConfig, deepspeed_config
 from trainer.data import PackedBatch, collate
 from trainer.model import build_model, preset_config
 
-DIST_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
 GRAD_RTOL = 1e-4
 """Largest |DeepSpeed − reference| of a parameter's gradient, relative to its largest entry (fp32;
 measured ~7e-7: the chunked loss and the summation order differ from the reference)."""
@@ -156,19 +156,6 @@ def assert_matches_reference(report: dict[str, Any], where: str) -> None:
         "not d(sum of token losses / trained tokens of the global batch)"
     )
     assert report["grad_norm"] == pytest.approx(report["reference_grad_norm"], rel=GRAD_RTOL), where
-
-
-@pytest.fixture
-def one_rank_group() -> Any:
-    """The one-process gloo group `setup_distributed` makes; the launcher variables it sets are
-    undone afterwards (the group itself stays: DeepSpeed keeps a handle on it)."""
-    saved = {k: os.environ.get(k) for k in DIST_ENV}
-    yield train_module.setup_distributed()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
 
 
 @pytest.mark.parametrize("stage", [1, 2])
