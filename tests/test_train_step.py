@@ -138,7 +138,7 @@ def step_against_reference(d: train_module.Dist, stage: int, output_dir: Path) -
             worst = (name, rel)
     return {
         "loss": result["loss"],
-        "reference_loss": float(mean),
+        "reference_loss": float(mean.detach()),
         "trained_tokens": result["trained_tokens"],
         "reference_trained_tokens": trained,
         "grad_norm": result["grad_norm"],
