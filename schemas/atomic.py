@@ -2,8 +2,9 @@
 
 A reader (or a resumed run) sees either the old file or the complete new one, never a part: the
 bytes go to a hidden temp name, are fsync'ed, renamed into place, and the folder is fsync'ed so
-that the rename itself survives a power loss (a checkpoint folder: every file, then the rename). The order write → fsync(file) → rename →
-fsync(folder) is what the tests observe.
+that the rename itself survives a power loss. A checkpoint folder is published the same way, every
+file of it fsync'ed before its rename. The order write → fsync(file) → rename → fsync(folder) is
+what tests/test_atomic.py observes.
 """
 
 from __future__ import annotations
