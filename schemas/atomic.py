@@ -2,8 +2,9 @@
 
 A reader (or a resumed run) sees either the old file or the complete new one, never a part: the
 bytes go to a hidden temp name, are fsync'ed, renamed into place, and the folder is fsync'ed so
-that the rename itself survives a power loss. The order write → fsync(file) → rename →
-fsync(folder) is what the tests observe.
+that the rename itself survives a power loss. A checkpoint folder is published the same way, every
+file of it fsync'ed before its rename. The order write → fsync(file) → rename → fsync(folder) is
+what tests/test_atomic.py observes.
 """
 
 from __future__ import annotations
@@ -50,6 +51,14 @@ def temp_path(path: Path) -> Path:
 def publish(tmp: Path, path: Path) -> None:
     """Make a fully written temp file durable, then atomically give it its final name."""
     fsync_file(tmp)
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def publish_tree(tmp: Path, path: Path) -> None:
+    """Make every file and folder of a fully written temp folder durable, then atomically give it
+    its final name (which must not exist) and make that rename durable."""
+    fsync_tree(tmp)
     os.replace(tmp, path)
     fsync_dir(path.parent)
 

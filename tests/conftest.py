@@ -1,30 +1,37 @@
-"""Shared fixtures. Tests that need `../shared` (SPEC, golden vectors, real tokenizer) skip without it."""
+"""Shared fixtures. Tests that need `../shared` (SPEC, golden vectors, real tokenizer) skip without it,
+unless XC_REQUIRE_SHARED=1 (CI, `.ci/run`): then they fail, so the golden tests cannot vanish."""
 
 from __future__ import annotations
 
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+REQUIRE_SHARED_ENV = "XC_REQUIRE_SHARED"
+"""Set to 1 where ../shared must be present (CI): a test needing it fails instead of skipping."""
 
 
 def _shared_dir() -> Path | None:
-    candidates = [os.environ.get("XC_SHARED"), REPO_ROOT.parent / "shared"]
-    for c in candidates:
-        if c and (Path(c) / "ixc25" / "SPEC.md").is_file():
-            return Path(c)
-    return None
+    """$XC_SHARED when set (and then only it), else `../shared` beside the checkout."""
+    given = os.environ.get("XC_SHARED")
+    folder = Path(given) if given else REPO_ROOT.parent / "shared"
+    return folder if (folder / "ixc25" / "SPEC.md").is_file() else None
 
 
 @pytest.fixture(scope="session")
 def shared_dir() -> Path:
-    """`../shared` beside the checkout (CI has it; a user's clone does not: then skip)."""
+    """`../shared` beside the checkout, or $XC_SHARED (CI has it; a user's clone does not: then skip,
+    or fail under XC_REQUIRE_SHARED=1)."""
     d = _shared_dir()
     if d is None:
-        pytest.skip("../shared (IXC2.5 golden vectors and tokenizer) is not present")
+        missing = "../shared (IXC2.5 golden vectors and tokenizer) is not present (or point XC_SHARED at it)"
+        if os.environ.get(REQUIRE_SHARED_ENV) == "1":
+            pytest.fail(f"{missing}; {REQUIRE_SHARED_ENV}=1 requires it", pytrace=False)
+        pytest.skip(missing)
     return d
 
 
@@ -36,6 +43,25 @@ def ixc_dir(shared_dir: Path) -> Path:
 @pytest.fixture(scope="session")
 def real_tokenizer_path(ixc_dir: Path) -> Path:
     return ixc_dir / "tokenizer.model"
+
+
+DIST_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
+
+
+@pytest.fixture
+def one_rank_group() -> Any:
+    """This process as a one-rank gloo group (`trainer.train.setup_distributed`, for a DeepSpeed
+    engine in process); the launcher variables it sets are undone afterwards. The group itself
+    stays: DeepSpeed keeps a handle on it, and later in-process runs join it."""
+    from trainer.train import setup_distributed
+
+    saved = {k: os.environ.get(k) for k in DIST_ENV}
+    yield setup_distributed()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
 
 
 TEXT_ANSWERS = [

@@ -12,10 +12,11 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 
 from schemas.manifest import Fingerprint, Manifest, ShardInfo, SourceInfo
 from schemas.sample import IGNORE_INDEX, IMAGE_TOKEN_ID, TILE_SIZE, ImageSpan, Sample, image_token_count
-from schemas.shards import file_sha256, write_shard
+from schemas.shards import ShardReader, file_sha256, write_shard
 from trainer.batch import collate
 from trainer.cli import main as cli_main
 from trainer.index import SampleIndex, ShardDataError
@@ -409,16 +410,41 @@ def test_collate_packs_a_row():
     assert moved.input_ids.equal(batch.input_ids) and moved.sample_keys == batch.sample_keys
 
 
-def test_delivered_batches_match_stored_samples(index: SampleIndex):
+def test_delivered_batches_match_stored_samples(shards: Path, index: SampleIndex):
+    """Every micro-batch the loader delivers (thread prefetch) is its samples' shard rows, read
+    here with ShardReader by (source, index) and collated: ids, targets, boundaries, tiles."""
+    names = [source.name for source in index.manifest.sources]
+    readers: dict[str, ShardReader] = {}
     loader = PackedLoader(index, config(micro_batches_per_step=1, prefetch=2))  # thread prefetch
     timed = TimedIterator(loader)
+    tiles = 0
     for batch in timed:
+        stored = []
+        for source, local, sample_id in batch.sample_keys:
+            g = int(index.source_offsets[names.index(source)]) + local
+            file = index.shard_files[int(index.sample_shard[g])]
+            row = readers.setdefault(file, ShardReader(shards / file)).read(int(index.sample_row[g]))
+            assert (row.source, row.index, row.id) == (source, local, sample_id)
+            stored.append(row)
+        expected = collate(stored)
+        for name in (
+            "input_ids",
+            "position_ids",
+            "cu_seqlens",
+            "targets",
+            "tiles",
+            "image_grids",
+            "image_starts",
+        ):
+            assert torch.equal(getattr(batch, name), getattr(expected, name)), (name, batch.sample_keys)
+        assert (batch.num_tokens, batch.num_trained) == (expected.num_tokens, expected.num_trained)
         assert batch.input_ids.shape[1] == batch.num_tokens == int(batch.cu_seqlens[-1])
-        assert batch.tiles.shape[0] == int(batch.image_grids.prod(dim=1).sum())
         for start, (rows, cols) in zip(batch.image_starts.tolist(), batch.image_grids.tolist(), strict=True):
             n = image_token_count(rows, cols)
             assert (batch.input_ids[0, start : start + n] == 0).all()
+        tiles += batch.tiles.shape[0]
     assert timed.count == loader.plan(0).num_packs and timed.total_wait_s >= 0
+    assert tiles > 0, "no batch held an image"
 
 
 @pytest.mark.parametrize("workers", [0, 1])

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from trainer.checkpoint import complete_checkpoints
 from trainer.cli import main as train_main
@@ -60,9 +62,9 @@ def step_samples(out: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def reference_run(tiny_text_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One rank, uninterrupted, ZeRO-2: the history every other layout must reproduce."""
+    """One rank, uninterrupted, ZeRO-2: the history (and final weights) every other layout must reproduce."""
     out = tmp_path_factory.mktemp("reference")
-    assert train_main(args(tiny_text_shards, out, "--no-save-final")) == 0
+    assert train_main(args(tiny_text_shards, out)) == 0
     return out
 
 
@@ -102,15 +104,28 @@ def test_two_ranks_stop_then_resume_on_one_rank_matches(
 
 
 def test_zero3_on_two_ranks_trains_like_zero2_and_saves_a_full_checkpoint(
-    tiny_text_shards: Path, tmp_path: Path, reference: list[float]
+    tiny_text_shards: Path, tmp_path: Path, reference: list[float], reference_run: Path
 ) -> None:
+    """The final folder holds every weight gathered from the ZeRO-3 partitions: the values the
+    one-rank ZeRO-2 run trained (not the initial ones, not a rank's shard), in the official layout."""
     out = tmp_path / "run"
     done = torchrun(args(tiny_text_shards, out, "--zero-stage", "3"))
     assert done.returncode == 0, done.stderr[-3000:]
     assert "ZeRO 3" in done.stderr
     assert losses(out) == pytest.approx(reference, rel=1e-4)
-    model = load_model(out / "final")  # every key gathered from the partitions, official layout
-    assert model.output.weight.shape[0] > 0
+    final = load_model(out / "final").state_dict()
+    expected = load_model(reference_run / "final").state_dict()
+    initial = load_model(out / "base").state_dict()  # the tiny preset's random init, saved by the run
+    assert final.keys() == expected.keys() == initial.keys()
+    moved = {k for k in final if not torch.equal(expected[k], initial[k])}
+    decoder = {k for k in final if re.fullmatch(r"model\.layers\.\d+\.\w+\.(wqkv|wo|w1|w2|w3)\.weight", k)}
+    assert decoder and decoder | {"output.weight"} <= moved, (
+        "the text-only run left decoder weights untrained"
+    )
+    for key in final:
+        torch.testing.assert_close(
+            final[key], expected[key], atol=1e-5, rtol=1e-4, msg=lambda m, k=key: f"{k}: {m}"
+        )
 
 
 def test_deepspeed_launcher_runs_the_same_training(

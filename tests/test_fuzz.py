@@ -9,8 +9,8 @@ line breaks included) and arbitrary bytes at `pipeline.sources.parse_data_txt`,
   least one error finding whose code is a known one (`checks.HINTS`, `sources.DATA_TXT_CODES`);
 - findings name the file (as written in data.txt) and the line (data.txt) or record index (JSON),
   and their text is printable and JSON-serializable (reports and rejects.jsonl are UTF-8);
-- a record validate accepts builds into a sample (or fails with a `DataError`, never a crash),
-  because `xc-prep shard` stops the whole run on anything else.
+- a record validate accepts builds into a sample (never a `DataError`, never a crash): `xc-prep
+  shard` would stop mid-run on it.
 
 Budget: `max_examples` per test (default 200, `XC_FUZZ_EXAMPLES=5000 pytest tests/test_fuzz.py`
 for a longer local run); the suite stays under ~15 s on 2 cores. A failure prints the shrunk input
@@ -340,6 +340,41 @@ def test_record_checks_never_crash(fuzz_dir: Path, raw: list[Any], start: int) -
     assert_record_checks(source, raw, start, checks)
 
 
+QA_TEXT = [{"from": "human", "value": "What is it?"}, {"from": "gpt", "value": "A cat."}]
+QA_IMAGE = [{"from": "human", "value": "<ImageHere> What is it?"}, {"from": "gpt", "value": "A cat."}]
+
+
+@pytest.mark.parametrize(
+    ("record", "where"),
+    [
+        (
+            {"id": "a\ud800", "conversations": QA_TEXT},
+            "the id holds the unpaired surrogate '\\ud800' at character 1",
+        ),
+        (
+            {"id": 1, "conversations": [{"from": "human", "value": "hi \udfff"}, QA_TEXT[1]]},
+            "conversations[0] \"value\" holds the unpaired surrogate '\\udfff' at character 3",
+        ),
+        (
+            {"id": 1, "image": "\ud800.png", "conversations": QA_IMAGE},
+            "image '\\ud800.png' holds the unpaired surrogate",
+        ),
+    ],
+)
+def test_lone_surrogates_are_rejected_as_invalid_unicode(fuzz_dir: Path, record: dict, where: str) -> None:
+    """JSON's "\\ud800" escapes decode to strings no UTF-8 report could hold: one error naming the
+    field and the character, and the record is rejected (before it reaches the tokenizer)."""
+    source = Source(path="fuzz.json", resolved=fuzz_dir / "fuzz.json", k=1.0, line=1)
+    with cwd_is(fuzz_dir):
+        [check] = check_records(source, [record], 7, ValidateOptions())
+    assert check.record is None
+    assert [(f.code, f.severity, f.file, f.index) for f in check.findings] == [
+        ("invalid_unicode", "error", "fuzz.json", 7)
+    ]
+    assert check.findings[0].message.startswith(where), check.findings[0].message
+    assert_printable(check.findings)
+
+
 @FUZZ
 @given(data=json_file_bytes)
 @example(data=b"[" * 100_000 + b"]" * 100_000)  # RecursionError inside json.loads
@@ -371,7 +406,8 @@ def test_json_source_check_never_crashes(fuzz_dir: Path, data: bytes) -> None:
 def test_accepted_text_records_tokenize_and_build(
     fuzz_dir: Path, tiny_tokenizer: Path, raw: list[Any]
 ) -> None:
-    """With a tokenizer (the length check runs), and what validate accepts, build_sample builds."""
+    """With a tokenizer (the length check runs), every record validate accepts builds: no DataError,
+    no crash (RELIABILITY.md: "a text record validate accepts always builds")."""
     source = Source(path="fuzz.json", resolved=fuzz_dir / "fuzz.json", k=1.0, line=1)
     opts = ValidateOptions(tokenizer=tiny_tokenizer, max_length=256, hd_num=1)
     with cwd_is(fuzz_dir):
@@ -379,7 +415,7 @@ def test_accepted_text_records_tokenize_and_build(
     assert_record_checks(source, raw, 0, checks)
     tokenizer = _tokenizer(tiny_tokenizer)
     for check in checks:
-        if check.record is None:
+        if check.record is None:  # rejected, with its findings (checked above)
             continue
         try:
             sample = build_sample(
@@ -391,9 +427,8 @@ def test_accepted_text_records_tokenize_and_build(
                 hd_num=1,
                 max_length=256,
             )
-        except DataError as e:
-            assert e.code, e
-            continue
+        except DataError as e:  # would stop `xc-prep shard` mid-run on a record validate accepted
+            pytest.fail(f"record {check.index} passed validate but does not build: {e.code}: {e}")
         assert sample.num_tokens <= 256 and sample.num_trained > 0
 
 

@@ -374,7 +374,9 @@ def test_7b_keys_and_shapes_on_meta() -> None:
     m = build_model("7b", device="meta")
     sd = m.state_dict()
     assert len(sd) == 1904
-    assert sum(v.numel() for v in sd.values()) * 2 == 22_191_468_544  # docs/IXC25.md#checkpoint-layout: bytes in bf16
+    assert (
+        sum(v.numel() for v in sd.values()) * 2 == 22_191_468_544
+    )  # docs/IXC25.md#checkpoint-layout: bytes in bf16
     expect = {
         "model.tok_embeddings.weight": (92544, 4096),
         "output.weight": (92544, 4096),

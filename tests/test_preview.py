@@ -76,7 +76,9 @@ def test_media_resolve_against_json_folder(
     assert load_record(Path("sub/x.json"), 0).media_paths == (Path("sub/pic.png"),)
     assert run_cli(["preview", "sub/x.json", "--tokenizer", str(tiny_path), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["images"] == [{"grid": [4, 3], "span": [0, 5301]}]  # docs/IXC25.md#tokens-per-image: 800×1200 → 4×3
+    assert out["images"] == [
+        {"grid": [4, 3], "span": [0, 5301]}
+    ]  # docs/IXC25.md#tokens-per-image: 800×1200 → 4×3
 
 
 def test_render_sample_text_marks_trained_tokens(tiny_path: Path, tmp_path: Path) -> None:

@@ -190,8 +190,11 @@ def test_rerun_of_finished_folder_is_a_noop(dataset: Dataset, clean: Path, tmp_p
     assert tree_bytes(out) == tree_bytes(clean)
 
 
-@pytest.mark.parametrize("kill_at", ["first_sidecar", "random_0", "random_1", "random_2"])
+@pytest.mark.parametrize("kill_at", ["after_plan", "first_sidecar", "random_0", "random_1"])
 def test_kill_9_then_rerun_equals_a_clean_run(dataset: Dataset, tmp_path: Path, capsys, kill_at: str) -> None:
+    """SIGKILL just after the plan is written, after the first unit, or at a seeded random moment
+    of a later unit (the 5th and the 3rd of 6), always before the run finishes; the rerun reuses
+    the finished units and gives the clean run's bytes."""
     # Larger photos at a higher hd_num, one unit per 2 records: long enough to be killed mid-run.
     photo = np.asarray(Image.open(dataset.dir / "images" / "coffee.jpg"))
     big = tmp_path / "big"
@@ -204,35 +207,42 @@ def test_kill_9_then_rerun_equals_a_clean_run(dataset: Dataset, tmp_path: Path, 
     (big / "data.txt").write_text("big.json 1\n")
     ds = Dataset(big, dataset.tokenizer)
     extra = ("--hd-num", "6", "--samples-per-shard", "2")
+    units = 6
 
     started = time.monotonic()
     assert run_shard(ds, tmp_path / "clean", *extra) == 0
-    clean_s = time.monotonic() - started
+    unit_s = (time.monotonic() - started) / units
     killed = tmp_path / "killed"
+    sidecars = [killed / ".work" / "001-big" / f"shard-{j:05d}.json" for j in range(units)]
+    plan = killed / ".work" / "plan.json"
+    if kill_at in ("after_plan", "first_sidecar"):
+        units_done, delay_s = int(kill_at == "first_sidecar"), 0.0
+    else:  # a seeded random moment: 0 to 4 units done (so at least one unit is left), then part of a unit
+        rng = np.random.default_rng(int(kill_at.removeprefix("random_")))
+        units_done, delay_s = int(rng.integers(0, units - 1)), float(rng.uniform(0.0, 0.5 * unit_s))
     argv = [sys.executable, "-m", "pipeline.cli", *shard_argv(ds, killed), *extra]
     proc = subprocess.Popen(
         argv, cwd=big, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
-    first_sidecar = killed / ".work" / "001-big" / "shard-00000.json"
-    if kill_at == "first_sidecar":
-        deadline = time.monotonic() + KILL_TIMEOUT_S
-        while not first_sidecar.exists() and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.002)
-    else:  # a seeded random moment: start-up, mid-unit, between units or while finishing
-        seed = int(kill_at.removeprefix("random_"))
-        time.sleep(float(np.random.default_rng(seed).uniform(0.5, 1.5 + clean_s)))
+    deadline = time.monotonic() + KILL_TIMEOUT_S
+    waited = sidecars[units_done - 1] if units_done else plan
+    while not waited.exists() and proc.poll() is None:
+        assert time.monotonic() < deadline, f"{waited.name} never written"
+        time.sleep(0.002)
+    time.sleep(delay_s)
+    assert proc.poll() is None, "the run ended before the kill"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    if kill_at == "first_sidecar":
-        assert first_sidecar.exists(), "the run never finished its first unit"
-        assert not (killed / "manifest.json").exists(), "the run finished before it could be killed"
-    if not (killed / "manifest.json").exists():
-        assert verify_shards(killed) != [], "an interrupted folder must never pass for a complete one"
+    # The kill landed mid-run: units_done or more units finished, not all, and no manifest.
+    finished = sum(p.exists() for p in sidecars)
+    assert proc.returncode == -signal.SIGKILL and units_done <= finished < units, (finished, units_done)
+    assert not (killed / "manifest.json").exists(), "the run finished before it could be killed"
+    assert verify_shards(killed) != [], "an interrupted folder must never pass for a complete one"
 
     capsys.readouterr()
     assert run_shard(ds, killed, *extra) == 0
-    if kill_at == "first_sidecar":
-        assert "work units reused" in capsys.readouterr().out
+    if finished:
+        assert f"{finished} of {units} work units reused" in capsys.readouterr().out
     assert tree_bytes(killed) == tree_bytes(tmp_path / "clean")
     source = json.loads((killed / "manifest.json").read_text())["sources"][0]
     assert source["records_read"] == source["samples_written"] + source["rejected"] == 12

@@ -105,6 +105,33 @@ def test_train_pads_centred_infer_pads_bottom() -> None:
     np.testing.assert_array_equal(tall, train.transpose(1, 0, 2))
 
 
+def white_black_white(padded: np.ndarray) -> tuple[int, int, int]:
+    """(white rows above, black image rows, white rows below) of a padded black image."""
+    white = (padded == 255).all(axis=(1, 2))
+    black = (padded == 0).all(axis=(1, 2))
+    top = int(white.argmin())
+    image = int(black[top:].argmin()) if not black[top:].all() else len(black) - top
+    assert white[:top].all() and black[top : top + image].all() and white[top + image :].all()
+    return top, image, len(white) - top - image
+
+
+@pytest.mark.parametrize(
+    ("size", "rows"),
+    [((700, 171), (143, 273, 144)), ((1000, 333), (0, 559, 1))],  # padding of 287 rows, and of 1
+)
+def test_odd_padding_puts_the_extra_row_below_the_image(
+    size: tuple[int, int], rows: tuple[int, int, int]
+) -> None:
+    """SPEC §3: training centres the image with top = floor(pad / 2), so the odd row goes below;
+    inference pads below only. Needs no ../shared (the golden rows check the same on photos)."""
+    img = Image.new("RGB", size, (0, 0, 0))
+    train = hd_transform(img, 18, "train")
+    assert white_black_white(train) == rows
+    tall = hd_transform(img.transpose(Image.Transpose.TRANSPOSE), 18, "train")
+    np.testing.assert_array_equal(tall, train.transpose(1, 0, 2))  # the extra column goes right
+    assert white_black_white(hd_transform(img, 18, "infer"))[0] == 0  # no padding above
+
+
 def test_to_tiles_row_major() -> None:
     padded = np.zeros((2 * 560, 3 * 560, 3), dtype=np.uint8)
     for r in range(2):

@@ -393,36 +393,61 @@ def test_two_ranks_match_one_rank(shards: Path, tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- kill and resume
 
 
+PAUSE_BEFORE_COMMITTING_STEP_3 = """
+import sys, time
+from trainer import checkpoint
+from trainer.cli import main
+
+real_publish = checkpoint.publish_tree
+def publish_tree(tmp, path):
+    if path.name == "step-00000003":  # every file of step 3 written, trainer_state.json last; no rename yet
+        (tmp.parent.parent / "paused").touch()
+        time.sleep(600)
+    real_publish(tmp, path)
+checkpoint.publish_tree = publish_tree
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("kill_at", ["after_checkpoint", "during_checkpoint_write"])
 def test_sigkill_then_resume_gives_the_uninterrupted_loss_curve(
     shards: Path, tmp_path: Path, capfd: pytest.CaptureFixture, kill_at: str
 ) -> None:
+    """SIGKILL once step-2 is saved, or while step 3's checkpoint is written (every file and its
+    trainer_state.json there, the rename that commits it not made: the run is held at that point);
+    the resumed run's loss history equals an uninterrupted run's."""
     common = ["--recipe", "lora", "--learning-rate", "2e-3", "--epochs", "8"]
     out = tmp_path / "run"
     argv = train_argv(shards, out, *common, "--save-every-steps", "1", "--keep-last", "2")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "trainer.cli", *argv],
-        env=subprocess_env(),
-        cwd=tmp_path,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    target = ckpt.checkpoint_root(out) / "step-00000002"
-    if kill_at == "during_checkpoint_write":  # the moment the step-3 checkpoint starts being written
-        target = ckpt.checkpoint_root(out) / f"step-00000003{ckpt.PARTIAL_SUFFIX}"
+    root = ckpt.checkpoint_root(out)
+    if kill_at == "after_checkpoint":
+        program, target = ["-m", "trainer.cli"], root / "step-00000002"
+    else:
+        program, target = ["-c", PAUSE_BEFORE_COMMITTING_STEP_3], out / "paused"
+    with (tmp_path / "log").open("w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, *program, *argv], env=subprocess_env(), cwd=tmp_path, stdout=log, stderr=log
+        )
     deadline = time.monotonic() + 180
     try:
-        while not target.is_dir() and proc.poll() is None and time.monotonic() < deadline:
+        while not target.exists() and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.005)
-        assert target.is_dir(), f"never saw {target.name}: {proc.poll()=}"
+        assert target.exists(), (
+            f"never saw {target.name}: {proc.poll()=}\n{(tmp_path / 'log').read_text()[-3000:]}"
+        )
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
     finally:
         if proc.poll() is None:
             proc.kill()
-        proc.stderr.close()
-    assert proc.returncode == -signal.SIGKILL and not (out / "final").exists(), "the run was not interrupted"
+    # The kill landed mid-run: before the last of the 8 steps, the summary and the final adapter.
+    assert proc.returncode == -signal.SIGKILL, "the run ended before the kill"
+    assert not (out / "final").exists() and not (out / train_module.SUMMARY_FILE).exists()
+    assert ckpt.complete_checkpoints(out)[-1].name < "step-00000008"
+    if kill_at == "during_checkpoint_write":  # step 3 lies complete but uncommitted in its .partial
+        assert (root / f"step-00000003{ckpt.PARTIAL_SUFFIX}" / ckpt.STATE_FILE).is_file()
+        assert not (root / "step-00000003").exists()
 
     # A half-written checkpoint (even one holding a state file) is never resumed from.
     done = ckpt.complete_checkpoints(out)
@@ -453,6 +478,32 @@ def test_sigkill_then_resume_gives_the_uninterrupted_loss_curve(
     uninterrupted, _ = run_train(train_argv(shards, tmp_path / "ref", *common))
     rel = assert_same_losses(resumed, uninterrupted)
     print(f"resumed at step {resumed_at}: max relative loss difference {rel:.2e}")
+
+
+@pytest.mark.parametrize(("flag", "saved", "now"), [("model", "tiny", "7b"), ("seed", "42", "7")])
+def test_resume_with_another_model_or_seed_is_refused_before_the_model_is_built(
+    tiny_text_shards: Path, tmp_path: Path, capfd: pytest.CaptureFixture, flag: str, saved: str, now: str
+) -> None:
+    """A checkpoint holds only what trains: the frozen weights come from --model (and --seed, for a
+    preset's random init), so resuming under another one is refused, naming both values."""
+    out = tmp_path / "run"
+    argv = [*train_argv(tiny_text_shards, out), "--seed", "42"]
+    # The checkpoint's trainer state as `train` records it: the resolved config of the saved run.
+    saved_config = config_from_args(build_parser().parse_args(argv)).resolve().to_json()
+    assert (saved_config["model"], str(saved_config["seed"])) == ("tiny", "42")
+    checkpoint = ckpt.checkpoint_root(out) / "step-00000001"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / ckpt.STATE_FILE).write_text(json.dumps({"step": 1, "config": saved_config, "files": {}}))
+    capfd.readouterr()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train_module, "load_for_training", lambda *a, **k: pytest.fail("model built"))
+        assert xc_train([*argv, "--resume", "auto", f"--{flag}", now]) == 1
+    err = capfd.readouterr().err
+    assert (
+        f"xc-train: stopped: {checkpoint}: saved by a run with --{flag} {saved}, this run has --{flag} {now}"
+        in err
+    )
+    assert f"resume with --{flag} {saved} (or --resume none to start over)" in err
 
 
 # --------------------------------------------------------------------------- configuration

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from schemas.atomic import fsync_tree, write_json_atomic
+from schemas.atomic import publish_tree, write_json_atomic
 from trainer.errors import CheckpointError
 from trainer.model import IXCModel, unused_adapters_excluded
 
@@ -140,7 +140,6 @@ def save_checkpoint(
     def commit() -> None:
         if rank != 0:
             return
-        fsync_tree(partial)
         files = {
             str(p.relative_to(partial)): p.stat().st_size for p in sorted(partial.rglob("*")) if p.is_file()
         }
@@ -148,7 +147,7 @@ def save_checkpoint(
         record = {"step": step, "world_size": world_size, **trainer_state, "files": files}
         write_json_atomic(partial / STATE_FILE, record)
         shutil.rmtree(final, ignore_errors=True)
-        os.replace(partial, final)
+        publish_tree(partial, final)  # every file durable before the rename that commits them
         for old in complete_checkpoints(output_dir)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
 
