@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from schemas.manifest import MANIFEST_NAME, TILE_CODECS, Manifest
+from schemas.manifest import MANIFEST_NAME, TILE_CODECS, Manifest, shard_path
 from schemas.sample import TILE_SIZE, ImageSpan, Sample, image_token_count
 
 TILE_BYTES = TILE_SIZE * TILE_SIZE * 3
@@ -73,7 +73,7 @@ def decode_tile(data: bytes | memoryview, codec: str) -> np.ndarray:
     if codec == "png":
         from PIL import Image
 
-        with Image.open(io.BytesIO(data)) as im:
+        with Image.open(io.BytesIO(data), formats=("PNG",)) as im:  # never another plugin
             if im.size != (TILE_SIZE, TILE_SIZE):  # checked from the header, before decoding
                 raise ValueError(f"png tile is {im.size[0]}×{im.size[1]}, expected {TILE_SIZE}×{TILE_SIZE}")
             return np.asarray(im.convert("RGB"))
@@ -264,7 +264,11 @@ def verify_shards(shard_dir: Path, *, checksums: bool = True, part: tuple[int, i
             problems.append(f"{MANIFEST_NAME}: source {source.path}: shard sample counts do not add up")
         for shard in source.shards:
             ordinal += 1
-            path = shard_dir / shard.file
+            try:
+                path = shard_path(shard_dir, shard.file)
+            except ValueError as e:
+                problems.append(str(e))
+                continue
             if not path.is_file():
                 problems.append(f"{path}: missing (listed in {MANIFEST_NAME})")
                 continue
