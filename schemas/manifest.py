@@ -47,7 +47,9 @@ def shard_path(shard_dir: Path, file: str) -> Path:
     """The shard file a manifest entry names, refused (ValueError) unless it lies inside
     `shard_dir` after resolving symlinks."""
     if (problem := _shard_file_problem(file)) is not None:
-        raise ValueError(f"{Path(shard_dir) / MANIFEST_NAME} lists shard {file!r}: {problem}; {REFUSED_PATH_FIX}")
+        raise ValueError(
+            f"{Path(shard_dir) / MANIFEST_NAME} lists shard {file!r}: {problem}; {REFUSED_PATH_FIX}"
+        )
     path = Path(shard_dir) / file
     try:
         inside = path.resolve().is_relative_to(Path(shard_dir).resolve())
@@ -138,7 +140,9 @@ class Manifest:
             shards = [ShardInfo(**{**sh, "records": tuple(sh["records"])}) for sh in s["shards"]]
             for shard in shards:
                 if (problem := _shard_file_problem(shard.file)) is not None:
-                    raise ValueError(f"{MANIFEST_NAME} lists shard {shard.file!r}: {problem}; {REFUSED_PATH_FIX}")
+                    raise ValueError(
+                        f"{MANIFEST_NAME} lists shard {shard.file!r}: {problem}; {REFUSED_PATH_FIX}"
+                    )
             sources.append(SourceInfo(**{**s, "shards": shards}))
         return cls(
             fingerprint=Fingerprint(**data["fingerprint"]),
