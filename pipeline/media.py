@@ -14,7 +14,8 @@ Hostile files are refused before they cost memory: an image whose header promise
 20000 PNG of one colour is a few KB on disk and 1.2 GB decoded), and a file too small for the image
 its header describes, or a PNG whose data stops before its last row, is `image_corrupt`
 (pipeline/image_data.py). Pillow's LOAD_TRUNCATED_IMAGES stays off while we decode. A decode holds
-the decoded image and its RGB copy: at most 8 bytes per pixel (1.4 GB at the default limit).
+the decoded image and its RGB copy, about 8 bytes per pixel (Pillow keeps RGB in 4): 1.4 GB at the
+default limit.
 `within_roots` tells whether a path, after resolving `..` and symlinks, lies inside the allowed
 folders.
 """
@@ -33,7 +34,7 @@ from pipeline.image_data import png_short_stream, too_little_data
 
 DEFAULT_MAX_IMAGE_PIXELS = 2 * 89_478_485
 """178,956,970 px (e.g. 13,377²): Pillow's own decompression-bomb error threshold at its defaults,
-so nothing Pillow opens by default is refused, and one decode stays under ~540 MB of RGB. HD tiling
+so nothing Pillow opens by default is refused; one decode then holds ~1.4 GB (see above). HD tiling
 at hd_num 18 never samples more than 18 × 560² = 5.6 M px of an image."""
 # Pillow's global guard stays on as a backstop for any other Image.open in this process; our own
 # functions apply the configurable limit exactly (see _pillow_limit).

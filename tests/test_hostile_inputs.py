@@ -608,6 +608,42 @@ def test_complete_images_pass_the_completeness_checks(tmp_path: Path) -> None:
     assert load_rgb(tmp_path / "flat.jpg").size == (4000, 4000)
 
 
+MEASURE_BUILD_RSS = """
+import json, resource, sys
+from pathlib import Path
+from pipeline.media import load_rgb
+from pipeline.tiling import hd_transform
+warm = Path(sys.argv[2])
+hd_transform(load_rgb(warm), 18)  # imports and first allocations
+rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+before = rss()
+load_rgb(Path(sys.argv[1]))
+decoded = rss()
+hd_transform(load_rgb(Path(sys.argv[1])), 18)
+print(json.dumps({"decode": decoded - before, "build": rss() - before}))
+"""
+
+
+@pytest.mark.slow
+def test_decoding_and_tiling_an_image_costs_the_documented_bytes_per_pixel(tmp_path: Path) -> None:
+    """RELIABILITY.md: a decode holds ~8 bytes per pixel (the decoded image and its RGB copy), the
+    HD transform after it ~13 at most; noise, so that PNG cannot compress it away."""
+    pixels = np.random.default_rng(0).integers(0, 256, (2000, 3000, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "noise.png", compress_level=1)
+    photo(tmp_path / "warm.png", fmt="PNG")
+    out = subprocess.run(
+        [sys.executable, "-c", MEASURE_BUILD_RSS, str(tmp_path / "noise.png"), str(tmp_path / "warm.png")],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+    )
+    growth = json.loads(out.stdout)
+    margin = 20 * 2**20
+    assert growth["decode"] < 8.5 * pixels.size / 3 + margin, growth
+    assert growth["build"] < 13 * pixels.size / 3 + margin, growth
+
+
 # ---------------------------------------------------------------- 8. a JSON file larger than memory
 
 
