@@ -136,7 +136,7 @@ class Tokenizer:
         are ordinary text."""
         from sentencepiece import sentencepiece_model_pb2
 
-        proto = sentencepiece_model_pb2.ModelProto()
+        proto = sentencepiece_model_pb2.ModelProto()  # type: ignore[attr-defined]  # generated
         proto.ParseFromString(self._model_bytes)
         markup = {proto.SentencePiece.CONTROL, proto.SentencePiece.UNKNOWN, proto.SentencePiece.USER_DEFINED}
         return {p.piece: i for i, p in enumerate(proto.pieces) if p.type in markup and len(set(p.piece)) > 1}
