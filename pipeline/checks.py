@@ -17,10 +17,10 @@ apply exactly the same checks.
 Finer pieces for callers that spread one big file over processes (all picklable in and out):
 
     load_source(source) -> LoadedSource                    raw records, file findings, sha256
+                                                           (pipeline/json_source.py)
+    shallow_records(raw_records) -> list                   what may cross a process boundary
     check_records(source, raw_records, start, opts) -> list[RecordCheck]
     mark_duplicate_ids(file, checks) -> list[RecordCheck]  needs the whole file: run it once
-
-`dumps_json(obj) -> str`: JSON text that always encodes as UTF-8, for reports and rejects.
 
 Finding codes: see `HINTS` below (record, file and media codes) and `pipeline.sources.DATA_TXT_CODES`
 (data.txt codes: source_missing_k, source_bad_k, source_nonpositive_k, source_extra_columns,
@@ -32,14 +32,15 @@ folder or an --allow-path folder (`media_outside_roots`, the file is never opene
 turns this off); images over --max-image-pixels and videos over --max-video-seconds (or with frames
 over --max-image-pixels) are refused from headers/metadata before decoding (`image_too_large`,
 `video_too_long`, `video_frame_too_large`); text that is not valid Unicode (lone surrogates from
-"\\ud800" escapes) is `invalid_unicode`. No input makes the checks raise: tests/test_fuzz.py.
+"\\ud800" escapes) is `invalid_unicode`; the strings the tokenizer turns into control ids are
+`special_token`; a record nested more than MAX_RECORD_DEPTH levels is `record_too_deep`. No input
+makes the checks raise (tests/test_fuzz.py), and should one ever fail on a record, that record gets
+a `check_failed` error naming the exception and the others are checked.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import re
 import sys
 from collections.abc import Callable
@@ -48,6 +49,16 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import DataError
+from pipeline.json_source import (
+    FILE_HINTS,
+    escape_surrogates,
+    finding_id,
+    json_depth,
+    json_type,
+    load_source,
+    lone_surrogate,
+    short,
+)
 from pipeline.media import (
     DEFAULT_MAX_IMAGE_PIXELS,
     DEFAULT_MAX_VIDEO_SECONDS,
@@ -56,9 +67,9 @@ from pipeline.media import (
     within_roots,
 )
 from pipeline.media_probe import MediaProbe, media_grid, probe_media
-from pipeline.template import DEFAULT_MAX_LENGTH
+from pipeline.template import DEFAULT_MAX_LENGTH, SPECIAL_TOKEN_HINT
 from pipeline.tiling import DEFAULT_HD_NUM
-from pipeline.tokenization import BOS, END_OF_TURN, EOS, START_OF_TURN, UNK
+from pipeline.tokenization import ADDED_TOKENS, BOS, EOS, UNK
 from schemas.record import (
     IMAGE_PLACEHOLDER,
     Record,
@@ -73,31 +84,24 @@ from schemas.sample import IGNORE_INDEX, Layout, Style
 
 RECORD_KEYS = frozenset({"id", "conversations", "image"})
 TURN_KEYS = frozenset({"from", "value"})
-# Strings the tokenizer maps to special ids: ids 92544..92549 lie outside the 92,544-row embedding
-# matrix, and the turn markers / BOS / EOS / UNK inside a value break turn parsing and labels.
-SPECIAL_STRINGS = (
-    "<|im_start|>",
-    "<|im_end|>",
-    "<|action_start|>",
-    "<|action_end|>",
-    "<|interpreter|>",
-    "<|plugin|>",
-    END_OF_TURN,
-    START_OF_TURN,
-    EOS,
-    BOS,
-    UNK,
+IXC_SPECIAL_PATTERN = "|".join(
+    [re.escape(s) for s in (BOS, EOS, UNK, *ADDED_TOKENS)] + [r"\[UNUSED_TOKEN_\d+\]"]
 )
-_SPECIAL_RE = re.compile("|".join(re.escape(s) for s in SPECIAL_STRINGS))
+"""Without --tokenizer: the strings IXC2.5's tokenizer turns into control ids (its control pieces,
+its 147 `[UNUSED_TOKEN_n]` pieces, the HF tokenizer's added tokens). With a tokenizer the set is
+that tokenizer's own (`Tokenizer.forbidden_strings`), and the template checks the ids too."""
+MAX_RECORD_DEPTH = 32
+"""Deepest nesting of lists/objects in a record: a record needs 3 (record, conversations, turn).
+Pickling (to worker processes), repr and the JSON encoder recurse once per level and Python stops
+near 1,000, so a deeper record is refused before it is sent anywhere (`shallow_records`)."""
 _PLACEHOLDER_LOWER = IMAGE_PLACEHOLDER.lower()
+BUG_HINT = (
+    "an error inside xc-prep, not a rule about your data: the record is left out and the run goes "
+    "on; please report it with the record (file, index) and this message"
+)
 
 HINTS: dict[str, str] = {
-    # file level
-    "file_unreadable": "check the file's permissions",
-    "json_not_utf8": "save the file as UTF-8 JSON",
-    "json_syntax": "fix the JSON at that line and column (a trailing comma or an unescaped quote is typical)",
-    "json_not_a_list": 'the file must hold a JSON list of records: [{"id": ..., "conversations": [...]}, ...]',
-    "source_empty": "add records to the file, or remove its line from data.txt",
+    **FILE_HINTS,
     # record structure
     "record_not_object": 'each list element must be an object {"id", "conversations", "image"?}',
     "id_missing": 'add a unique "id" (a string or an integer) to the record',
@@ -127,10 +131,13 @@ HINTS: dict[str, str] = {
         "<ImageHere> by the official rules), or write <ImageHere> yourself"
     ),
     "placeholder_lookalike": "write the placeholder exactly as <ImageHere> (case-sensitive), or reword the text",
-    "special_token": (
-        "remove or reword the special string (e.g. write '<|im_start|>' as '< |im_start| >'): "
-        "the tokenizer turns it into a control token"
+    "special_token": SPECIAL_TOKEN_HINT,
+    "record_too_deep": (
+        f"the record nests lists/objects more than {MAX_RECORD_DEPTH} levels deep: keep only "
+        '"id", "conversations" and "image" (a record needs 3 levels)'
     ),
+    "check_failed": BUG_HINT,
+    "build_failed": BUG_HINT,
     # media
     "image_bad_type": '"image" must be a path string or a non-empty list of path strings',
     "media_missing": "fix the path; relative paths resolve against the current directory, then the JSON file's folder",
@@ -220,18 +227,6 @@ class RecordCheck:
 
 
 @dataclass(frozen=True)
-class LoadedSource:
-    """A JSON source file read and parsed, before its records are checked."""
-
-    source: Source
-    records: list[Any] | None
-    """The top-level list, or None when the file cannot be used (see file_findings)."""
-    file_findings: list[Finding]
-    sha256: str | None
-    """sha256 of the exact bytes that were parsed (None when unreadable)."""
-
-
-@dataclass(frozen=True)
 class SourceCheck:
     """The outcome of checking one JSON source file."""
 
@@ -246,45 +241,6 @@ class SourceCheck:
 
 
 # ---------------------------------------------------------------- file level
-
-
-def load_source(source: Source) -> LoadedSource:
-    """Read and parse one JSON source; file-level problems become findings."""
-
-    def fail(code: str, message: str, line: int | None = None) -> LoadedSource:
-        finding = Finding(source.path, line, None, None, code, message, "error", HINTS[code])
-        return LoadedSource(source, None, [finding], sha256)
-
-    sha256 = None
-    try:
-        data = source.resolved.read_bytes()
-    except OSError as e:
-        return fail("file_unreadable", f"cannot read {source.resolved} ({e.strerror or e})")
-    sha256 = hashlib.sha256(data).hexdigest()
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = data[: e.start].count(b"\n") + 1
-        return fail("json_not_utf8", f"byte {e.start} (line {line}) is not UTF-8 ({e.reason})", line)
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as e:
-        return fail("json_syntax", f"invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}", e.lineno)
-    except RecursionError:
-        return fail("json_syntax", "the JSON nests lists/objects too deeply for the parser (~900 levels)")
-    except ValueError as e:  # e.g. an integer of more than 4,300 digits
-        return fail("json_syntax", f"the JSON holds a value Python refuses to parse ({e})")
-    if not isinstance(obj, list):
-        return fail(
-            "json_not_a_list", f"the top level is a JSON {_json_type(obj)}, expected a list of records"
-        )
-    if not obj:
-        return fail(
-            "source_empty",
-            f"the file holds no records, but data.txt line {source.line} asks for "
-            f"{source.samples_per_epoch} samples per epoch",
-        )
-    return LoadedSource(source, obj, [], sha256)
 
 
 def check_source(source: Source, opts: ValidateOptions) -> SourceCheck:
@@ -328,12 +284,98 @@ def mark_duplicate_ids(file: str, checks: list[RecordCheck]) -> list[RecordCheck
 def check_records(
     source: Source, raw_records: list[Any], start: int, opts: ValidateOptions
 ) -> list[RecordCheck]:
-    """Check records `raw_records` found at positions start, start+1, ... of `source` (no duplicate-id check)."""
-    json_dir = source.resolved.parent
-    roots = media_roots(json_dir, opts)
+    """Check records `raw_records` found at positions start, start+1, ... of `source` (no duplicate-id check).
+
+    Never raises for a record: a check that fails on one (a bug, or an input it does not handle)
+    gives that record a `check_failed` error naming the exception, and the others are checked.
+    """
+    context = _RecordContext(
+        file=source.path,
+        json_dir=source.resolved.parent,
+        roots=media_roots(source.resolved.parent, opts),
+        special=special_strings_pattern(opts.tokenizer),
+        opts=opts,
+    )
+    return [_guarded_check(raw, start + i, context) for i, raw in enumerate(raw_records)]
+
+
+@dataclass(frozen=True)
+class _RecordContext:
+    """What every record check of one call needs (computed once per call)."""
+
+    file: str
+    json_dir: Path
+    roots: tuple[Path, ...] | None
+    special: re.Pattern[str]
+    opts: ValidateOptions
+
+
+def _guarded_check(raw: Any, index: int, context: _RecordContext) -> RecordCheck:
+    try:
+        return _check_record(raw, index, context)
+    except Exception as e:  # one record's failure is that record's error, never the whole run's
+        rid = finding_id(_raw_id(raw))
+        finding = Finding(
+            context.file,
+            None,
+            index,
+            rid,
+            "check_failed",
+            f"checking the record failed: {exception_text(e)}",
+            "error",
+            HINTS["check_failed"],
+        )
+        return RecordCheck(index, rid, None, [finding])
+
+
+def exception_text(e: BaseException, limit: int = 500) -> str:
+    """`Type: message (at file.py:line)` of an unexpected exception, for a finding or a reject."""
+    import traceback
+
+    frames = traceback.extract_tb(e.__traceback__)
+    where = f" (at {Path(frames[-1].filename).name}:{frames[-1].lineno})" if frames else ""
+    text = f"{type(e).__name__}: {escape_surrogates(str(e))}"
+    return (text if len(text) <= limit else text[: limit - 3] + "...") + where
+
+
+_special_patterns: dict[Path | None, re.Pattern[str]] = {}
+
+
+def special_strings_pattern(tokenizer: Path | None) -> re.Pattern[str]:
+    """What a turn's text must not hold: the tokenizer's `forbidden_strings`, or without a tokenizer
+    IXC2.5's (`IXC_SPECIAL_PATTERN`); compiled once per process."""
+    if tokenizer not in _special_patterns:
+        if tokenizer is None:
+            pattern = IXC_SPECIAL_PATTERN
+        else:
+            strings = sorted(cached_tokenizer(tokenizer).forbidden_strings, key=len, reverse=True)
+            pattern = "|".join(re.escape(s) for s in strings)
+        _special_patterns[tokenizer] = re.compile(pattern)
+    return _special_patterns[tokenizer]
+
+
+@dataclass(frozen=True)
+class OverDeepRecord:
+    """What crosses a process boundary in place of a record nested too deeply to send."""
+
+    id: Any
+    """The record's id as findings carry it (`_finding_id`)."""
+
+
+def shallow_records(raw_records: list[Any]) -> list[Any]:
+    """The records as they may cross a process boundary: one nested deeper than MAX_RECORD_DEPTH
+    becomes an `OverDeepRecord` (pickling it could exhaust the stack); the checks report both the
+    same way (`record_too_deep`), so the result does not depend on the number of workers."""
     return [
-        _check_record(raw, start + i, source.path, json_dir, roots, opts) for i, raw in enumerate(raw_records)
+        OverDeepRecord(finding_id(_raw_id(raw)))
+        if json_depth(raw, MAX_RECORD_DEPTH) > MAX_RECORD_DEPTH
+        else raw
+        for raw in raw_records
     ]
+
+
+def _raw_id(raw: Any) -> Any:
+    return raw.get("id") if isinstance(raw, dict) else None
 
 
 def media_roots(json_dir: Path, opts: ValidateOptions) -> tuple[Path, ...] | None:
@@ -345,65 +387,6 @@ def media_roots(json_dir: Path, opts: ValidateOptions) -> tuple[Path, ...] | Non
         return None
     roots = (real_path(p) for p in (Path.cwd(), json_dir, *opts.allow_path))
     return tuple(dict.fromkeys(r for r in roots if r is not None))
-
-
-_LONE_SURROGATE = re.compile(r"[\ud800-\udfff]")
-
-
-def dumps_json(obj: Any, **kwargs: Any) -> str:
-    """`json.dumps(obj, ensure_ascii=False)` whose text always encodes as UTF-8.
-
-    JSON input may hold lone UTF-16 surrogates ("\\ud800" escapes); a record id carries them into
-    findings. They are written back as the same escapes, which every JSON reader decodes again.
-    """
-    return _escape_surrogates(json.dumps(obj, ensure_ascii=False, **kwargs))
-
-
-def _json_type(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "boolean"
-    return {dict: "object", list: "list", str: "string", int: "number", float: "number"}.get(
-        type(value), type(value).__name__
-    )
-
-
-def _short(value: Any, limit: int = 60) -> str:
-    try:
-        text = repr(value)
-    except RecursionError:  # a list nested ~900 deep parses, but repr() may not have the stack left
-        return f"<a JSON {_json_type(value)} nested too deeply to show>"
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _lone_surrogate(text: str) -> str | None:
-    """Where `text` holds an unpaired UTF-16 surrogate (not text: it cannot be encoded), or None."""
-    if (m := _LONE_SURROGATE.search(text)) is None:
-        return None
-    return f"the unpaired surrogate {m.group()!r} at character {m.start()}"
-
-
-def _escape_surrogates(text: str) -> str:
-    """Lone surrogates as visible backslash-u text, so that findings always encode as UTF-8."""
-    return _LONE_SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
-
-
-def _finding_id(rid: Any) -> Any:
-    """The record id as findings and rejects.jsonl carry it: JSON-safe, UTF-8-safe and small.
-
-    A string or integer id is kept (lone surrogates escaped as text); an invalid id is kept when it
-    is a small plain JSON value, else it is replaced by its shortened repr.
-    """
-    if rid is None or (isinstance(rid, int) and not isinstance(rid, bool)):
-        return rid
-    if isinstance(rid, str):
-        return _escape_surrogates(rid)
-    try:
-        text = json.dumps(rid, ensure_ascii=False, allow_nan=False)
-    except (ValueError, RecursionError):  # NaN/Infinity, or nested too deeply
-        return _short(rid)
-    return rid if len(text) <= 200 and not _LONE_SURROGATE.search(text) else _short(rid)
 
 
 def record_from_json(raw: Any, json_dir: Path, where: str) -> Record:
@@ -437,12 +420,18 @@ def record_from_json(raw: Any, json_dir: Path, where: str) -> Record:
     )
 
 
-def _check_record(
-    raw: Any, index: int, file: str, json_dir: Path, roots: tuple[Path, ...] | None, opts: ValidateOptions
-) -> RecordCheck:
+def _check_record(raw: Any, index: int, context: _RecordContext) -> RecordCheck:
+    file, json_dir, roots, opts = context.file, context.json_dir, context.roots, context.opts
     findings: list[Finding] = []
-    raw_id = raw.get("id") if isinstance(raw, dict) else None
-    rid = _finding_id(raw_id)
+    if isinstance(raw, OverDeepRecord) or json_depth(raw, MAX_RECORD_DEPTH) > MAX_RECORD_DEPTH:
+        rid = raw.id if isinstance(raw, OverDeepRecord) else finding_id(_raw_id(raw))
+        message = f"the record nests lists/objects more than {MAX_RECORD_DEPTH} levels deep"
+        finding = Finding(
+            file, None, index, rid, "record_too_deep", message, "error", HINTS["record_too_deep"]
+        )
+        return RecordCheck(index, rid, None, [finding])
+    raw_id = _raw_id(raw)
+    rid = finding_id(raw_id)
 
     def add(code: str, message: str, severity: Severity = "error", hint: str | None = None) -> None:
         findings.append(
@@ -452,9 +441,7 @@ def _check_record(
         )
 
     if not isinstance(raw, dict):
-        add(
-            "record_not_object", f"the record is a JSON {_json_type(raw)} ({_short(raw)}), expected an object"
-        )
+        add("record_not_object", f"the record is a JSON {json_type(raw)} ({short(raw)}), expected an object")
         return RecordCheck(index, None, None, findings)
 
     if "id" not in raw:
@@ -462,18 +449,18 @@ def _check_record(
     elif isinstance(raw_id, bool) or not isinstance(raw_id, str | int):
         add(
             "id_bad_type",
-            f"id {_short(raw_id)} is a JSON {_json_type(raw_id)}, expected a string or an integer",
+            f"id {short(raw_id)} is a JSON {json_type(raw_id)}, expected a string or an integer",
         )
-    elif isinstance(raw_id, str) and (bad := _lone_surrogate(raw_id)):
+    elif isinstance(raw_id, str) and (bad := lone_surrogate(raw_id)):
         add("invalid_unicode", f"the id holds {bad}")
     if extra := [k for k in raw if k not in RECORD_KEYS]:
         add(
             "unknown_key",
-            f"unknown key(s) {', '.join(_short(k, 40) for k in extra)} will be ignored",
+            f"unknown key(s) {', '.join(short(k, 40) for k in extra)} will be ignored",
             "warning",
         )
 
-    turns = _check_conversations(raw, add)
+    turns = _check_conversations(raw, add, context.special)
     media_or_none = _check_image_field(raw, add)
     media = media_or_none or []
     probes: list[MediaProbe | None] = []
@@ -514,7 +501,9 @@ def _check_record(
 AddFinding = Callable[..., None]
 
 
-def _check_conversations(raw: dict[str, Any], add: AddFinding) -> list[tuple[Role | None, Any]] | None:
+def _check_conversations(
+    raw: dict[str, Any], add: AddFinding, special: re.Pattern[str]
+) -> list[tuple[Role | None, Any]] | None:
     """(role, value) per turn (role None when unknown), or None when the list itself is unusable."""
     if "conversations" not in raw:
         add("conversations_missing", 'the record has no "conversations"')
@@ -523,7 +512,7 @@ def _check_conversations(raw: dict[str, Any], add: AddFinding) -> list[tuple[Rol
     if not isinstance(conv, list):
         add(
             "conversations_bad_type",
-            f'"conversations" is a JSON {_json_type(conv)}, expected a list of turns',
+            f'"conversations" is a JSON {json_type(conv)}, expected a list of turns',
         )
         return None
     if not conv:
@@ -537,7 +526,7 @@ def _check_conversations(raw: dict[str, Any], add: AddFinding) -> list[tuple[Rol
         if not isinstance(turn, dict):
             add(
                 "turn_not_object",
-                f"{where} is a JSON {_json_type(turn)} ({_short(turn)}), expected an object",
+                f"{where} is a JSON {json_type(turn)} ({short(turn)}), expected an object",
             )
             turns.append((None, None))
             continue
@@ -546,19 +535,19 @@ def _check_conversations(raw: dict[str, Any], add: AddFinding) -> list[tuple[Rol
         if "from" not in turn:
             add("turn_missing_from", f'{where} has no "from"')
         elif not isinstance(turn["from"], str) or (role := role_of(turn["from"])) is None:
-            add("unknown_role", f'{where} has "from" {_short(turn["from"])}: not a user or assistant role')
+            add("unknown_role", f'{where} has "from" {short(turn["from"])}: not a user or assistant role')
         value = turn.get("value")
         if "value" not in turn:
             add("turn_missing_value", f'{where} has no "value"')
         elif not isinstance(value, str):
-            add("value_not_string", f'{where} "value" is a JSON {_json_type(value)}, expected a string')
+            add("value_not_string", f'{where} "value" is a JSON {json_type(value)}, expected a string')
             value = None
         else:
             if not value.strip():
                 add("value_empty", f'{where} "value" is empty after stripping whitespace')
-            if bad := _lone_surrogate(value):
+            if bad := lone_surrogate(value):
                 add("invalid_unicode", f'{where} "value" holds {bad}')
-            if found := _SPECIAL_RE.findall(value):
+            if found := special.findall(value):
                 names = ", ".join(dict.fromkeys(found))
                 add("special_token", f"{where} contains the special string(s) {names}")
         turns.append((role, value))
@@ -601,14 +590,14 @@ def _check_image_field(raw: dict[str, Any], add: AddFinding) -> list[str] | None
             return None
         bad = [i for i, p in enumerate(image) if not isinstance(p, str) or not p.strip()]
         if bad:
-            shown = ", ".join(f"image[{i}] = {_short(image[i], 30)}" for i in bad[:5])
+            shown = ", ".join(f"image[{i}] = {short(image[i], 30)}" for i in bad[:5])
             add("image_bad_type", f'"image" entries must be non-empty path strings: {shown}')
             return None
         usable = [_usable_path_text(f"image[{i}]", p, add) for i, p in enumerate(image)]
         return list(image) if all(usable) else None
     add(
         "image_bad_type",
-        f'"image" is a JSON {_json_type(image)} ({_short(image)}), expected a path or a list of paths',
+        f'"image" is a JSON {json_type(image)} ({short(image)}), expected a path or a list of paths',
     )
     return None
 
@@ -616,10 +605,10 @@ def _check_image_field(raw: dict[str, Any], add: AddFinding) -> list[str] | None
 def _usable_path_text(label: str, path: str, add: AddFinding) -> bool:
     """False (after a finding) for path text no file name can hold: NUL, lone surrogates."""
     if "\x00" in path:
-        add("image_bad_type", f"{label} {_short(path, 40)} holds a NUL character, which no file name can")
+        add("image_bad_type", f"{label} {short(path, 40)} holds a NUL character, which no file name can")
         return False
-    if bad := _lone_surrogate(path):
-        add("invalid_unicode", f"{label} {_short(path, 40)} holds {bad}")
+    if bad := lone_surrogate(path):
+        add("invalid_unicode", f"{label} {short(path, 40)} holds {bad}")
         return False
     return True
 

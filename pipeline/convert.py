@@ -180,11 +180,16 @@ def _is_file(path: Path) -> bool:
 def _image_extension(data: bytes) -> str:
     from PIL import Image, UnidentifiedImageError
 
+    from pipeline.media import ACCEPTED_FORMATS_TEXT, IMAGE_FORMATS
+
     try:
-        with Image.open(io.BytesIO(data)) as im:  # the header only: validate decodes it later
+        # the header only (validate decodes it later), and only formats decoded in-process
+        with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as im:
             fmt = im.format or ""
     except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise reject("image_bytes_unreadable", f"{len(data):,} bytes that Pillow cannot open ({e})") from e
+        raise reject(
+            "image_bytes_unreadable", f"{len(data):,} bytes that are not a {ACCEPTED_FORMATS_TEXT} image ({e})"
+        ) from e
     return IMAGE_EXTENSIONS.get(fmt, "." + fmt.lower())
 
 

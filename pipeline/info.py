@@ -15,21 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from schemas.cli import ExitCode
-from schemas.manifest import REJECTS_NAME, TOKENIZER_NAME, Manifest
-
-
-def tokenizer_problems(shard_dir: Path, manifest: Manifest) -> list[str]:
-    """The copied tokenizer must be the one the fingerprint names (the trainer may load it)."""
-    from schemas.shards import file_sha256
-
-    path = shard_dir / TOKENIZER_NAME
-    if not path.is_file():
-        return [
-            f"{path}: missing (the shards were made with tokenizer sha256 {manifest.fingerprint.tokenizer_sha256})"
-        ]
-    if file_sha256(path) != manifest.fingerprint.tokenizer_sha256:
-        return [f"{path}: sha256 does not match the manifest's fingerprint (replaced or corrupted)"]
-    return []
+from schemas.manifest import REJECTS_NAME, Manifest
 
 
 def count_rejects(shard_dir: Path) -> int | None:
@@ -82,7 +68,7 @@ def print_info(shard_dir: Path, manifest: Manifest) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from schemas.shards import verify_shards
+    from schemas.shards import tokenizer_problems, verify_shards
 
     shard_dir = Path(args.shards_dir)
     try:

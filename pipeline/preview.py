@@ -7,7 +7,10 @@ The human view prints the decoded text with every image block as `<image rows×c
 and the trained tokens (labels != -100) between ⟦ and ⟧. `--json` prints exactly
 `{"input_ids": [...], "labels": [...], "images": [{"grid": [rows, cols], "span": [start, end]}]}`
 with -100 inside image spans in both lists, the format of the golden vectors.
-Media paths resolve against the current directory, then the JSON file's folder.
+Media paths resolve against the current directory, then the JSON file's folder. The record is shown
+even when `xc-prep validate` would refuse it, except for what is never safe to build: media
+outside the allowed folders (the policy and flags of `xc-prep validate`), text that becomes control
+tokens, and records nested too deeply; those, and any error, end in a message, not a traceback.
 
 With --shards, N counts stored samples across all sources in manifest order (shard by shard, row by
 row), or within --source NAME; the stored sample is shown exactly as one built from JSON.
@@ -23,13 +26,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pipeline.checks import record_from_json
+from pipeline.checks import HINTS, ValidateOptions, check_records, exception_text, record_from_json
 from pipeline.errors import DataError
+from pipeline.flags import add_media_policy_arguments, media_policy_options
+from pipeline.json_source import json_size_limit
 from pipeline.template import DEFAULT_MAX_LENGTH
 from pipeline.tiling import DEFAULT_HD_NUM
 from schemas.cli import ExitCode
-from schemas.manifest import TOKENIZER_NAME, Manifest
-from schemas.record import Record
+from schemas.manifest import TOKENIZER_NAME, Manifest, shard_path
+from schemas.record import Record, Source
 from schemas.sample import IGNORE_INDEX, LAYOUTS, STYLES, Sample
 
 TOKENIZER_ENV = "XC_TOKENIZER"
@@ -94,21 +99,50 @@ def render_sample_summary(sample: Sample, media: tuple[str, ...] = ()) -> str:
 # ---------------------------------------------------------------- reading one record
 
 
-def load_record(json_file: Path, index: int) -> Record:
-    """Record `index` (0-based) of a JSON file, or a DataError saying what is wrong."""
+PREVIEW_REFUSED = frozenset(
+    {"media_outside_roots", "special_token", "record_too_deep", "invalid_unicode", "check_failed"}
+)
+"""Findings preview refuses on (others it shows anyway): never open media outside the allowed
+folders, never build text into control ids, never touch what cannot be encoded or traversed."""
+
+
+def load_raw_record(json_file: Path, index: int) -> Any:
+    """The JSON value of record `index` (0-based) of a JSON file, or a DataError saying what is wrong."""
+    if json_file.is_dir():
+        raise DataError("json_missing", f"{json_file}: is a folder; pass a JSON file of records")
     try:
+        if (size := json_file.stat().st_size) > (limit := json_size_limit()):
+            raise DataError(
+                "json_too_large",
+                f"{json_file}: {size:,} bytes, more than the {limit:,} bytes this machine can read",
+            )
         records = json.loads(json_file.read_text(encoding="utf-8"))
     except FileNotFoundError as e:
         raise DataError("json_missing", f"{json_file}: file not found") from e
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DataError("json_invalid", f"{json_file}: not valid JSON ({e})") from e
+    except (OSError, RecursionError, ValueError, MemoryError) as e:
+        raise DataError("json_invalid", f"{json_file}: cannot read it ({type(e).__name__}: {e})") from e
     if not isinstance(records, list):
         raise DataError("json_not_list", f"{json_file}: expected a JSON list of records")
     if not 0 <= index < len(records):
         raise DataError(
             "record_out_of_range", f"{json_file}: --record {index} is out of range (0..{len(records) - 1})"
         )
-    return record_from_json(records[index], json_file.parent, f"{json_file} record {index}")
+    return records[index]
+
+
+def load_record(json_file: Path, index: int, opts: ValidateOptions | None = None) -> Record:
+    """Record `index` (0-based) of a JSON file, or a DataError saying what is wrong: the file, or
+    a finding in PREVIEW_REFUSED from the checks under `opts` (default: the default policy)."""
+    raw = load_raw_record(json_file, index)
+    source = Source(path=str(json_file), resolved=json_file, k=1.0, line=0)
+    (check,) = check_records(source, [raw], index, opts or ValidateOptions(decode_images=False))
+    if refused := [f for f in check.findings if f.code in PREVIEW_REFUSED]:
+        first = refused[0]
+        more = f" (+{len(refused) - 1} more)" if len(refused) > 1 else ""
+        raise DataError(first.code, first.message + more, hint=first.hint)
+    return record_from_json(raw, json_file.parent, f"{json_file} record {index}")
 
 
 # ---------------------------------------------------------------- preview of a stored sample
@@ -167,8 +201,8 @@ def preview_stored(args: argparse.Namespace) -> int:
     try:
         manifest = Manifest.load(shard_dir)
         file, row = locate_sample(manifest, args.sample, args.source)
-        sample = ShardReader(shard_dir / file).read(row)
-    except (FileNotFoundError, ValueError) as e:
+        sample = ShardReader(shard_path(shard_dir, file)).read(row)
+    except (FileNotFoundError, ValueError, KeyError, TypeError) as e:
         print(f"xc-prep preview: {e}", file=sys.stderr)
         return ExitCode.INVALID_DATA
     if args.json:
@@ -231,6 +265,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--font", type=Path, default=None, help="TrueType font for video frame labels")
     p.add_argument("--json", action="store_true", help="print the golden-vector JSON instead of text")
     add_stored_sample_arguments(p)  # --shards DIR [--source NAME] --sample N
+    add_media_policy_arguments(p)  # the allowed folders and size limits of `xc-prep validate`
     p.set_defaults(run=run)
 
 
@@ -259,10 +294,20 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         tokenizer = Tokenizer.from_path(args.tokenizer)
+        policy = media_policy_options(args)
     except (FileNotFoundError, ValueError) as e:
         return _usage_error(str(e))
+    opts = ValidateOptions(
+        hd_num=args.hd_num,
+        max_length=args.max_length,
+        tokenizer=args.tokenizer,
+        style=args.style,
+        layout=args.layout,
+        decode_images=False,  # building the sample decodes them
+        **policy,
+    )
     try:
-        record = load_record(args.json_file, args.record)
+        record = load_record(args.json_file, args.record, opts)
         sample = build_sample(
             record,
             tokenizer,
@@ -274,11 +319,19 @@ def run(args: argparse.Namespace) -> int:
             layout=args.layout,
             max_length=args.max_length,
             font_path=args.font,
+            max_image_pixels=args.max_image_pixels,
         )
     except DataError as e:
         print(f"{args.json_file} record {args.record}: [{e.code}] {e.message}", file=sys.stderr)
-        if e.hint:
-            print(f"  fix: {e.hint}", file=sys.stderr)
+        if hint := e.hint or HINTS.get(e.code):
+            print(f"  fix: {hint}", file=sys.stderr)
+        return ExitCode.INVALID_DATA
+    except Exception as e:  # an error inside xc-prep: name it and the record, without a traceback
+        print(
+            f"{args.json_file} record {args.record}: [build_failed] building the sample failed: "
+            f"{exception_text(e)}; please report it with the record",
+            file=sys.stderr,
+        )
         return ExitCode.INVALID_DATA
     if args.json:
         print(json.dumps(sample_to_preview_json(sample)))

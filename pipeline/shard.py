@@ -4,8 +4,10 @@ One run applies exactly the checks of `xc-prep validate` (its functions, its opt
 safety flags), builds every valid record into a `schemas.sample.Sample` (pipeline/build.py) and
 streams it into a shard. A record that fails either is listed in `rejects.jsonl` and the run still
 succeeds (exit 0); only file-level problems (data.txt, a JSON file that does not parse) stop it
-before anything is written (exit 1, reported as validate reports them). Bad flags or an output
-folder it must not touch: exit 2. Ctrl-C: exit 130, finished units kept.
+before anything is written (exit 1, reported as validate reports them). A record that hits an error
+inside xc-prep (`check_failed`, `build_failed`: any exception, not a data rule) is rejected too and
+the run goes on, then exits 1 naming it. Bad flags or an output folder it must not touch: exit 2.
+Ctrl-C or SIGTERM: exit 130, finished units kept; the worker processes die with the main one.
 
 Output under --out:
     manifest.json              fingerprint, per-source and per-shard facts; written last, so its
@@ -50,18 +52,20 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from pipeline.checks import RecordCheck, dumps_json, load_source, mark_duplicate_ids
+from pipeline.checks import RecordCheck, mark_duplicate_ids
 from pipeline.flags import (
     MEDIA_POLICY_FIELDS,
     add_media_policy_arguments,
     default_workers,
     media_policy_options,
 )
+from pipeline.json_source import dumps_json, load_source
 from pipeline.shard_config import ShardConfig, UsageError, fingerprint
 from pipeline.shard_folder import lock_output, prepare_output
 from pipeline.shard_units import Progress, SourceInput, UnitTask, WorkerDied, make_tasks, run_units
 from pipeline.sources import DataTxtError, parse_data_txt
 from pipeline.validate import format_findings
+from pipeline.workers import Terminated, stop_on_sigterm
 from schemas.atomic import write_atomic
 from schemas.cli import ExitCode, add_dataclass_flags, field_docs
 from schemas.manifest import (
@@ -130,6 +134,8 @@ def make_plan(config: ShardConfig, fp: Fingerprint, inputs: list[SourceInput]) -
 # ---------------------------------------------------------------- manifest and rejects
 
 
+UNEXPECTED_CODES = frozenset({"check_failed", "build_failed"})
+"""Reject codes of an error inside xc-prep rather than a rule about the data: the run goes on, then exits 1."""
 STAT_FIELDS = ("records_read", "samples_written", "rejected", "total_tokens", "trained_tokens", "tiles")
 
 
@@ -265,6 +271,16 @@ def shard(config: ShardConfig) -> int:
     finally:
         os.close(lock)
     print_summary(config, manifest, results, time.perf_counter() - started)
+    if failed := [r for r in rejects if r["code"] in UNEXPECTED_CODES]:
+        first = failed[0]
+        print(
+            f"FAILED: {len(failed):,} record(s) hit an error inside xc-prep ({', '.join(sorted(UNEXPECTED_CODES))} "
+            f"in {REJECTS_NAME}), e.g. {first['file']} record {first['index']}: {first['message']}. "
+            "The shards hold every other record and the folder is complete; please report the error "
+            "with the record.",
+            file=sys.stderr,
+        )
+        return ExitCode.INVALID_DATA
     return ExitCode.OK
 
 
@@ -303,16 +319,18 @@ def config_from_args(args: argparse.Namespace) -> ShardConfig:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        return shard(config_from_args(args))
+        with stop_on_sigterm():
+            return shard(config_from_args(args))
     except UsageError as e:
         print(f"xc-prep shard: error: {e}", file=sys.stderr)
         return ExitCode.USAGE
     except WorkerDied as e:
         print(f"xc-prep shard: error: {e}", file=sys.stderr)
         return ExitCode.INVALID_DATA
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
+        how = "stopped by SIGTERM" if isinstance(e, Terminated) else "interrupted"
         print(
-            "\nxc-prep shard: interrupted; finished shards are kept, re-run the same command to resume",
+            f"\nxc-prep shard: {how}; finished shards are kept, re-run the same command to resume",
             file=sys.stderr,
         )
         return ExitCode.INTERRUPTED

@@ -14,7 +14,7 @@ import dataclasses
 import functools
 import json
 import multiprocessing
-import signal
+import os
 import sys
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
@@ -24,9 +24,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.checks import RecordCheck, ValidateOptions, check_records, dumps_json
+from pipeline.checks import (
+    BUG_HINT,
+    HINTS,
+    RecordCheck,
+    ValidateOptions,
+    check_records,
+    exception_text,
+    shallow_records,
+)
+from pipeline.json_source import dumps_json
 from pipeline.shard_config import ShardConfig, validate_options
 from pipeline.shard_folder import SHARD_STEM, SHARD_SUFFIX, WORK_DIR
+from pipeline.workers import start_worker, stop_pool
 from schemas.atomic import publish, temp_path, write_atomic
 from schemas.record import Source
 from schemas.report import Finding
@@ -88,18 +98,20 @@ class UnitTask:
 
 
 def make_tasks(config: ShardConfig, inputs: list[SourceInput]) -> list[UnitTask]:
+    """One task per unit; with --workers > 1 the records are made fit to send (`shallow_records`)."""
     size = config.samples_per_shard
     tasks = []
     for pos, si in enumerate(inputs):
         for unit, start in enumerate(range(0, len(si.records), size)):
             end = min(start + size, len(si.records))
+            raw = si.records[start:end]
             tasks.append(
                 UnitTask(
                     source_pos=pos,
                     source=si.source,
                     unit=unit,
                     records=(start, end),
-                    raw=tuple(si.records[start:end]),
+                    raw=tuple(shallow_records(raw) if config.workers > 1 else raw),
                     duplicates={i: f for i, f in si.duplicates.items() if start <= i < end},
                     out=config.out,
                 )
@@ -195,16 +207,22 @@ def run_unit(
                     max_image_pixels=config.max_image_pixels,
                 )
             except DataError as e:
+                hint = e.hint or HINTS.get(e.code, "")  # the fix the checks give for this code
                 rejects.append(
-                    Finding(task.file, None, check.index, check.id, e.code, e.message, hint=e.hint).to_json()
+                    Finding(task.file, None, check.index, check.id, e.code, e.message, hint=hint).to_json()
                 )
                 progress(1)
                 continue
-            except Exception as e:  # a bug, not bad data: stop, but say which record triggered it
-                raise RuntimeError(
-                    f"{task.file} record {check.index} (id {check.id!r}): unexpected error while building "
-                    f"the sample: {type(e).__name__}: {e}"
-                ) from e
+            except Exception as e:
+                # Not a rule about the data (those raise DataError) but an error inside the build:
+                # this record is left out, the run goes on, and `xc-prep shard` exits 1 naming it.
+                message = f"building the sample failed: {exception_text(e)}"
+                finding = Finding(
+                    task.file, None, check.index, check.id, "build_failed", message, hint=BUG_HINT
+                )
+                rejects.append(finding.to_json())
+                progress(1)
+                continue
             if writer is None:
                 tmp.parent.mkdir(parents=True, exist_ok=True)
                 writer = ShardWriter(tmp, config.tile_codec)
@@ -254,8 +272,6 @@ _worker_counters: Any = None
 def _init_worker(config: ShardConfig, counters: Any) -> None:
     from pipeline.tokenization import Tokenizer
 
-    # Ctrl-C reaches the whole process group: the main process alone handles it (and stops us).
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
     global _worker_config, _worker_tokenizer, _worker_counters
     _worker_config, _worker_counters = config, counters
     assert config.tokenizer is not None, "checked by ShardConfig.check"
@@ -318,7 +334,12 @@ def run_units(
     ctx = multiprocessing.get_context("spawn")
     counters = ctx.Array("q", len(progress.bars))
     results = []
-    pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(config, counters))
+    pool = ProcessPoolExecutor(
+        workers,
+        mp_context=ctx,
+        initializer=start_worker,  # dies with this process, leaves Ctrl-C and SIGTERM to it
+        initargs=(os.getpid(), _init_worker, config, counters),
+    )
     waiting_for = tasks[0]
     try:
         futures = [pool.submit(_run_unit_in_worker, task) for task in tasks]
@@ -332,14 +353,10 @@ def run_units(
                     progress.set(counters[:])
             progress.set(counters[:])
     except BaseException as e:
-        # Ctrl-C, a bug in a unit or a dead worker: stop the other workers now rather than after
-        # their current unit; whatever they leave half-written is a temp file the next run deletes.
-        pool.shutdown(wait=False, cancel_futures=True)
-        children = multiprocessing.active_children()
-        for child in children:
-            child.terminate()
-        for child in children:
-            child.join(timeout=10)
+        # Ctrl-C, SIGTERM, an error writing a unit or a dead worker: stop the other workers now
+        # rather than after their current unit; what they leave half-written is a temp file the
+        # next run deletes.
+        stop_pool(pool)
         if isinstance(e, BrokenProcessPool):
             unit = waiting_for
             raise WorkerDied(

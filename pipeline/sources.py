@@ -1,7 +1,7 @@
 """Parse `data.txt`, the list of JSON sources, into `schemas.record.Source`s plus findings.
 
 One line per source: `<json path> <k>` (docs/IXC25.md#data-txt); the source contributes `int(k * 1000)` samples
-per epoch. Blank lines and lines starting with `#` are skipped (the official recipe would choke on
+per epoch, at most `schemas.record.MAX_SAMPLES_PER_EPOCH` (k <= MAX_K). Blank lines and lines starting with `#` are skipped (the official recipe would choke on
 them, we are lenient). Paths resolve against the current directory first, then against data.txt's
 folder. Every problem becomes a `Finding` whose `file` is data.txt as the user named it and whose
 `line` is 1-based; a line with an error yields no `Source`.
@@ -18,7 +18,7 @@ from pathlib import Path
 
 from pipeline.errors import DataError
 from pipeline.media import resolve_path
-from schemas.record import Source
+from schemas.record import MAX_K, MAX_SAMPLES_PER_EPOCH, Source
 from schemas.report import Finding, Severity
 
 LINE_FORMAT = 'expected "<file.json> <k>", e.g. "data/vqa.json 0.5"'
@@ -39,6 +39,14 @@ DATA_TXT_CODES = frozenset(
 
 class DataTxtError(DataError):
     """data.txt itself is missing or unreadable: nothing to validate (a usage error)."""
+
+
+def _samples_text(k: float) -> str:
+    """int(k * 1000) as text, in scientific notation when it is too long to read."""
+    samples = k * 1000
+    if not math.isfinite(samples):
+        return "more than 1e308 (it overflows)"
+    return f"{int(samples):,}" if samples < 1e15 else f"{samples:.3g}"
 
 
 def _path_problem(path: Path) -> str | None:
@@ -133,12 +141,15 @@ def parse_data_txt(data_txt: Path) -> tuple[list[Source], list[Finding]]:
                 "remove the line to drop the source, or give it a positive weight",
             )
             continue
-        if not math.isfinite(k * 1000):  # int(k * 1000) samples per epoch must be a number
+        if k > MAX_K:
             finding(
                 line_no,
                 "source_bad_k",
-                f"k {k_text!r} is too large: int(k * 1000) samples per epoch overflows",
-                "write k as a decimal number such as 0.5 (int(k * 1000) samples per epoch)",
+                f"k {k_text!r} asks for int(k * 1000) = {_samples_text(k)} samples per epoch, more than "
+                f"{MAX_SAMPLES_PER_EPOCH:,} (k {MAX_K:,}): the trainer's epoch plan holds every drawn "
+                "sample in memory",
+                f"write k as the number of thousands of samples per epoch, at most {MAX_K:,} "
+                '(e.g. "data/vqa.json 0.5" for 500)',
             )
             continue
 

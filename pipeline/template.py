@@ -30,6 +30,10 @@ from schemas.record import IMAGE_PLACEHOLDER, Turn
 from schemas.sample import IGNORE_INDEX, IMAGE_TOKEN_ID, LAYOUTS, Layout, image_token_count
 
 DEFAULT_MAX_LENGTH = 16384
+SPECIAL_TOKEN_HINT = (
+    "remove or reword the special string (e.g. write '<|im_start|>' as '< |im_start| >'): "
+    "the tokenizer turns it into a control token"
+)
 ROLE_HEADERS = {"user": f"{START_OF_TURN}user\n", "assistant": f"{START_OF_TURN}assistant\n"}
 TURN_END = f"{END_OF_TURN}\n"
 CONVERSATION_END = EOS
@@ -46,8 +50,13 @@ class TokenizerLike(Protocol):
     def eos_id(self) -> int: ...
     @property
     def end_of_turn_id(self) -> int: ...
+    @property
+    def start_of_turn_id(self) -> int: ...
+    @property
+    def control_ids(self) -> frozenset[int]: ...
 
     def encode(self, text: str) -> list[int]: ...
+    def id_to_piece(self, token_id: int) -> str: ...
 
 
 @dataclass
@@ -154,6 +163,35 @@ def _assemble(
     return np.concatenate(pieces), spans
 
 
+def check_control_ids(input_ids: np.ndarray, num_turns: int, tokenizer: TokenizerLike) -> None:
+    """DataError `special_token` unless the control ids in `input_ids` are exactly those the
+    template places: one `<s>`, one `</s>`, and one turn start and end per turn.
+
+    The checks refuse the strings of control pieces in a turn's text; this catches whatever else
+    text could become a control id through, so a sample never holds one the template did not put.
+    """
+    expected = {
+        tokenizer.bos_id: 1,
+        tokenizer.eos_id: 1,
+        tokenizer.start_of_turn_id: num_turns,
+        tokenizer.end_of_turn_id: num_turns,
+    }
+    ids, counts = np.unique(input_ids[np.isin(input_ids, list(tokenizer.control_ids))], return_counts=True)
+    found = dict(zip(ids.tolist(), counts.tolist(), strict=True))
+    extra = {i: found.get(i, 0) - expected.get(i, 0) for i in {*found, *expected}}
+    if any(extra.values()):
+        shown = ", ".join(
+            f"{tokenizer.id_to_piece(i)} (id {i}) {'+' if n > 0 else ''}{n}"
+            for i, n in sorted(extra.items())
+            if n
+        )
+        raise DataError(
+            "special_token",
+            f"the conversation's text becomes control tokens the template does not place: {shown}",
+            hint=SPECIAL_TOKEN_HINT,
+        )
+
+
 def count_tokens(
     turns: Sequence[Turn],
     grids: Sequence[tuple[int, int]],
@@ -178,6 +216,7 @@ def render_conversation(
     """Tokens, labels and image spans of one conversation, truncated safely to `max_length`."""
     grids = [(int(r), int(c)) for r, c in grids]
     input_ids, spans = _assemble(text_parts(turns, len(grids)), grids, tokenizer, layout)
+    check_control_ids(input_ids, len(turns), tokenizer)
     answer_header_len = len(tokenizer.encode(ANSWER_HEADER))
     labels = mask_human_targets(
         input_ids,

@@ -45,6 +45,18 @@ STRIPPING_SPECIALS = (BOS, EOS, UNK)
 KEEPING_SPECIALS = (END_OF_TURN, START_OF_TURN)
 _SPECIAL_RE = re.compile("(" + "|".join(re.escape(s) for s in STRIPPING_SPECIALS + KEEPING_SPECIALS) + ")")
 
+ADDED_TOKENS = (
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|action_start|>",
+    "<|action_end|>",
+    "<|interpreter|>",
+    "<|plugin|>",
+)
+"""Special tokens the model's Hugging Face tokenizer adds after the sentencepiece vocabulary (ids
+92544..92549, outside the 92,544-row embedding): not in tokenizer.model, so our encoder reads them
+as text, but the HF tokenizer (e.g. at inference) makes each a single id."""
+
 TINY_VOCAB_SIZE = 512
 """Default (maximum) vocabulary of the tiny tokenizer: 3 controls + 3 symbols + 256 bytes + merges."""
 MIN_TINY_VOCAB_SIZE = 400
@@ -113,6 +125,31 @@ class Tokenizer:
     @property
     def newline_id(self) -> int:
         return self._newline_id
+
+    @cached_property
+    def control_pieces(self) -> dict[str, int]:
+        """Every piece literal text must never become, with its id: sentencepiece's control and
+        unknown pieces (`<s>`, `</s>`, `<unk>`: our encoder maps their strings to their ids) and
+        each user-defined piece that is markup rather than text (`[UNUSED_TOKEN_0]` ...
+        `[UNUSED_TOKEN_146]` in IXC2.5's tokenizer). Sentencepiece always encodes a user-defined
+        piece found in text as its one id; those of one repeated character (`\\n`, `Ｅ`, `——`)
+        are ordinary text."""
+        from sentencepiece import sentencepiece_model_pb2
+
+        proto = sentencepiece_model_pb2.ModelProto()  # type: ignore[attr-defined]  # generated
+        proto.ParseFromString(self._model_bytes)
+        markup = {proto.SentencePiece.CONTROL, proto.SentencePiece.UNKNOWN, proto.SentencePiece.USER_DEFINED}
+        return {p.piece: i for i, p in enumerate(proto.pieces) if p.type in markup and len(set(p.piece)) > 1}
+
+    @cached_property
+    def control_ids(self) -> frozenset[int]:
+        """The ids of `control_pieces`: only the chat template may place them in a sample."""
+        return frozenset(self.control_pieces.values())
+
+    @cached_property
+    def forbidden_strings(self) -> tuple[str, ...]:
+        """Strings a turn's text must not hold: `control_pieces` and the HF tokenizer's ADDED_TOKENS."""
+        return tuple(dict.fromkeys([*self.control_pieces, *ADDED_TOKENS]))
 
     @cached_property
     def sha256(self) -> str:

@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
+import os
 import sys
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,14 +31,15 @@ from pipeline.checks import (
     ValidateOptions,
     cached_tokenizer,
     check_records,
-    dumps_json,
-    load_source,
     mark_duplicate_ids,
+    shallow_records,
 )
 from pipeline.flags import add_media_policy_arguments, default_workers, media_policy_options
+from pipeline.json_source import dumps_json, load_source
 from pipeline.sources import DataTxtError, parse_data_txt
 from pipeline.template import DEFAULT_MAX_LENGTH
 from pipeline.tiling import DEFAULT_HD_NUM
+from pipeline.workers import Terminated, start_worker, stop_on_sigterm, stop_pool
 from schemas.cli import ExitCode
 from schemas.report import Finding, Report, SourceSummary
 from schemas.sample import LAYOUTS, STYLES
@@ -113,16 +116,29 @@ def check_all(
     show = progress and sys.stderr.isatty() and total_cost >= PROGRESS_MIN_COST
     with tqdm(total=total_records, unit="rec", desc="validate", disable=not show, file=sys.stderr) as bar:
         if use_pool:
-            context = multiprocessing.get_context("forkserver" if sys.platform != "win32" else "spawn")
-            with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+            # spawn: every worker is this process's own child, so it knows the run is over when its
+            # parent changes (pipeline/workers.py); a forkserver's children would not
+            context = multiprocessing.get_context("spawn")
+            pool = ProcessPoolExecutor(
+                max_workers=workers,
+                mp_context=context,
+                initializer=start_worker,  # dies with this process, leaves Ctrl-C and SIGTERM to it
+                initargs=(os.getpid(),),
+            )
+            try:
                 futures = {
-                    pool.submit(check_records, loaded[pos].source, chunk, start, opts): n
+                    # shallow_records: a record too deeply nested to pickle is not sent
+                    pool.submit(check_records, loaded[pos].source, shallow_records(chunk), start, opts): n
                     for n, (pos, start, chunk) in enumerate(tasks)
                 }
                 for future in as_completed(futures):
                     n = futures[future]
                     results[n] = future.result()
                     bar.update(len(tasks[n][2]))
+            except BaseException:
+                stop_pool(pool)  # Ctrl-C, SIGTERM or a dead worker: not after the running chunks
+                raise
+            pool.shutdown(wait=True)
         else:
             for n, (pos, start, chunk) in enumerate(tasks):
                 results[n] = check_records(loaded[pos].source, chunk, start, opts)
@@ -365,9 +381,21 @@ def run(args: argparse.Namespace) -> int:
         except (FileNotFoundError, ValueError) as e:
             return _usage_error(f"--tokenizer {opts.tokenizer}: {e}")
     try:
-        report = validate(args.data_txt, opts, workers=args.workers, progress=True)
+        with stop_on_sigterm():
+            report = validate(args.data_txt, opts, workers=args.workers, progress=True)
     except DataTxtError as e:
         return _usage_error(f"{e.message} ({e.hint})")
+    except KeyboardInterrupt as e:
+        how = "stopped by SIGTERM" if isinstance(e, Terminated) else "interrupted"
+        print(f"\nxc-prep validate: {how}; nothing was reported", file=sys.stderr)
+        return ExitCode.INTERRUPTED
+    except BrokenProcessPool as e:
+        print(
+            f"xc-prep validate: error: a worker process died ({e}): killed, or out of memory? "
+            "Run again, with fewer --workers if memory is short",
+            file=sys.stderr,
+        )
+        return ExitCode.INVALID_DATA
     print(format_report(report))
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -70,11 +70,15 @@ def read_frames(path: Path, decoder: Decoder | None = None) -> list[np.ndarray]:
 
 
 def _frame_size(width: int, height: int) -> tuple[int, int]:
-    """Frame size after scaling its long side to 1120 (official float expressions)."""
+    """Frame size after scaling its long side to 1120 (official float expressions).
+
+    Upstream crashes when the short side scales below one pixel (an aspect ratio over 1120:1);
+    one pixel is the sane limit, as in tiling.
+    """
     scale = width / height
     if width > height:
-        return FRAME_LONG_SIDE, int(FRAME_LONG_SIDE / scale)
-    return int(FRAME_LONG_SIDE * scale), FRAME_LONG_SIDE
+        return FRAME_LONG_SIDE, max(1, int(FRAME_LONG_SIDE / scale))
+    return max(1, int(FRAME_LONG_SIDE * scale)), FRAME_LONG_SIDE
 
 
 def _canvas_size(num_frames: int, width: int, height: int) -> tuple[int, int]:

@@ -2,13 +2,18 @@
 
 The trainer reads it first and refuses shards whose fingerprint does not match its settings.
 Invariant, for every source: records_read == samples_written + rejected.
+
+A shard's `file` is a path relative to the shard folder, and readers open it only through
+`shard_path`: a manifest naming `../x.arrow`, an absolute path, or a symlink that leads out of the
+folder is refused (`ValueError` naming the manifest, the entry and the fix), so a manifest cannot
+make the trainer or `xc-prep info` read a file elsewhere.
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Literal, get_args
 
 FORMAT_VERSION = 1
@@ -20,6 +25,49 @@ the shards were made with), so a shard folder serves as a tokenizer folder too."
 TileCodec = Literal["raw", "png"]
 TILE_CODECS: tuple[TileCodec, ...] = get_args(TileCodec)
 """How shards store tiles (the fingerprint's tile_codec); schemas/shards.py encodes and decodes them."""
+
+
+REFUSED_PATH_FIX = "the manifest is damaged or was edited: re-run `xc-prep shard` to write the folder again"
+
+
+def _shard_file_problem(file: Any) -> str | None:
+    """Why a manifest's shard path is not a plain relative path inside the folder, or None."""
+    if not isinstance(file, str) or not file:
+        return "not a file name"
+    if "\\" in file or "\x00" in file or file.startswith("/") or PurePosixPath(file).is_absolute():
+        return "an absolute path (or one with a backslash or NUL), not a path inside the shard folder"
+    if any(part in ("", ".", "..") for part in file.split("/")):
+        return "a path that leaves the shard folder (or has an empty, '.' or '..' part)"
+    if ":" in file.split("/")[0]:
+        return "a path with a drive or URL prefix, not a path inside the shard folder"
+    return None
+
+
+def shard_path(shard_dir: Path, file: str) -> Path:
+    """The shard file a manifest entry names, refused (ValueError) unless it lies inside
+    `shard_dir` after resolving symlinks."""
+    if (problem := _shard_file_problem(file)) is not None:
+        raise ValueError(
+            f"{Path(shard_dir) / MANIFEST_NAME} lists shard {file!r}: {problem}; {REFUSED_PATH_FIX}"
+        )
+    path = Path(shard_dir) / file
+    try:
+        inside = path.resolve().is_relative_to(Path(shard_dir).resolve())
+    except (OSError, RuntimeError):  # a symlink loop
+        inside = False
+    if not inside:
+        raise ValueError(
+            f"{path}: a symlink that leads out of the shard folder {shard_dir} (to {_target(path)}); "
+            "the trainer and `xc-prep info` read shards only inside the folder: copy the file in instead"
+        )
+    return path
+
+
+def _target(path: Path) -> str:
+    try:
+        return str(path.resolve())
+    except (OSError, RuntimeError):
+        return "a symlink loop"
 
 
 @dataclass(frozen=True)
@@ -90,6 +138,11 @@ class Manifest:
         sources = []
         for s in data["sources"]:
             shards = [ShardInfo(**{**sh, "records": tuple(sh["records"])}) for sh in s["shards"]]
+            for shard in shards:
+                if (problem := _shard_file_problem(shard.file)) is not None:
+                    raise ValueError(
+                        f"{MANIFEST_NAME} lists shard {shard.file!r}: {problem}; {REFUSED_PATH_FIX}"
+                    )
             sources.append(SourceInfo(**{**s, "shards": shards}))
         return cls(
             fingerprint=Fingerprint(**data["fingerprint"]),

@@ -19,6 +19,13 @@ VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".mov", ".wmv")
 
 Role = Literal["user", "assistant"]
 
+MAX_K = 100_000
+"""The largest k a data.txt line may give: int(k * 1000) = 100,000,000 samples per epoch from one
+source. The trainer's epoch plan holds tens of bytes per drawn sample (ids, lengths, packs), so a
+larger k asks for gigabytes before the first step (k = 1e9: terabytes); it is a typo far more often
+than a wish. `xc-prep validate`/`shard` refuse it at its data.txt line, the trainer's plan too."""
+MAX_SAMPLES_PER_EPOCH = MAX_K * 1000
+
 
 def role_of(from_value: str) -> Role | None:
     """Map a turn's `from` to our role name, case-insensitively; None for an unknown role."""

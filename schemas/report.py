@@ -2,7 +2,8 @@
 
 A finding names the file (as written in data.txt, or data.txt itself), the 1-based line for
 data.txt problems, the 0-based record index and the record id, a stable snake_case code and a
-message. `hint` says what to do; it is printed, not part of the JSON contract.
+message. `hint` says what to do: the human report prints it, and the JSON report and each
+rejects.jsonl line carry it as "hint" (empty when there is no fix to suggest).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ class Finding:
             "id": self.id,
             "code": self.code,
             "message": self.message,
+            "hint": self.hint,
         }
 
     def sort_key(self) -> tuple[str, int, int, str]:

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from schemas.manifest import MANIFEST_NAME, TILE_CODECS, Manifest
+from schemas.manifest import MANIFEST_NAME, TILE_CODECS, TOKENIZER_NAME, Manifest, shard_path
 from schemas.sample import TILE_SIZE, ImageSpan, Sample, image_token_count
 
 SHARD_SUFFIX = ".arrow"
@@ -75,7 +75,7 @@ def decode_tile(data: bytes | memoryview, codec: str) -> np.ndarray:
     if codec == "png":
         from PIL import Image
 
-        with Image.open(io.BytesIO(data)) as im:
+        with Image.open(io.BytesIO(data), formats=("PNG",)) as im:  # never another plugin
             if im.size != (TILE_SIZE, TILE_SIZE):  # checked from the header, before decoding
                 raise ValueError(f"png tile is {im.size[0]}×{im.size[1]}, expected {TILE_SIZE}×{TILE_SIZE}")
             return np.asarray(im.convert("RGB"))
@@ -271,7 +271,11 @@ def verify_shards(shard_dir: Path, *, checksums: bool = True, part: tuple[int, i
             problems.append(f"{MANIFEST_NAME}: source {source.path}: shard sample counts do not add up")
         for shard in source.shards:
             ordinal += 1
-            path = shard_dir / shard.file
+            try:
+                path = shard_path(shard_dir, shard.file)
+            except ValueError as e:
+                problems.append(str(e))
+                continue
             if not path.is_file():
                 problems.append(f"{path}: missing (listed in {MANIFEST_NAME})")
                 continue
@@ -290,3 +294,25 @@ def verify_shards(shard_dir: Path, *, checksums: bool = True, part: tuple[int, i
             if n != shard.samples:
                 problems.append(f"{path}: holds {n} samples, manifest says {shard.samples}")
     return problems
+
+
+def tokenizer_problems(shard_dir: Path, manifest: Manifest) -> list[str]:
+    """The folder's copy of the tokenizer must be the one the fingerprint names, and parse (the
+    trainer builds presets from it and `xc-train generate` decodes with it). Shared by
+    `xc-prep info --verify` and the trainer's start-up check."""
+    path = Path(shard_dir) / TOKENIZER_NAME
+    fix = "copy the tokenizer.model the shards were made with back into the folder, or re-run `xc-prep shard`"
+    if not path.is_file():
+        return [
+            f"{path}: missing (the shards were made with tokenizer sha256 "
+            f"{manifest.fingerprint.tokenizer_sha256}); {fix}"
+        ]
+    if file_sha256(path) != manifest.fingerprint.tokenizer_sha256:
+        return [f"{path}: sha256 does not match the manifest's fingerprint (replaced or corrupted); {fix}"]
+    import sentencepiece as spm
+
+    try:
+        spm.SentencePieceProcessor(model_proto=path.read_bytes())
+    except (RuntimeError, OSError) as e:
+        return [f"{path}: not a sentencepiece model ({e}); {fix}"]
+    return []

@@ -79,7 +79,7 @@ def round_trip(out: Path, tokenizer: Path, capsys: pytest.CaptureFixture[str], *
         name = line.split()[0]
         for index in range(len(converted(out / name))):
             preview = ["preview", str(out / name), "--record", str(index), "--tokenizer", str(tokenizer)]
-            assert prep_main([*preview, "--hd-num", "2", "--json"]) == 0
+            assert prep_main([*preview, "--hd-num", "2", "--json", *extra]) == 0
             from_json = json.loads(capsys.readouterr().out)
             assert prep_main(["preview", "--shards", str(shards), "--sample", str(sample), "--json"]) == 0
             assert json.loads(capsys.readouterr().out) == from_json, (name, index)

@@ -181,6 +181,10 @@ def unsafe_calls(source: str, filename: str = "<src>") -> list[str]:
             problems.append(f"{where}: {name}(allow_pickle=True) unpickles")
         elif name.startswith("subprocess.") and _keyword_is(node, "shell", True):
             problems.append(f"{where}: {name}(shell=True) runs a shell")
+        elif name in ("Image.open", "PIL.Image.open") and not any(k.arg == "formats" for k in node.keywords):
+            problems.append(
+                f"{where}: {name}() without formats= tries every Pillow plugin; EPS/PS run Ghostscript"
+            )
     return problems
 
 
@@ -192,14 +196,16 @@ def test_scanner_flags_what_it_should() -> None:
         eval(text); exec(code); pickle.loads(b); yaml.load(s)
         torch.load(path); torch.load(path, weights_only=False)
         np.load(f, allow_pickle=True); subprocess.run(cmd, shell=True); os.system(cmd)
+        Image.open(path)
         """
     )
-    assert len(unsafe_calls(bad)) == 11
+    assert len(unsafe_calls(bad)) == 12
     good = textwrap.dedent(
         """
         model.eval(); re.compile("x"); yaml.safe_load(s); np.load(f)
         torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         subprocess.run([sys.executable, "-m", "x"])
+        Image.open(path, formats=("PNG",))
         """
     )
     assert unsafe_calls(good) == []

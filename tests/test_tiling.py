@@ -122,7 +122,7 @@ def white_black_white(padded: np.ndarray) -> tuple[int, int, int]:
 def test_odd_padding_puts_the_extra_row_below_the_image(
     size: tuple[int, int], rows: tuple[int, int, int]
 ) -> None:
-    """SPEC §3: training centres the image with top = floor(pad / 2), so the odd row goes below;
+    """docs/IXC25.md#hd-transform: training centres the image with top = floor(pad / 2), so the odd row goes below;
     inference pads below only. Needs no ../shared (the golden rows check the same on photos)."""
     img = Image.new("RGB", size, (0, 0, 0))
     train = hd_transform(img, 18, "train")

@@ -17,13 +17,25 @@ import skimage.data
 from PIL import Image
 
 import pipeline.validate as validate_module
-from pipeline.checks import HINTS, SPECIAL_STRINGS, ValidateOptions, check_source
+from pipeline.checks import HINTS, ValidateOptions, check_source
 from pipeline.cli import main as cli_main
-from pipeline.tokenization import build_tiny_tokenizer
+from pipeline.tokenization import ADDED_TOKENS, build_tiny_tokenizer
 from pipeline.validate import format_report, validate
 from schemas.record import RECORD_JSON_SCHEMA, RECORD_SCHEMA_FILE, Record, Source, render_record_json_schema
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+
+SPECIAL_STRINGS = (
+    "<s>",
+    "</s>",
+    "<unk>",
+    "[UNUSED_TOKEN_145]",
+    "[UNUSED_TOKEN_146]",
+    "[UNUSED_TOKEN_0]",
+    "[UNUSED_TOKEN_140]",
+    *ADDED_TOKENS,
+)
+"""Strings IXC2.5's tokenizer turns into control ids (the checks' set without a tokenizer)."""
 
 
 def validate_main(argv: list[str]) -> int:
@@ -355,7 +367,8 @@ def test_corrupted_dataset_is_flagged_in_one_pass(tmp_path: Path, media_dir: Pat
     # ids ride along; the JSON holds exactly the contract's keys
     by_index = {f["index"]: f for f in report["errors"] if f["file"] == "bad.json"}
     assert by_index[16]["id"] == "ok" and by_index[3]["id"] == [1] and by_index[2]["id"] is None
-    assert all(set(f) == {"file", "line", "index", "id", "code", "message"} for f in report["errors"])
+    assert all(set(f) == {"file", "line", "index", "id", "code", "message", "hint"} for f in report["errors"])
+    assert all(f["hint"] for f in report["errors"]), "every error carries its fix, as the human report does"
     syntax = next(f for f in report["errors"] if f["code"] == "json_syntax")
     assert "line 3, column 22" in syntax["message"]
     assert "not found in the current directory" in by_index[19]["message"]

@@ -161,25 +161,17 @@ class TrainConfig:
                 setattr(resolved, key, value)
         if resolved.shards is None:
             raise ValueError("--shards is required: the folder written by `xc-prep shard`")
-        if resolved.zero_stage not in (0, 1, 2, 3):
-            raise ValueError(f"--zero-stage {resolved.zero_stage} must be 0, 1, 2 or 3")
-        if resolved.checkpoint_layers is not None and resolved.checkpoint_layers < 0:
-            raise ValueError(f"--checkpoint-layers {resolved.checkpoint_layers} must be >= 0")
+        if problems := numeric_problems(resolved):
+            raise ValueError("invalid settings:\n  " + "\n  ".join(problems))
         if resolved.compile and resolved.zero_stage == 3:
             raise ValueError(
                 "--compile does not work with --zero-stage 3 (ZeRO-3 gathers each linear's weights in "
                 "hooks inside the compiled layers); use --zero-stage 2, or drop --compile"
             )
-        if resolved.use_lora and resolved.lora_r <= 0:
-            raise ValueError(f"--lora-r {resolved.lora_r} must be positive")
-        if not 0 <= resolved.warmup_ratio < 1:
-            raise ValueError(f"--warmup-ratio {resolved.warmup_ratio} must be in [0, 1)")
         for item in resolved.source_samples:
             name, sep, count = item.rpartition("=")
             if not sep or not name or not count.isdigit():
                 raise ValueError(f"--source-samples {item!r}: expected NAME=COUNT, e.g. vqa=500")
-        if resolved.keep_last < 1:
-            raise ValueError(f"--keep-last {resolved.keep_last} must be at least 1")
         return resolved
 
     def source_sample_overrides(self) -> dict[str, int]:
@@ -187,6 +179,72 @@ class TrainConfig:
 
     def to_json(self) -> dict[str, Any]:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(self).items()}
+
+
+@dataclass(frozen=True)
+class NumberRule:
+    """What one numeric setting must be: `low` (inclusive unless `open_low`) up to `high`
+    (exclusive), finite; `text` says it to the user."""
+
+    low: float
+    high: float = math.inf
+    open_low: bool = False
+    text: str = ""
+
+    def holds(self, value: float) -> bool:
+        if not math.isfinite(value):  # NaN fails every comparison; inf is never a setting
+            return False
+        return (value > self.low if self.open_low else value >= self.low) and value < self.high
+
+
+AT_LEAST_1 = NumberRule(1, text="a whole number >= 1")
+AT_LEAST_0 = NumberRule(0, text="a whole number >= 0")
+POSITIVE = NumberRule(0, open_low=True, text="a finite number > 0")
+NON_NEGATIVE = NumberRule(0, text="a finite number >= 0")
+FRACTION = NumberRule(0, 1, text="a number in [0, 1)")
+NUMBER_RULES: dict[str, NumberRule] = {
+    "lora_r": AT_LEAST_1,
+    "lora_alpha": POSITIVE,
+    "lora_dropout": FRACTION,
+    "learning_rate": POSITIVE,
+    "adam_beta1": FRACTION,
+    "adam_beta2": FRACTION,
+    "weight_decay": NON_NEGATIVE,
+    "warmup_ratio": FRACTION,
+    "max_grad_norm": NumberRule(0, text="a finite number >= 0 (0 disables clipping)"),
+    "epochs": AT_LEAST_1,
+    "max_steps": AT_LEAST_1,
+    "stop_after_steps": AT_LEAST_1,
+    "global_batch_size": AT_LEAST_1,
+    "checkpoint_layers": AT_LEAST_0,
+    "seed": AT_LEAST_0,
+    "max_length": NumberRule(2, text="a whole number >= 2 (a sample needs a token and its target)"),
+    "max_tiles": AT_LEAST_1,
+    "num_workers": AT_LEAST_0,
+    "zero_stage": NumberRule(0, 4, text="0, 1, 2 or 3"),
+    "save_every_steps": AT_LEAST_1,
+    "keep_last": AT_LEAST_1,
+    "log_every_steps": AT_LEAST_1,
+}
+"""One rule per numeric TrainConfig field (a test checks none is missing), applied at start-up:
+`--save-every-steps 0` would divide by zero after the first step, minutes into a run."""
+
+
+def numeric_problems(cfg: TrainConfig) -> list[str]:
+    """Every numeric setting that breaks its rule, each with the flag, the value and the default."""
+    defaults = TrainConfig()
+    problems = []
+    for name, rule in NUMBER_RULES.items():
+        value = getattr(cfg, name)
+        if value is None or rule.holds(value):
+            continue
+        flag = "--" + name.replace("_", "-")
+        default = getattr(defaults, name)
+        example = (
+            f", e.g. {flag} {default}" if default is not None else " (or leave it unset for the default)"
+        )
+        problems.append(f"{flag} {value}: must be {rule.text}{example}")
+    return problems
 
 
 def batch_layout(global_batch_size: int | None, world_size: int) -> tuple[int, int]:

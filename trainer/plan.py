@@ -43,10 +43,13 @@ from __future__ import annotations
 import hashlib
 import heapq
 import json
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from schemas.manifest import SourceInfo
+from schemas.record import MAX_K, MAX_SAMPLES_PER_EPOCH
 from trainer.errors import LoaderConfigError, ShardDataError
 from trainer.index import SampleIndex, check_budgets
 
@@ -111,10 +114,33 @@ class LoaderConfig:
 # --------------------------------------------------------------------------- draw
 
 
+def check_weights(sources: list[SourceInfo]) -> None:
+    """ShardDataError unless every source's k gives a sane int(k*1000): a finite k in [0, MAX_K].
+
+    `xc-prep` refuses larger k at its data.txt line; a manifest written before it did, or edited,
+    would otherwise ask the epoch plan for terabytes (k = 1e9) or overflow int() (k = 1e306).
+    """
+    bad = [s for s in sources if not _sane_k(s.k)]
+    if bad:
+        listed = "\n  ".join(f"source {s.name!r} ({s.path}): k {s.k:g}" for s in bad)
+        raise ShardDataError(
+            f"cannot plan the epoch: k must be a number in [0, {MAX_K:,}] (int(k*1000) samples per epoch, "
+            f"at most {MAX_SAMPLES_PER_EPOCH:,}; the plan holds every drawn sample in memory):\n  {listed}\n"
+            "fix k in data.txt and re-run `xc-prep shard`, or set the counts with --source-samples NAME=COUNT"
+        )
+
+
+def _sane_k(k: float) -> bool:
+    return math.isfinite(k) and 0 <= k <= MAX_K
+
+
 def source_counts(index: SampleIndex, config: LoaderConfig) -> list[int]:
     """Samples per epoch of each source (int(k*1000), token-weighted if asked, then overrides)."""
     sources = index.manifest.sources
-    counts = [s.samples_per_epoch for s in sources]
+    overridden = [s.name in config.source_samples or s.path in config.source_samples for s in sources]
+    check_weights([s for s, o in zip(sources, overridden, strict=True) if not o])
+    # an overridden source's k may be absurd: its count is replaced below
+    counts = [s.samples_per_epoch if _sane_k(s.k) else 0 for s in sources]
     if config.token_weighted:
         sizes = np.diff(index.source_offsets)
         means = [
@@ -138,6 +164,11 @@ def source_counts(index: SampleIndex, config: LoaderConfig) -> list[int]:
         if key not in by_key:
             names = ", ".join(repr(s.name) for s in sources)
             problems.append(f"--source-samples {key}={count}: no source named {key!r} (sources: {names})")
+        elif count > MAX_SAMPLES_PER_EPOCH:
+            problems.append(
+                f"--source-samples {key}={count:,}: more than {MAX_SAMPLES_PER_EPOCH:,} samples per epoch "
+                "(the plan holds every drawn sample in memory)"
+            )
         else:
             counts[by_key[key]] = count
     for i, s in enumerate(sources):
@@ -146,6 +177,11 @@ def source_counts(index: SampleIndex, config: LoaderConfig) -> list[int]:
             problems.append(
                 f"source {s.name!r} ({s.path}) asks for {counts[i]} samples per epoch but has none in the "
                 f"shards ({s.rejected} rejected); fix its data or set --source-samples {s.name}=0"
+            )
+        elif counts[i] > MAX_SAMPLES_PER_EPOCH:  # token weighting scales k's count by a ratio of means
+            problems.append(
+                f"source {s.name!r} ({s.path}) gets {counts[i]:,} samples per epoch, more than "
+                f"{MAX_SAMPLES_PER_EPOCH:,}; lower its k or set --source-samples {s.name}=COUNT"
             )
     if problems:
         raise ShardDataError("cannot draw the epoch:\n  " + "\n  ".join(problems))

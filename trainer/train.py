@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from schemas.manifest import TOKENIZER_NAME, Manifest
-from schemas.shards import file_sha256, verify_shards
+from schemas.shards import file_sha256, tokenizer_problems, verify_shards
 from trainer import checkpoint as ckpt
 from trainer.attention import resolve_backend
 from trainer.batch import PackedBatch
@@ -126,9 +126,11 @@ def model_config(cfg: TrainConfig) -> ModelConfig | None:
 
 
 def verify_on_all_ranks(shards: Path, checksums: bool, d: Dist) -> None:
-    """`verify_shards` with the sha256 work split over the ranks; every rank raises if any found a
-    problem (so no rank is left waiting in a collective)."""
+    """`verify_shards` with the sha256 work split over the ranks, and `tokenizer_problems`; every
+    rank raises if any found a problem (so no rank is left waiting in a collective)."""
     problems = verify_shards(shards, checksums=checksums, part=(d.rank, d.world_size))
+    if not problems:  # its copy of the tokenizer too: presets and `generate` read it later
+        problems = tokenizer_problems(shards, Manifest.load(shards))
     if d.world_size > 1:
         parts: list[list[str]] = [[] for _ in range(d.world_size)]
         dist.all_gather_object(parts, problems)
