@@ -24,6 +24,7 @@ from trainer.generate import generate
 
 skimage_data = pytest.importorskip("skimage.data")
 
+REPO_ROOT = Path(__file__).resolve().parent.parent
 MARKERS = {"[UNUSED_TOKEN_145]": 92542, "[UNUSED_TOKEN_146]": 92543}
 IMAGE = -100
 
@@ -230,6 +231,19 @@ def test_interactive_mode_keeps_the_history_until_reset(
         second["prompt_ids"] == build_prompt(tokenizer, "And the colour?", media, history).input_ids.tolist()
     )
     assert third == first  # after /reset: the first question again, no history
+
+
+def test_a_video_is_one_image_block_of_its_frame_strip(capsys: pytest.CaptureFixture[str]) -> None:
+    from pipeline.tiling import grid_of
+    from pipeline.video import video_strip
+
+    video = REPO_ROOT / "data" / "videos" / "rocket_pan.mp4"
+    argv = ["--model", "tiny", "--video", str(video), "--prompt", "What happens?", "--temperature", "0"]
+    (answer,) = run_json([*argv, "--max-new-tokens", "4"], capsys)
+    grid = grid_of(video_strip(video))
+    ids = np.array(answer["prompt_ids"])
+    assert ids[0] == 1 and (ids[1 : 1 + spec_image_tokens(*grid)] == IMAGE).all()
+    assert (ids == IMAGE).sum() == spec_image_tokens(*grid)
 
 
 def test_streamed_text_is_the_answer(photos: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:

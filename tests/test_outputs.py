@@ -273,3 +273,43 @@ def test_auto_classes_generate_what_the_native_loop_generates(
         model.generate(ids, max_new_tokens=2, num_beams=2)
     with pytest.raises(ValueError, match="max_length"):
         model.generate(prompts[1].generate_inputs()["input_ids"])  # transformers' max_length 20
+
+
+def test_xc_chat_answers_with_an_adapter_on_its_recorded_or_a_given_base(
+    base: Path, adapter: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from chat.cli import main as xc_chat
+
+    native = load_for_inference(adapter, dtype=torch.float32, device=torch.device("cpu"))
+    tokenizer = Tokenizer.from_path(adapter / "tokenizer.model")
+    prompt = build_prompt(tokenizer, "Who are you?")
+    expected = generate(
+        native,
+        torch.from_numpy(prompt.input_ids).long(),
+        max_new_tokens=8,
+        stop_ids=[tokenizer.eos_id, tokenizer.end_of_turn_id],
+        repetition_penalty=1.005,
+    )
+    flags = ["--prompt", "Who are you?", "--temperature", "0", "--max-new-tokens", "8", "--json"]
+    for model in ([], ["--model", str(base)]):
+        capsys.readouterr()
+        assert xc_chat([*model, "--adapter", str(adapter), *flags]) == 0
+        answer = json.loads(capsys.readouterr().out)
+        assert answer["prompt_ids"] == prompt.input_ids.tolist() and answer["generated_ids"] == expected
+
+
+def test_xc_train_generate_prints_the_turn_markers_users_know(
+    tiny_text_shards: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from trainer.cli import main as xc_train
+
+    tokenizer = tiny_text_shards / "tokenizer.model"
+    folder = tmp_path / "model"
+    save_model(
+        build_model("tiny", vocab_size=Tokenizer.from_path(tokenizer).vocab_size), folder, dtype=torch.float32
+    )
+    (folder / "tokenizer.model").write_bytes(tokenizer.read_bytes())
+    argv = ["generate", "--model", str(folder), "--shards", str(tiny_text_shards), "--max-new-tokens", "2"]
+    assert xc_train(argv) == 0
+    out = capsys.readouterr().out
+    assert "<|im_start|>user\\n" in out and "<|im_end|>" in out and "UNUSED_TOKEN" not in out
