@@ -188,7 +188,8 @@ def _image_extension(data: bytes) -> str:
             fmt = im.format or ""
     except (UnidentifiedImageError, OSError, ValueError) as e:
         raise reject(
-            "image_bytes_unreadable", f"{len(data):,} bytes that are not a {ACCEPTED_FORMATS_TEXT} image ({e})"
+            "image_bytes_unreadable",
+            f"{len(data):,} bytes that are not a {ACCEPTED_FORMATS_TEXT} image ({e})",
         ) from e
     return IMAGE_EXTENSIONS.get(fmt, "." + fmt.lower())
 

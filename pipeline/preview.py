@@ -3,8 +3,9 @@
     xc-prep preview data/vqa.json --record 3 --tokenizer path/to/tokenizer.model [--json]
     xc-prep preview --shards shards/ [--source NAME] --sample 7 [--json]   (a stored sample)
 
-The human view prints the decoded text with every image block as `<image rows×cols: N tokens>`
-and the trained tokens (labels != -100) between ⟦ and ⟧. `--json` prints exactly
+The human view prints the decoded text with every image block as `<image rows×cols: N tokens>`,
+the turn markers as `<|im_start|>`/`<|im_end|>`, and the trained tokens (labels != -100) between
+⟦ and ⟧. `--json` prints exactly
 `{"input_ids": [...], "labels": [...], "images": [{"grid": [rows, cols], "span": [start, end]}]}`
 with -100 inside image spans in both lists, the format of the golden vectors.
 Media paths resolve against the current directory, then the JSON file's folder. The record is shown
@@ -36,6 +37,7 @@ from schemas.cli import ExitCode
 from schemas.manifest import TOKENIZER_NAME, Manifest, shard_path
 from schemas.record import Record, Source
 from schemas.sample import IGNORE_INDEX, LAYOUTS, STYLES, Sample
+from schemas.tokens import for_display
 
 TOKENIZER_ENV = "XC_TOKENIZER"
 TRAINED_OPEN, TRAINED_CLOSE = "⟦", "⟧"
@@ -68,7 +70,7 @@ def render_sample_text(sample: Sample, tokenizer: Any) -> str:
         ids = sample.input_ids[pos:end].tolist()
         trained = (sample.labels[pos:end] != IGNORE_INDEX).tolist()
         for is_trained, run in itertools.groupby(zip(ids, trained, strict=True), key=lambda x: x[1]):
-            text = tokenizer.decode([i for i, _ in run])
+            text = for_display(tokenizer.decode([i for i, _ in run]))
             out.append(f"{TRAINED_OPEN}{text}{TRAINED_CLOSE}" if is_trained else text)
         pos = end
     return "".join(out)

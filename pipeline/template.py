@@ -11,6 +11,10 @@ The default `layout="official"` reproduces the official training path token for 
   and everything after `</s>`. So answers, their closing 92542 and the final `</s>` are trained.
 `layout="inference"` puts `<s>` at position 0 (as the model's chat does) and nowhere else.
 
+`chat_text` + `render_chat_prompt` build the prompt of the official `chat()` (docs/IXC25.md#chat-inference)
+from the same turn format and image placement: values unstripped, an optional system turn, the
+history, the question and the assistant header; `<s>` first; no labels.
+
 Truncation differs from upstream on purpose: the labels are computed on the whole sample, then it
 is cut at `max_length`, never inside an image (the cut moves to the image's start and that image
 and later ones are dropped); a sample left with no trained token is a `DataError`.
@@ -35,6 +39,7 @@ SPECIAL_TOKEN_HINT = (
     "the tokenizer turns it into a control token"
 )
 ROLE_HEADERS = {"user": f"{START_OF_TURN}user\n", "assistant": f"{START_OF_TURN}assistant\n"}
+SYSTEM_HEADER = f"{START_OF_TURN}system\n"
 TURN_END = f"{END_OF_TURN}\n"
 CONVERSATION_END = EOS
 ANSWER_HEADER = TURN_END + ROLE_HEADERS["assistant"]
@@ -92,7 +97,11 @@ def conversation_text(turns: Sequence[Turn]) -> str:
 
 def text_parts(turns: Sequence[Turn], num_images: int) -> list[str]:
     """The text pieces between images: image k goes after part k (len = num_images + 1)."""
-    text = conversation_text(turns)
+    return split_at_images(conversation_text(turns), num_images)
+
+
+def split_at_images(text: str, num_images: int) -> list[str]:
+    """`text` cut at its placeholders; a single image without placeholder goes before all of it."""
     placeholders = text.count(IMAGE_PLACEHOLDER)
     if num_images == 1 and placeholders == 0:
         return ["", text]  # a single image without placeholder goes before all text
@@ -190,6 +199,41 @@ def check_control_ids(input_ids: np.ndarray, num_turns: int, tokenizer: Tokenize
             f"the conversation's text becomes control tokens the template does not place: {shown}",
             hint=SPECIAL_TOKEN_HINT,
         )
+
+
+def chat_text(query: str, history: Sequence[tuple[str, str]] = (), system: str | None = None) -> str:
+    """The text of the official `chat()` prompt (placeholders included, nothing stripped): the
+    system turn when `system` is non-empty, each (question, answer) of `history`, the question,
+    and the assistant header the answer follows."""
+    text = f"{SYSTEM_HEADER}{system}{TURN_END}" if system else ""
+    for question, answer in history:
+        text += ROLE_HEADERS["user"] + question + TURN_END + ROLE_HEADERS["assistant"] + answer + TURN_END
+    return text + ROLE_HEADERS["user"] + query + TURN_END + ROLE_HEADERS["assistant"]
+
+
+def render_chat_prompt(
+    text: str,
+    grids: Sequence[tuple[int, int]],
+    tokenizer: TokenizerLike,
+    *,
+    max_length: int = DEFAULT_MAX_LENGTH,
+) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    """input_ids int32[T] (IMAGE_TOKEN_ID on images) and image spans of a `chat_text` prompt.
+
+    `<s>` first, then each text part and image block (the inference layout). Upstream cuts a longer
+    prompt at `max_length`, which removes its end (the question, the assistant header): refused
+    here with a DataError instead.
+    """
+    grids = [(int(r), int(c)) for r, c in grids]
+    input_ids, spans = _assemble(split_at_images(text, len(grids)), grids, tokenizer, "inference")
+    if len(input_ids) > max_length:
+        raise DataError(
+            "prompt_too_long",
+            f"the prompt takes {len(input_ids)} tokens ({sum(e - s for s, e in spans)} for "
+            f"{len(spans)} image(s)), more than max_length {max_length}",
+            hint="start a new conversation (the history counts), use fewer or smaller images, or a lower hd_num",
+        )
+    return input_ids, spans
 
 
 def count_tokens(

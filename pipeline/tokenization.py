@@ -30,6 +30,7 @@ import sentencepiece as spm
 
 from schemas.cli import ExitCode
 from schemas.manifest import TOKENIZER_NAME
+from schemas.tokens import END_OF_TURN, START_OF_TURN
 
 # The InternLM2 model logs a harmless warning (a NUL piece with byte fallback) on every load.
 spm.set_min_log_level(2)
@@ -37,8 +38,6 @@ spm.set_min_log_level(2)
 BOS = "<s>"
 EOS = "</s>"
 UNK = "<unk>"
-END_OF_TURN = "[UNUSED_TOKEN_145]"
-START_OF_TURN = "[UNUSED_TOKEN_146]"
 NEWLINE = "\n"
 # HF strips whitespace around these (plain-string special tokens), not around the turn markers.
 STRIPPING_SPECIALS = (BOS, EOS, UNK)
@@ -173,14 +172,16 @@ class Tokenizer:
                 ids.extend(self._sp.encode(chunk))
         return ids
 
-    def decode(self, ids: Sequence[int]) -> str:
-        """Text of `ids`, with the special tokens written as their strings (`</s>`, ...)."""
+    def decode(self, ids: Sequence[int], skip_special: bool = False) -> str:
+        """Text of `ids`, with the special tokens written as their strings (`</s>`, ...), or left
+        out with `skip_special` (what transformers' `skip_special_tokens=True` gives)."""
         by_id = {i: s for s, i in self._special_ids.items()}
         parts: list[str] = []
         for is_special, group in itertools.groupby(ids, key=lambda i: int(i) in by_id):
             group_ids = [int(i) for i in group]
             if is_special:
-                parts.extend(by_id[i] for i in group_ids)
+                if not skip_special:
+                    parts.extend(by_id[i] for i in group_ids)
             else:
                 parts.append(self._sp.decode(group_ids))
         return "".join(parts)

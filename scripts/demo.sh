@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The README's main job on the shipped example data, end to end on CPU:
-# tiny tokenizer -> validate -> shard -> train a tiny IXC2.5 (LoRA, DeepSpeed) -> save -> eval -> generate.
+# tiny tokenizer -> validate -> shard -> train a tiny IXC2.5 (LoRA, DeepSpeed) -> save -> eval -> generate
+# -> chat about a new image and a video.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUN=${RUN:-runs/demo}
@@ -15,3 +16,7 @@ xc-train --shards shards/ --model tiny --output-dir "$RUN" --recipe lora --resum
     --max-length 8192 --global-batch-size 2 --learning-rate 2e-3 --epochs 1 --num-workers 1
 xc-train eval --model "$RUN/final" --shards shards/
 xc-train generate --model "$RUN/final" --shards shards/ --sample 0 --max-new-tokens 16
+xc-chat --adapter "$RUN/final" --image data/images/chelsea.jpg --prompt "What is in this image?" \
+    --max-new-tokens 16 --temperature 0 --show-prompt
+xc-chat --adapter "$RUN/final" --video data/videos/rocket_pan.mp4 --prompt "What happens in this video?" \
+    --max-new-tokens 16 --temperature 0

@@ -1,7 +1,7 @@
 """The command lines' flags, frozen: adding or removing a flag is a decision, not a side effect.
 
-Every flag of every `xc-train` and `xc-prep` subcommand is read from its parser and compared with
-PINNED (torchtitan's test_no_new_cli_options). A new flag needs a user story: if it has one, add
+Every flag of every `xc-train` and `xc-prep` subcommand and of `xc-chat` is read from its parser
+and compared with PINNED (torchtitan's test_no_new_cli_options). A new flag needs a user story: if it has one, add
 it to PINNED and to CHANGELOG.md ("Unreleased"); a setting without one belongs in a --config file
 (`trainer.config.CONFIG_FILE_ONLY`). A removed flag is recorded in CHANGELOG.md too.
 """
@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from chat.cli import build_parser as build_chat_parser
 from pipeline.cli import build_parser as build_prep_parser
 from trainer.cli import SUBCOMMANDS, build_parser, split_subcommand
 from trainer.config import CONFIG_FILE_ONLY, TrainConfig, add_config_flags, config_from_args
@@ -190,6 +191,26 @@ PINNED: dict[str, tuple[str, ...]] = {
         "--out",
         "--vocab-size",
     ),
+    "xc-chat": (
+        "--adapter",
+        "--font",
+        "--hd-num",
+        "--image",
+        "--json",
+        "--max-new-tokens",
+        "--model",
+        "--prompt",
+        "--repetition-penalty",
+        "--seed",
+        "--show-prompt",
+        "--system",
+        "--temperature",
+        "--tokenizer",
+        "--top-k",
+        "--top-p",
+        "--use-meta",
+        "--video",
+    ),
 }
 """Each subcommand's flags (an option's first spelling; a positional as its NAME), sorted."""
 
@@ -208,6 +229,7 @@ def parsers() -> dict[str, argparse.ArgumentParser]:
     found = {f"xc-train {name}": build() for name, (build, _) in SUBCOMMANDS.items()}
     prep = next(a for a in build_prep_parser()._actions if isinstance(a, argparse._SubParsersAction))
     found |= {f"xc-prep {name}": parser for name, parser in prep.choices.items()}
+    found["xc-chat"] = build_chat_parser()
     return found
 
 
@@ -269,6 +291,9 @@ def test_help_of_every_subcommand_answers_without_importing_torch() -> None:
         "        assert main(argv) == 0, argv\n"
         "with contextlib.redirect_stdout(io.StringIO()):\n"
         "    assert merge_main(['--help']) == 0\n"
+        "from chat.cli import main as chat_main\n"
+        "with contextlib.redirect_stdout(io.StringIO()):\n"
+        "    assert chat_main(['--help']) == 0\n"
         "heavy = sorted(m for m in ('torch', 'numpy', 'transformers', 'peft', 'deepspeed') if m in sys.modules)\n"
         "assert not heavy, heavy\n"
     )

@@ -169,3 +169,26 @@ def test_bf16_fused_lora_layer_matches_pefts() -> None:
     flat_fused = torch.cat([g_fused[n].flatten() for n in g_peft])
     flat_peft = torch.cat([g.flatten() for g in g_peft.values()])
     assert (flat_fused - flat_peft).norm() <= 0.02 * flat_peft.norm()
+
+
+def test_bf16_generation_with_the_kv_cache_matches_the_logits_of_a_full_forward() -> None:
+    """The prompt goes through the varlen kernels into the cache, each new token through
+    cached_attention: every step's logits equal a full forward's (bf16 tolerance)."""
+    from trainer.generate import generate
+
+    model = build_model("tiny", seed=0, device="cuda", dtype=torch.bfloat16).eval()
+    gen = torch.Generator().manual_seed(0)
+    row = _packed(gen)
+    n = image_token_count(1, 2)
+    prompt = row["input_ids"][0, : 7 + n + 5].clamp_min(0)
+    tiles, grids, starts = row["tiles"][:2], row["image_grids"][:1], row["image_starts"][:1]
+    new = generate(model, prompt, tiles, grids, starts, max_new_tokens=6, stop_ids=())
+    ids = torch.cat([prompt, torch.tensor(new)])
+    with torch.no_grad():
+        logits = model(
+            ids[None].cuda(), tiles=tiles, image_grids=grids, image_starts=starts, return_logits=True
+        ).logits[0]
+    chosen = logits[len(prompt) - 1 : -1].float()
+    # Each greedy choice is the full forward's argmax, or within bf16 noise of it.
+    picked = chosen.gather(1, torch.tensor(new, device="cuda")[:, None])[:, 0]
+    assert (chosen.max(dim=1).values - picked <= 0.05).all(), (chosen.argmax(1).tolist(), new)

@@ -1,17 +1,47 @@
-"""The package names are generic: make sure the ones imported are this repository's."""
+"""The package names are generic: make sure the ones imported are this repository's, and that the
+three programs keep their import rules (docs/ARCHITECTURE.md)."""
 
+import ast
 from pathlib import Path
 
+import chat
 import pipeline
 import schemas
 import trainer
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+FORBIDDEN = {
+    "schemas": {"pipeline", "trainer", "chat", "torch"},
+    "pipeline": {"trainer", "chat", "torch", "transformers", "peft", "deepspeed"},
+    "trainer": {"pipeline", "chat"},
+}
+"""Top-level modules each package's files never import: `schemas/` is the contract both sides
+share, `pipeline/` runs without torch, `trainer/` reads shards only; `chat/` may import all."""
 
 
 def test_packages_come_from_this_repo():
-    for module in (pipeline, schemas, trainer):
+    for module in (pipeline, schemas, trainer, chat):
         assert Path(module.__file__).resolve().parent.parent == REPO_ROOT, module.__file__
+
+
+def imported_packages(path: Path) -> set[str]:
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.add(node.module.split(".")[0])
+    return found
+
+
+def test_each_program_imports_only_what_it_may():
+    problems = [
+        f"{path.relative_to(REPO_ROOT)} imports {', '.join(sorted(imported_packages(path) & forbidden))}"
+        for package, forbidden in FORBIDDEN.items()
+        for path in sorted((REPO_ROOT / package).glob("*.py"))
+        if imported_packages(path) & forbidden
+    ]
+    assert not problems, problems
 
 
 def test_pipeline_does_not_import_torch():

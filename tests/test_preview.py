@@ -61,7 +61,7 @@ def test_preview_json_reproduces_golden(
         assert run_cli(argv) == 0
         text = capsys.readouterr().out
         assert text.count("<image 1×1: 841 tokens>") == len(out["images"])
-        assert "⟦" in text and "[UNUSED_TOKEN_145]</s>⟧" in text
+        assert "⟦" in text and "<|im_end|></s>⟧" in text
 
 
 def test_media_resolve_against_json_folder(
@@ -88,10 +88,7 @@ def test_render_sample_text_marks_trained_tokens(tiny_path: Path, tmp_path: Path
     )
     sample = build_sample(record, tokenizer, source_name="s", file="f.json", index=0)
     text = render_sample_text(sample, tokenizer)
-    assert text == (
-        "<s>[UNUSED_TOKEN_146]user\nHi there[UNUSED_TOKEN_145]\n[UNUSED_TOKEN_146]assistant\n"
-        "⟦Hello.[UNUSED_TOKEN_145]</s>⟧"
-    )
+    assert text == ("<s><|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n⟦Hello.<|im_end|></s>⟧")
     assert sample_to_preview_json(sample)["images"] == []
 
 

@@ -12,11 +12,11 @@ import typing
 from pathlib import Path
 
 import pytest
-from trainer.index import SampleIndex, ShardDataError
 
 from schemas.record import MAX_K
 from trainer.cli import main as train_main
 from trainer.config import NUMBER_RULES, TrainConfig
+from trainer.index import SampleIndex, ShardDataError
 
 
 def copy_shards(shards: Path, dest: Path) -> Path:

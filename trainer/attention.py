@@ -368,6 +368,44 @@ def warm_up(
     return time.perf_counter() - started
 
 
+class KVCache:
+    """One layer's keys and values of the sequence so far (`k`, `v`: [length, H_kv, D]), for generation.
+
+    Kept in a buffer of `capacity` rows (grown when a longer sequence comes): appending a token
+    copies one row, where concatenating would copy the whole cache at every step.
+    """
+
+    def __init__(self, capacity: int = 0):
+        self.capacity = capacity
+        self.length = 0
+        self._k: torch.Tensor | None = None
+        self._v: torch.Tensor | None = None
+
+    @property
+    def k(self) -> torch.Tensor | None:
+        return None if self._k is None else self._k[: self.length]
+
+    @property
+    def v(self) -> torch.Tensor | None:
+        return None if self._v is None else self._v[: self.length]
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Add the new positions' k, v [n, H_kv, D]; returns every position's [length + n, H_kv, D]."""
+        end = self.length + k.shape[0]
+        if self._k is None or self._v is None or end > self._k.shape[0]:
+            size = max(end, self.capacity, 2 * self.length)
+            grown_k, grown_v = k.new_empty((size, *k.shape[1:])), v.new_empty((size, *v.shape[1:]))
+            if self._k is not None and self._v is not None:
+                grown_k[: self.length], grown_v[: self.length] = (
+                    self._k[: self.length],
+                    self._v[: self.length],
+                )
+            self._k, self._v = grown_k, grown_v
+        self._k[self.length : end], self._v[self.length : end] = k, v
+        self.length = end
+        return self._k[:end], self._v[:end]
+
+
 def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Attention of the newest q_len tokens of ONE sequence to all its k_len cached + new keys.
 

@@ -17,6 +17,7 @@ import torch
 from schemas.manifest import TOKENIZER_NAME
 from schemas.sample import IGNORE_INDEX, Sample
 from schemas.shards import ShardReader
+from schemas.tokens import for_display
 from trainer.batch import collate
 from trainer.generate import generate
 from trainer.index import SampleIndex
@@ -117,7 +118,8 @@ def generate_for_sample(
     seed: int = 0,
     stop_ids: list[int] | None = None,
 ) -> dict[str, Any]:
-    """Generate from the sample's prompt: its tokens before the first trained label.
+    """Generate from the sample's prompt: its tokens before the first trained label. The texts
+    show the turn markers as `<|im_start|>`/`<|im_end|>`.
 
     Stops at `stop_ids`, by default the shards' tokenizer's end of turn and `</s>` (the released
     ids 92542 and 2 hold only for the real tokenizer; the tiny one numbers them differently).
@@ -156,9 +158,9 @@ def generate_for_sample(
         "source": sample.source,
         "index": sample.index,
         "id": sample.id,
-        "prompt_text": sp.decode(text_ids),
+        "prompt_text": for_display(sp.decode(text_ids)),
         "generated_ids": new,
-        "generated_text": sp.decode(new),
+        "generated_text": for_display(sp.decode(new)),
         "reference_ids": [int(t) for t in sample.input_ids[cut:answer_end]],
-        "reference_text": sp.decode([int(t) for t in sample.input_ids[cut:answer_end]]),
+        "reference_text": for_display(sp.decode([int(t) for t in sample.input_ids[cut:answer_end]])),
     }

@@ -28,7 +28,6 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +39,7 @@ from torch.utils.checkpoint import checkpoint
 from schemas.sample import IGNORE_INDEX, TILE_SIZE, image_token_count
 from trainer import images
 from trainer.attention import (
+    KVCache,
     QueryRuns,
     attend_runs,
     cached_attention,
@@ -251,7 +251,10 @@ class Attention(nn.Module):
         q = apply_rotary(qkv[:, :, : c.q_per_kv].reshape(t, c.num_attention_heads, c.head_dim), cos, sin)
         if queries is not None:
             out = attend_runs(q, k, v, queries, backend)  # type: ignore[arg-type]
-        elif cache is None:
+        elif cache is None or cache.length == 0:
+            # A prompt: the varlen kernels; its keys and values kept for the steps after.
+            if cache is not None:
+                cache.append(k, v)
             out = varlen_attention(q, k, v.contiguous(), cu_seqlens, max_seqlen, backend)  # type: ignore[arg-type]
         else:
             k, v = cache.append(k, v)
@@ -333,19 +336,6 @@ class InternLM2Model(nn.Module):
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-
-
-@dataclass
-class KVCache:
-    """One layer's keys/values of the sequence so far ([T, H_kv, D]), for generation."""
-
-    k: torch.Tensor | None = None
-    v: torch.Tensor | None = None
-
-    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        self.k = k if self.k is None else torch.cat([self.k, k])
-        self.v = v if self.v is None else torch.cat([self.v, v])
-        return self.k, self.v
 
 
 # --------------------------------------------------------------------------- the model
@@ -457,6 +447,8 @@ class IXCModel(nn.Module):
         self.chunk_tokens = DEFAULT_CHUNK_TOKENS
         self.trained_rows_only = trained_rows_only
         self.source_dir: Path | None = None  # set by weights.load_model: tokenizer files are copied from it
+        # transformers.GenerationConfig for `generate` (PEFT sets it); None: the source folder's file.
+        self.generation_config: Any = None
 
     # ---- switches
 
@@ -498,9 +490,15 @@ class IXCModel(nn.Module):
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.tok_embeddings
 
+    def generate(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """transformers' `generate` for the arguments users pass, images included (`trainer.hf.generate`)."""
+        from trainer.hf import generate
+
+        return generate(self, *args, **kwargs)
+
     def prepare_inputs_for_generation(self, *args: Any, **kwargs: Any) -> Any:
-        # PEFT's causal-LM wrapper reads this attribute; generation goes through trainer.generate.
-        raise NotImplementedError("use trainer.generate.generate(model, ...) to generate with IXCModel")
+        # PEFT's causal-LM wrapper reads this attribute; `generate` never calls it.
+        raise NotImplementedError("IXCModel.generate runs its own KV-cache loop (trainer.generate)")
 
     # ---- pieces
 
@@ -582,21 +580,21 @@ class IXCModel(nn.Module):
         caches: list[KVCache] | None = None,
         queries: QueryRuns | None = None,
     ) -> torch.Tensor:
-        """Decoder stack + final norm: [T, hidden] -> [T, hidden]. With `caches`: one sequence, appended to.
+        """Decoder stack + final norm: [T, hidden] -> [T, hidden]. With `caches`: one sequence, appended
+        to (the prompt through the varlen kernels, each new token through `cached_attention`).
         With `queries`: the last layer computes only the rows queries.index -> [Q, hidden]."""
         device = embeds.device
         position_ids = position_ids.to(device)
+        backend = resolve_backend(self.attention_backend, device, embeds.dtype, self.config.head_dim)
         if caches is None:
-            backend = resolve_backend(self.attention_backend, device, embeds.dtype, self.config.head_dim)
             seq_lens = None
             if max_seqlen > self.config.max_position_embeddings:
                 lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
                 seq_lens = torch.repeat_interleave(lengths, lengths).to(device)
         else:
             # Generation: one sequence; its length so far sets the NTK base, as in HF's cache path.
-            past = 0 if caches[0].k is None else caches[0].k.shape[0]
+            past = caches[0].length
             seq_lens = torch.full_like(position_ids, past + embeds.shape[0])
-            backend = "sdpa"
         rope = rotary_cos_sin(position_ids, self.config, embeds.dtype, seq_lens)
         cu_seqlens = cu_seqlens.to(device=device, dtype=torch.int32)
         image_tokens = plora_selector(image_index, embeds.shape[0], embeds.dtype)

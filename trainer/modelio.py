@@ -27,6 +27,7 @@ from schemas.manifest import TOKENIZER_NAME
 from trainer.config import TrainConfig
 from trainer.model import IXCModel, PLoRALinear, build_model
 from trainer.model_config import PRESETS
+from trainer.output_files import finish_adapter_folder
 from trainer.weights import CONFIG_FILE, load_model, save_model
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -54,6 +55,7 @@ class Loaded:
                 if self.peft_model is not None:
                     # Adapter only: the base embeddings never change under these recipes.
                     self.peft_model.save_pretrained(str(final_dir), save_embedding_layers=False)
+                    finish_adapter_folder(final_dir, self.base_dir, self.model.config)
                 else:
                     save_model(self.model, final_dir, copy_from=self.base_dir, overwrite=True)
                 if self.base_dir is not None and not (final_dir / TOKENIZER_NAME).is_file():
@@ -98,7 +100,7 @@ def resolve_model_dir(model: str, offline: bool = False) -> Path:
         )
     from huggingface_hub import snapshot_download
 
-    patterns = ["*.json", "*.safetensors", "*.bin", "*.model"]
+    patterns = ["*.json", "*.safetensors", "*.bin", "*.model", "*.py"]  # *.py: remote code, for outputs
     try:
         return Path(snapshot_download(model, local_files_only=True, allow_patterns=patterns))
     except Exception as e:  # not cached: try the network once
@@ -127,8 +129,9 @@ def _base_model(cfg: TrainConfig, manifest_dir: Path, output_dir: Path, dtype: t
         if d.is_main and not (base / CONFIG_FILE).is_file():
             vocab = tokenizer_vocab_size(manifest_dir / TOKENIZER_NAME)
             model = build_model("tiny", seed=cfg.seed, vocab_size=vocab)
-            save_model(model, base, dtype=torch.float32, overwrite=True)
+            base.mkdir(parents=True, exist_ok=True)  # the tokenizer first: generation_config.json reads it
             (base / TOKENIZER_NAME).write_bytes((manifest_dir / TOKENIZER_NAME).read_bytes())
+            save_model(model, base, dtype=torch.float32, overwrite=True)
         if dist.is_initialized():
             dist.barrier()
         model = load_model(base, dtype=dtype, device=d.device, attention=attention)
@@ -192,19 +195,24 @@ def load_for_training(
     return apply_recipe(_base_model(cfg, manifest_dir, output_dir, dtype, d), cfg)
 
 
-def load_for_inference(path: str | Path, *, dtype: torch.dtype, device: torch.device) -> IXCModel:
-    """A model folder, or a PEFT adapter folder on top of its recorded base (LoRA kept unmerged)."""
+def load_for_inference(
+    path: str | Path, *, dtype: torch.dtype, device: torch.device, base: IXCModel | None = None
+) -> IXCModel:
+    """A model folder, or a PEFT adapter folder on top of `base` (default: its recorded base),
+    LoRA kept unmerged."""
     path = Path(path)
     if (path / ADAPTER_CONFIG).is_file():
         from peft import PeftConfig, PeftModel
 
-        peft_config = PeftConfig.from_pretrained(str(path))
-        base_ref = peft_config.base_model_name_or_path
-        if base_ref == "7b":
-            raise ValueError(f"{path}: an adapter of the random 7b preset has no saved base to load")
-        base = load_model(resolve_model_dir(base_ref), dtype=dtype, device=device)
+        if base is None:
+            base_ref = PeftConfig.from_pretrained(str(path)).base_model_name_or_path
+            if base_ref == "7b":
+                raise ValueError(f"{path}: an adapter of the random 7b preset has no saved base to load")
+            base = load_model(resolve_model_dir(base_ref), dtype=dtype, device=device)
         wrapped = PeftModel.from_pretrained(base, str(path))
         model = cast(IXCModel, wrapped.base_model.model)
         model.source_dir = Path(os.fspath(base.source_dir)) if base.source_dir else None
         return model.eval()
+    if base is not None:
+        raise ValueError(f"{path}: no {ADAPTER_CONFIG}; a base model is only for an adapter folder")
     return load_model(resolve_model_dir(str(path)), dtype=dtype, device=device)

@@ -3,7 +3,8 @@
 A model folder holds `config.json` (official field names, see `ModelConfig`), the weights as
 `model.safetensors`, `model-0000k-of-0000n.safetensors` + `model.safetensors.index.json`,
 `pytorch_model.bin`, or `pytorch_model-0000k-of-0000n.bin` + `pytorch_model.bin.index.json`
-(`.bin` files are read with `torch.load(weights_only=True)` only), and tokenizer files.
+(`.bin` files are read with `torch.load(weights_only=True)` only), and the companion files
+loading needs (remote code, tokenizer, generation_config.json: `trainer/output_files.py`).
 
 Loading checks the whole key set and every shape before reading any tensor and reports every
 problem at once. Saving writes the same 1,904 keys and shapes (7B) as sharded safetensors; a
@@ -25,21 +26,13 @@ from safetensors.torch import save_file
 from trainer.errors import ModelFolderError
 from trainer.model import IXCModel, build_model
 from trainer.model_config import DTYPES, ModelConfig
+from trainer.output_files import finish_model_folder, readable_by_group
 
 CONFIG_FILE = "config.json"
 SAFE_SINGLE = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
 BIN_SINGLE = "pytorch_model.bin"
 BIN_INDEX = "pytorch_model.bin.index.json"
-TOKENIZER_FILES = (
-    "tokenizer.model",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "tokenizer.json",
-    "generation_config.json",
-)
-"""Copied beside the weights on save when the source folder has them."""
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
 """Largest safetensors shard written by `save_model` (a single tensor may exceed it)."""
 _LIST_AT_MOST = 12
@@ -214,9 +207,10 @@ def save_model(
 
     Tensors are cast to `dtype` (default: config.json's torch_dtype) only where their dtype
     differs; one shard is materialized on the CPU at a time. config.json is written back with any
-    unknown official fields kept; tokenizer files are copied from `copy_from` (default: the folder
-    the model was loaded from). An existing folder with weights is refused unless overwrite=True,
-    which first removes its old weight files (stale shards would mix into a later load).
+    unknown official fields kept (the source's bytes when nothing changed); remote code, tokenizer
+    files and generation_config.json come from `copy_from` (default: the folder the model was
+    loaded from), see `trainer/output_files.py`. An existing folder with weights is refused unless
+    overwrite=True, which first removes its old weight files (stale shards would mix into a later load).
     """
     if not isinstance(model, IXCModel):
         raise TypeError(
@@ -264,6 +258,7 @@ def save_model(
                 )  # trained fp32 weights -> stored dtype; untouched bf16 round-trips exactly
             tensors[key] = t.to("cpu").contiguous()
         save_file(tensors, str(folder / name), metadata={"format": "pt"})
+        readable_by_group(folder / name)
         written.append(folder / name)
         del tensors
     if len(shards) > 1:
@@ -274,10 +269,16 @@ def save_model(
         (folder / SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n")
     config = model.config.to_dict()
     config["torch_dtype"] = {v: k for k, v in DTYPES.items()}[dtype]
-    (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     source = Path(copy_from) if copy_from is not None else model.source_dir
-    if source is not None and Path(source).resolve() != folder.resolve():
-        for name in TOKENIZER_FILES:
-            if (Path(source) / name).is_file():
-                shutil.copy2(Path(source) / name, folder / name)
+    source_config = None if source is None else Path(source) / CONFIG_FILE
+    if (
+        source_config is not None
+        and source_config.is_file()
+        and source_config.resolve() != (folder / CONFIG_FILE).resolve()
+        and json.loads(source_config.read_text()) == config
+    ):
+        shutil.copyfile(source_config, folder / CONFIG_FILE)  # unchanged: the base's bytes
+    else:
+        (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    finish_model_folder(folder, model.config, Path(source) if source is not None else None)
     return written
