@@ -177,6 +177,7 @@ def build_engine(
     zero_allow_untested_optimizer (torch's AdamW under ZeRO), so the run's record shows it."""
     import deepspeed
 
+    assert cfg.learning_rate is not None, "build_engine takes a resolved TrainConfig"
     cuda = any(p.is_cuda for p in model.parameters() if p.requires_grad)
     optimizer = torch.optim.AdamW(
         trainable_groups(model, cfg.weight_decay),
