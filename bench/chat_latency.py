@@ -1,8 +1,8 @@
 """Time to first token and decode speed of one image question, through xc-chat's path and through
 the transformers-style `model.generate()` on the same official-format prompt.
 
-  python bench/chat_latency.py                       # 7b preset, random bf16 weights, GPU
-  python bench/chat_latency.py --preset tiny --max-new-tokens 8 --repeats 1   # CPU smoke test
+  python -m bench.chat_latency                       # 7b preset, random bf16 weights, GPU
+  python -m bench.chat_latency --preset tiny --max-new-tokens 8 --repeats 1   # CPU smoke test
 
 The model is a preset with random weights (`xc-chat --model 7b` loads the same), one image at
 hd 24 (default: a generated 3840×2160 picture, which takes all 24 tiles: 10,101 image tokens).
@@ -28,15 +28,11 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO_ROOT))
-
-from chat.prompt import load_media  # noqa: E402
-from chat.session import ChatSession, Sampling, load_chat_model  # noqa: E402
-from pipeline.tokenization import build_tiny_tokenizer  # noqa: E402
-from trainer.generate import device_dtype  # noqa: E402
-
-SHARED_TOKENIZER = REPO_ROOT.parent / "shared" / "ixc25" / "tokenizer.model"
+from bench.common import resolve_tokenizer
+from chat.prompt import load_media
+from chat.session import ChatSession, Sampling, load_chat_model
+from pipeline.tokenization import build_tiny_tokenizer
+from trainer.generate import device_dtype
 
 
 def test_image(path: Path, width: int = 3840, height: int = 2160) -> Path:
@@ -98,8 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     device, dtype = device_dtype()
     tmp = Path(tempfile.mkdtemp(prefix="chat_latency_"))
     image = args.image or test_image(tmp / "picture.jpg")
-    tokenizer_path = args.tokenizer or (SHARED_TOKENIZER if SHARED_TOKENIZER.is_file() else None)
-    if tokenizer_path is None and args.preset == "7b":
+    try:
+        tokenizer_path: Path | None = resolve_tokenizer(args.tokenizer, args.preset, tmp)
+    except SystemExit:  # no real tokenizer here: the tiny one's ids are valid for any vocabulary
         tokenizer_path = build_tiny_tokenizer(tmp / "tokenizer.model")
     load_start = time.perf_counter()
     model, tokenizer = load_chat_model(args.preset, tokenizer=tokenizer_path, device=device, dtype=dtype)

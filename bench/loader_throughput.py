@@ -1,7 +1,7 @@
 """Loader throughput: packed micro-batches from shards (`trainer.loader.PackedLoader`) versus the
 official per-sample path, on the same records and the same machine.
 
-Data: real photos (scikit-image's sample images at 0.3–2 MP, JPEG, made by bench/prep_throughput.py)
+Data: real photos (scikit-image's sample images at 0.3–2 MP, JPEG, made by bench/common.py)
 in three sources: single-image, multi-image (2–3) and text-only records, sharded once with
 `xc-prep shard` for each tile codec.
   official  what the official recipe does per sample inside the training process: parse the JSON
@@ -15,8 +15,8 @@ in three sources: single-image, multi-image (2–3) and text-only records, shard
 samples/s and tokens/s are also given per worker (per core): `official` must run once per GPU
 step in the training process, the loader in its workers.
 
-    python bench/loader_throughput.py                       # 32 records per kind
-    python bench/loader_throughput.py --records 64 --workers 0 1 2 4
+    python -m bench.loader_throughput                       # 32 records per kind
+    python -m bench.loader_throughput --records 64 --workers 0 1 2 4
 
 Numbers depend on the CPU and on what else runs on it; compare rows of one run.
 """
@@ -39,17 +39,16 @@ import numpy as np
 import torch
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from prep_throughput import REAL_TOKENIZER, make_photos, make_records  # noqa: E402
-
-from pipeline.shard import shard  # noqa: E402
-from pipeline.shard_config import ShardConfig  # noqa: E402
-from pipeline.tiling import hd_grid  # noqa: E402
-from pipeline.tokenization import Tokenizer, build_tiny_tokenizer  # noqa: E402
-from schemas.shards import ShardReader  # noqa: E402
-from trainer.index import SampleIndex  # noqa: E402
-from trainer.loader import PackedLoader, TimedIterator  # noqa: E402
-from trainer.plan import LoaderConfig  # noqa: E402
+from bench.common import REAL_TOKENIZER, make_photos
+from bench.prep_throughput import make_records
+from pipeline.shard import shard
+from pipeline.shard_config import ShardConfig
+from pipeline.tiling import hd_grid
+from pipeline.tokenization import Tokenizer, build_tiny_tokenizer
+from schemas.shards import ShardReader
+from trainer.index import SampleIndex
+from trainer.loader import PackedLoader, TimedIterator
+from trainer.plan import LoaderConfig
 
 TILE = 560
 HD_NUM = 18

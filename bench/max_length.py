@@ -1,8 +1,12 @@
 """The largest max_length that trains on this GPU: LoRA, hd 18, one packed row, one full step (issue 8).
 
-Same model, recipe and step as bench/train_throughput.py (the `7b` preset, random init, bf16, PEFT
-LoRA r64 on the five linears, fix_vit, fix_sampler, gradient checkpointing, chunked loss, fused
-AdamW, gradient clipping): one forward + backward + optimizer step on one packed row of L tokens.
+The model and recipe of bench/train_throughput.py (the `7b` preset, random init, bf16, PEFT LoRA
+r64 on the five linears, fix_vit, fix_sampler, gradient checkpointing, chunked loss), driven as
+its official mode is (bench/common.py's `build_lora_model`: torch's fused AdamW, gradient
+clipping, no DeepSpeed): one forward + backward + optimizer step on one packed row of L tokens.
+xc-train's DeepSpeed engine keeps fp32 master copies of the trainable weights and AdamW's state in
+fp32 (at least 8 bytes more per trainable parameter than here: ≥ 1.2 GB for the 7B's 151 M LoRA
+parameters): leave that much spare.
 A trial passes when that step completes; torch.cuda.OutOfMemoryError fails it (the cache is then
 emptied before the next trial).
 
@@ -20,16 +24,14 @@ the bracket alternates between the memory fit's prediction and the midpoint. The
 when --time-budget-s would be exceeded by the next trial (its time predicted from the last
 one) and reports the best length so far and the open bracket.
 
-    python bench/max_length.py --out-json max_length.json --time-budget-s 240
-    python bench/max_length.py --preset tiny --start 1024 --hd-num 2        # CPU: one size only
+    python -m bench.max_length --out-json max_length.json --time-budget-s 240
+    python -m bench.max_length --preset tiny --start 1024 --hd-num 2        # CPU: one size only
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
-import json
 import os
 import sys
 import time
@@ -40,13 +42,10 @@ from typing import Any
 import numpy as np
 import torch
 
-BENCH_DIR = Path(__file__).resolve().parent
-sys.path[:0] = [str(BENCH_DIR), str(BENCH_DIR.parent)]
-from train_throughput import build_lora_model, package_versions, sync  # noqa: E402
-
-from pipeline.tiling import hd_grid  # noqa: E402
-from schemas.sample import IGNORE_INDEX, TILE_SIZE, image_token_count  # noqa: E402
-from trainer.model_config import TINY_VOCAB_SIZE  # noqa: E402
+from bench.common import bench_header, build_lora_model, device_name, package_versions, sync, write_json
+from pipeline.tiling import hd_grid
+from schemas.sample import IGNORE_INDEX, TILE_SIZE, image_token_count
+from trainer.model_config import TINY_VOCAB_SIZE
 
 REAL_VOCAB_SIZE = 92544
 SAMPLE_CYCLE: tuple[tuple[tuple[tuple[int, int], ...], int], ...] = (
@@ -238,11 +237,9 @@ def main(argv: list[str] | None = None) -> int:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     vocab = args.vocab_size or (REAL_VOCAB_SIZE if args.preset == "7b" else TINY_VOCAB_SIZE)
     model, optimizer, params, _ = build_lora_model(args.preset, device, dtype, vocab, args.seed)
-    card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    card = device_name(device)
     results: dict[str, Any] = {
-        "bench": "max_length",
-        "command": ["python", "bench/max_length.py", *(sys.argv[1:] if argv is None else argv)],
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        **bench_header("max_length", argv),
         "device": card,
         "torch": torch.__version__,
         "versions": package_versions(),
@@ -267,9 +264,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def save() -> None:
         results["elapsed_s"] = time.perf_counter() - started
-        if args.out_json is not None:
-            args.out_json.parent.mkdir(parents=True, exist_ok=True)
-            args.out_json.write_text(json.dumps(results, indent=2) + "\n")
+        write_json(args.out_json, results)
 
     def run(length: int) -> dict[str, Any]:
         info = trial(model, optimizer, params, length, args, device)

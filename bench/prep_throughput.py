@@ -9,8 +9,8 @@ What it measures, on real photos (scikit-image's sample images, upscaled and cen
   read     what the trainer does instead: read one stored sample back (tiles decoded to uint8);
   storage  shard bytes per sample next to the source JPEG bytes per sample.
 
-    python bench/prep_throughput.py                      # 24 records per kind, hd 18
-    python bench/prep_throughput.py --records 48 --keep /tmp/bench
+    python -m bench.prep_throughput                      # 24 records per kind, hd 18
+    python -m bench.prep_throughput --records 48 --keep /tmp/bench
 
 Numbers depend on the CPU and on what else runs on it; compare rows of one run.
 """
@@ -28,8 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
+from bench.common import REAL_TOKENIZER, make_photos
 from pipeline.media import load_rgb
 from pipeline.shard import shard
 from pipeline.shard_config import ShardConfig
@@ -38,44 +38,11 @@ from pipeline.tokenization import build_tiny_tokenizer
 from schemas.manifest import Manifest
 from schemas.shards import ShardReader
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-REAL_TOKENIZER = REPO_ROOT.parent / "shared" / "ixc25" / "tokenizer.model"
-SKIMAGE_PHOTOS = (
-    "astronaut",
-    "chelsea",
-    "coffee",
-    "rocket",
-    "hubble_deep_field",
-    "immunohistochemistry",
-    "retina",
-)
-PHOTO_SIZES = ((640, 480), (1024, 768), (1280, 960), (1080, 1440), (1632, 1224))
-"""(width, height): 0.31, 0.79, 1.23, 1.56 (portrait) and 2.0 megapixels."""
-JPEG_QUALITY = 90
 CODECS = ("raw", "png")
 ANSWER = "The photo shows a scene with several objects; the colours are natural and the light is soft. " * 4
 
 
 # ---------------------------------------------------------------- data
-
-
-def make_photos(folder: Path) -> list[Path]:
-    """One JPEG per (skimage photo, size), cycling sizes so that every photo gets every size once."""
-    import skimage.data
-
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i, name in enumerate(SKIMAGE_PHOTOS):
-        src = Image.fromarray(getattr(skimage.data, name)()).convert("RGB")
-        for j in range(len(PHOTO_SIZES)):
-            w, h = PHOTO_SIZES[(i + j) % len(PHOTO_SIZES)]
-            scale = max(w / src.width, h / src.height)
-            big = src.resize((round(src.width * scale), round(src.height * scale)), Image.Resampling.BICUBIC)
-            left, top = (big.width - w) // 2, (big.height - h) // 2
-            path = folder / f"{name}_{w}x{h}.jpg"
-            big.crop((left, top, left + w, top + h)).save(path, quality=JPEG_QUALITY)
-            paths.append(path)
-    return paths
 
 
 def make_records(photos: list[Path], count: int, images_per_record: tuple[int, ...]) -> list[dict]:

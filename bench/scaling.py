@@ -1,7 +1,7 @@
 """Several GPUs of one host (issue 9): LoRA scaling, elastic resume, full fine-tuning with ZeRO-3.
 
 Every run is `xc-train` under `torch.distributed.run` (one process per GPU, NCCL), on shards that
-this bench makes with `xc-prep shard` from a generated mix of real photos (bench/train_throughput.py's
+this bench makes with `xc-prep shard` from a generated mix of real photos (bench/common.py's
 sources: single-image, multi-image multi-turn and text-only records, real tokenizer, hd 18,
 max_length 16,384), in phases:
 
@@ -34,16 +34,15 @@ Each run's summary is kept in --work (`<run>.json`, with the command it ran): in
 again with the same --work skips the runs already done with the same arguments, so the phases can
 be spread over several invocations (a GPU lease with a time limit per command).
 
-    python bench/scaling.py --tokenizer tokenizer.model --gpus 1,2,4 --out-json scaling.json
-    python bench/scaling.py --tokenizer tokenizer.model --phases full,full-resume   # same --work
-    python bench/scaling.py --preset tiny --tokenizer tiny --gpus 1,2 --device cpu --hd-num 2 \
+    python -m bench.scaling --tokenizer tokenizer.model --gpus 1,2,4 --out-json scaling.json
+    python -m bench.scaling --tokenizer tokenizer.model --phases full,full-resume   # same --work
+    python -m bench.scaling --preset tiny --tokenizer tiny --gpus 1,2 --device cpu --hd-num 2 \
         --max-length 4096 --records 3 --micro-batches 1 --train-args ""
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import shutil
@@ -55,14 +54,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-BENCH_DIR = Path(__file__).resolve().parent
-REPO_ROOT = BENCH_DIR.parent
-sys.path[:0] = [str(BENCH_DIR), str(REPO_ROOT)]
-from prep_throughput import make_photos  # noqa: E402
-from train_throughput import build_shards, make_sources, resolve_tokenizer  # noqa: E402
-
-from trainer import checkpoint as ckpt  # noqa: E402
-from trainer.train import SUMMARY_FILE  # noqa: E402
+from bench.common import bench_header, build_shards, make_photos, make_sources, resolve_tokenizer, write_json
+from trainer import checkpoint as ckpt
+from trainer.train import SUMMARY_FILE
 
 PHASES = ("scaling", "elastic", "full", "full-resume")
 
@@ -235,11 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.warmup < args.steps < args.elastic_steps or not 0 < args.full_stop < args.full_steps:
         parser.error("need --warmup < --steps < --elastic-steps and 0 < --full-stop < --full-steps")
 
-    results: dict[str, Any] = {
-        "bench": "scaling",
-        "command": ["python", "bench/scaling.py", *(sys.argv[1:] if argv is None else argv)],
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-    }
+    results: dict[str, Any] = bench_header("scaling", argv)
     if args.device == "cuda":
         import torch
 
@@ -247,8 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         results["torch"] = torch.__version__
 
     def write() -> None:
-        if args.out_json:
-            args.out_json.write_text(json.dumps(results, indent=1))
+        write_json(args.out_json, results)
 
     # --- data (kept in --work: a later invocation reuses the shards and the scaling phase's runs)
     args.work.mkdir(parents=True, exist_ok=True)

@@ -1,37 +1,40 @@
-"""Training throughput on one GPU: our packed LoRA step versus the official recipe's step (issue 8).
+"""Training throughput on one GPU: xc-train's packed LoRA step versus the official recipe's step (issue 8).
 
 Both modes train the same model on the same records, in one process, on one GPU:
   model     the `7b` preset (full IXC2.5-7B architecture, random init, bf16) with the LoRA recipe
-            exactly as `trainer.modelio.apply_recipe` builds it (PEFT LoRA r64 on the five linears,
-            fix_vit, fix_sampler), gradient checkpointing, torch AdamW (fused) on the trainable
-            parameters, gradient clipping 1.0, one optimizer step per micro-batch. DeepSpeed is not
-            used (not installed on the GPU machine): on one GPU ZeRO-2 partitions nothing and adds
-            only a wrapper, plus fp32 master copies of the 0.15 B LoRA weights, not emulated here.
-            As DeepSpeed's bf16 engine does, the PEFT adapters are cast to bf16.
+            (PEFT LoRA r64 on the five linears, fix_vit, fix_sampler), gradient checkpointing.
   data      real photos (scikit-image's bundled images at 0.3–2 MP, JPEG) in three sources:
             single-image (1–2 turns), multi-image multi-turn (2–3 images) and text-only records
-            with answers of 40–400 words, sharded with `xc-prep shard` (real tokenizer, hd 18).
+            with answers of 40–400 words, sharded with `xc-prep shard` (real tokenizer, hd 18;
+            bench/common.py).
   levers    the official mode runs first, eager, every decoder layer recomputed (the official
             recipe's gradient checkpointing); then ours with --checkpoint-layers N (default all)
             and --compile (torch.compile of each decoder and ViT layer), if given. --attention
             picks the kernel for both modes; kernels compiled at first use (FlashAttention-4) are
             built before either mode is timed (`trainer.attention.warm_up`).
-  ours      `trainer.loader.PackedLoader` (≤ 4 workers) → packed rows of ≤ max_length tokens →
-            `model(...)` with the chunked loss (no full logits); data wait = the time the loop
-            blocks in `next()` (`trainer.loader.TimedIterator`); each step ends with a device sync, as
+  ours      xc-train's own code, built as `trainer.train.train` builds it: the model from
+            `trainer.modelio.load_for_training` (our LoRA layer, trainer/lora.py), the DeepSpeed
+            engine from `trainer.train.build_engine` (the LoRA recipe's ZeRO stage, bf16 on CUDA,
+            torch's fused AdamW, clipping 1.0, warm-up + cosine), `trainer.loader.PackedLoader`
+            configured by `trainer.train.loader_config` (≤ 4 workers) → packed rows of ≤
+            max_length tokens → `trainer.train.train_step` (chunked loss, no full logits), one
+            row per optimizer step (--global-batch-size 1); data wait = the time the loop blocks
+            in `next()` (`trainer.loader.TimedIterator`); each step ends with a device sync, as
             xc-train's do.
-  official  one conversation per step (B = 1: padding to the longest in the batch pads nothing),
-            every record once after the warm-up (--official-steps), its one host sync the HF
-            Trainer's NaN filter of the loss after backward, read from the JSON inside the training
-            process: tokenize, decode, HD-transform
+  official  the baseline, emulated here (it is not the product): one conversation per step (B = 1:
+            padding to the longest in the batch pads nothing), every record once after the warm-up
+            (--official-steps), its one host sync the HF Trainer's NaN filter of the loss after
+            backward, read from the JSON inside the training process: tokenize, decode, HD-transform
             (`pipeline.build.build_sample`: load_rgb + hd_transform) and normalize to float32 with
             numpy, copy the float pixels to the GPU; the forward returns the full logits, which
-            are cast to fp32 for one standard cross-entropy. Our model's image path takes uint8
-            tiles and normalizes them on the GPU, so the official step pays that too (≈ 1 ms) on
-            top of its CPU normalization, and the float copy is made but not read by the model.
-            Its LoRA layer is PEFT's stock `lora.Linear`, as in the official recipe; with
-            --official-lora both (the default) it runs a second time with our fused LoRA layer
-            (trainer/lora.py), the conservative baseline, and the ratio is given against both.
+            are cast to fp32 for one standard cross-entropy; torch's AdamW driven directly, clipping
+            1.0 (bench/common.py's `build_lora_model`: on one GPU ZeRO partitions nothing). Our
+            model's image path takes uint8 tiles and normalizes them on the GPU, so the official
+            step pays that too (≈ 1 ms) on top of its CPU normalization, and the float copy is
+            made but not read by the model. Its LoRA layer is PEFT's stock `lora.Linear`, as in
+            the official recipe; with --official-lora both (the default) it runs a second time
+            with our fused LoRA layer (trainer/lora.py), the conservative baseline, and the ratio
+            is given against both.
 
 Step time: from one step's host sync to the next.
 MFU = model FLOPs / step time / the card's bf16 matmul rate measured in the same run (8192³).
@@ -40,21 +43,18 @@ Model FLOPs (trainer/flops.py) per packed row with sample lengths s_i, N = LLM m
   F = 2·N·Σ s_i + 2·L·d·Σ s_i²        LoRA step = 2·F (no weight gradients for the frozen base)
 Recomputation, the LoRA/PLoRA matmuls and the ViT are not counted; ViT FLOPs are reported apart.
 
-    python bench/train_throughput.py --out-json out.json        # one GPU, 7b, hd 18, 16k rows
-    python bench/train_throughput.py --preset tiny --steps 3 --warmup 1 --hd-num 2 --max-length 2048
+    python -m bench.train_throughput --out-json out.json        # one GPU, 7b, hd 18, 16k rows
+    python -m bench.train_throughput --preset tiny --steps 3 --warmup 1 --hd-num 2 --max-length 2048
 """
 
 from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import datetime
 import gc
 import itertools
 import json
 import os
-import platform
-import random
 import sys
 import tempfile
 import time
@@ -67,123 +67,42 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-BENCH_DIR = Path(__file__).resolve().parent
-REPO_ROOT = BENCH_DIR.parent
-sys.path[:0] = [str(BENCH_DIR), str(REPO_ROOT)]
-from prep_throughput import make_photos  # noqa: E402
-
-from pipeline import cli as prep_cli  # noqa: E402
-from pipeline.build import build_sample  # noqa: E402
-from pipeline.checks import record_from_json  # noqa: E402
-from pipeline.tiling import CLIP_MEAN, CLIP_STD  # noqa: E402
-from pipeline.tokenization import Tokenizer, build_tiny_tokenizer  # noqa: E402
-from schemas.sample import IGNORE_INDEX  # noqa: E402
-from schemas.shards import ShardReader  # noqa: E402
-from trainer.attention import BACKENDS, resolve_backend, warm_up  # noqa: E402
-from trainer.batch import PackedBatch, collate  # noqa: E402
-from trainer.config import TrainConfig  # noqa: E402
-from trainer.flops import llm_matmul_params, peak_bf16_flops, step_flops, vit_flops  # noqa: E402
-from trainer.index import SampleIndex  # noqa: E402
-from trainer.loader import PackedLoader, TimedIterator  # noqa: E402
-from trainer.model import IXCModel, build_model, compile_layers  # noqa: E402
-from trainer.modelio import Loaded, apply_recipe  # noqa: E402
-from trainer.plan import LoaderConfig  # noqa: E402
-from trainer.train import trainable_groups  # noqa: E402
-
-TOKENIZER_CANDIDATES = (
-    REPO_ROOT / ".bench" / "tokenizer.model",
-    REPO_ROOT.parent / "shared" / "ixc25" / "tokenizer.model",
+from bench.common import (
+    bench_header,
+    build_lora_model,
+    build_shards,
+    host_info,
+    make_photos,
+    make_sources,
+    measure_matmul_flops,
+    peak_gib,
+    reset_peak,
+    resolve_tokenizer,
+    sync,
+    update,
+    write_json,
 )
+from pipeline.build import build_sample
+from pipeline.checks import record_from_json
+from pipeline.tiling import CLIP_MEAN, CLIP_STD
+from pipeline.tokenization import Tokenizer
+from schemas.sample import IGNORE_INDEX
+from schemas.shards import ShardReader
+from trainer.attention import BACKENDS, resolve_backend, warm_up
+from trainer.batch import PackedBatch, collate
+from trainer.config import TrainConfig, deepspeed_config
+from trainer.flops import llm_matmul_params, peak_bf16_flops, step_flops, vit_flops
+from trainer.index import SampleIndex
+from trainer.loader import PackedLoader, TimedIterator
+from trainer.model import IXCModel, compile_layers
+from trainer.model_config import preset_config
+from trainer.modelio import load_for_training
+from trainer.train import build_engine, loader_config, setup_distributed, train_step
+
 MAX_LOADER_WORKERS = 4
-ANSWER_WORDS = (40, 80, 150, 250, 400)
-"""Answer lengths in words (≈ 1.3 tokens each), drawn per answer."""
-PROSE = (
-    "The light comes from the left and leaves long, soft shadows across the scene.",
-    "In the foreground the main subject is sharp, while the background falls gently out of focus.",
-    "The colours are natural, with warm tones in the highlights and cooler blues in the shade.",
-    "Several smaller details, such as the texture of the surface, reward a closer look.",
-    "Taken together, the composition guides the eye from the centre towards the upper right.",
-    "A careful answer would also mention what is missing: there is no text and no visible logo.",
-    "Compared with a typical snapshot, the framing is deliberate and the horizon is level.",
-    "If the photo were cropped more tightly, the subject would dominate even more clearly.",
-)
-QUESTIONS = (
-    "Explain how a hash table handles collisions, with an example.",
-    "Summarize the causes of the French Revolution in a few paragraphs.",
-    "What should I check before buying a used bicycle?",
-    "Write a short story about a lighthouse keeper who finds a message in a bottle.",
-    "Compare gradient descent with Newton's method for a beginner.",
-)
-MATMUL_SIZE = 8192
 
 
 # ---------------------------------------------------------------- data
-
-
-def prose(rng: random.Random, words: int) -> str:
-    """About `words` words of plausible answer text, deterministic per rng."""
-    out: list[str] = []
-    while sum(len(s.split()) for s in out) < words:
-        out.append(rng.choice(PROSE))
-    return " ".join(out)
-
-
-def human(text: str) -> dict[str, str]:
-    return {"from": "human", "value": text}
-
-
-def bot(text: str) -> dict[str, str]:
-    return {"from": "bot", "value": text}
-
-
-def make_sources(photos: list[Path], per_kind: int, seed: int) -> dict[str, list[dict[str, Any]]]:
-    """Three sources of `per_kind` records: single-image, multi-image multi-turn, text-only."""
-    rng = random.Random(seed)
-    answer = lambda: prose(rng, rng.choice(ANSWER_WORDS))  # noqa: E731
-    single, multi, text = [], [], []
-    for i in range(per_kind):
-        turns = [human("Describe this photo in detail."), bot(answer())]
-        if i % 2:
-            turns += [human("What time of day was it taken, and how can you tell?"), bot(answer())]
-        single.append({"id": f"single-{i}", "image": str(rng.choice(photos)), "conversations": turns})
-
-        images = [str(p) for p in rng.sample(photos, 2 + i % 2)]
-        turns = [human("Image1: <ImageHere>; Image2: <ImageHere>; What differs between them?"), bot(answer())]
-        if len(images) == 3:
-            turns += [human("Image3: <ImageHere>; How does this one compare?"), bot(answer())]
-        turns += [human("Which would suit a magazine cover, and why?"), bot(answer())]
-        multi.append({"id": f"multi-{i}", "image": images, "conversations": turns})
-
-        turns = [human(QUESTIONS[i % len(QUESTIONS)]), bot(answer())]
-        if i % 3 == 0:
-            turns += [human("Can you make it shorter?"), bot(prose(rng, 40))]
-        text.append({"id": f"text-{i}", "conversations": turns})
-    return {"single": single, "multi": multi, "text": text}
-
-
-def build_shards(
-    work: Path,
-    sources: dict[str, list[dict[str, Any]]],
-    tokenizer: Path,
-    hd_num: int,
-    max_length: int,
-    workers: int,
-) -> Path:
-    """`xc-prep shard` over one JSON file per source; returns the shard folder."""
-    lines = []
-    for name, records in sources.items():
-        path = work / f"{name}.json"
-        path.write_text(json.dumps(records))
-        lines.append(f"{path} 1")
-    (work / "data.txt").write_text("\n".join(lines) + "\n")
-    out = work / "shards"
-    argv = ["shard", str(work / "data.txt"), "--out", str(out), "--tokenizer", str(tokenizer)]
-    argv += ["--hd-num", str(hd_num), "--max-length", str(max_length), "--workers", str(workers)]
-    argv += ["--allow-path", str(work), "--overwrite"]
-    status = prep_cli.main(argv)
-    if status != 0:
-        raise RuntimeError(f"xc-prep {' '.join(argv)} failed with exit status {status}")
-    return out
 
 
 def kept_ids(index: SampleIndex) -> set[str]:
@@ -195,103 +114,22 @@ def kept_ids(index: SampleIndex) -> set[str]:
     return ids
 
 
-def resolve_tokenizer(arg: str | None, preset: str, work: Path) -> Path:
-    if arg == "tiny" or (arg is None and preset == "tiny"):
-        return build_tiny_tokenizer(work / "tiny.model")
-    if arg is not None:
-        return Path(arg)
-    for path in TOKENIZER_CANDIDATES:
-        if path.is_file():
-            return path
-    raise SystemExit(f"no tokenizer.model at {' or '.join(map(str, TOKENIZER_CANDIDATES))}; pass --tokenizer")
-
-
-# ---------------------------------------------------------------- model
-
-
-def build_lora_model(
-    preset: str,
-    device: torch.device,
-    dtype: torch.dtype,
-    vocab_size: int,
-    seed: int = 0,
-    fused_lora: bool = True,
-) -> tuple[IXCModel, torch.optim.Optimizer, list[torch.nn.Parameter], TrainConfig]:
-    """The trainer's LoRA recipe on a random preset: model, fused AdamW, trainable params, config.
-    fused_lora=False: PEFT's own LoRA layer, as the official recipe runs (`apply_recipe`)."""
-    torch.manual_seed(seed)
-    model = build_model(preset, seed=seed, dtype=dtype, device=device, vocab_size=vocab_size)
-    cfg = TrainConfig(shards=Path("."), model=preset, recipe="lora").resolve()
-    loaded = Loaded(model, None, preset, f"{preset} preset, random init")
-    model = apply_recipe(loaded, cfg, fused_lora=fused_lora).model
-    # PEFT creates the adapters in fp32; DeepSpeed's bf16 engine casts the whole module to bf16.
-    model.to(dtype)
-    model.gradient_checkpointing_enable()
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        trainable_groups(model, cfg.weight_decay),
-        lr=cfg.learning_rate,
-        betas=(cfg.adam_beta1, cfg.adam_beta2),
-        fused=device.type == "cuda",
-    )
-    return model, optimizer, params, cfg
-
-
-def measure_matmul_flops(device: torch.device) -> dict[str, Any]:
-    """The card's bf16 matmul rate: median of 20 timed 8192³ products on random data."""
-    size, dtype = (MATMUL_SIZE, torch.bfloat16) if device.type == "cuda" else (1024, torch.float32)
-    gen = torch.Generator(device=device).manual_seed(0)
-    a = torch.randn(size, size, device=device, dtype=dtype, generator=gen)
-    b = torch.randn(size, size, device=device, dtype=dtype, generator=gen)
-    for _ in range(3):
-        a @ b
-    times = []
-    for _ in range(20):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            a @ b
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1000)
-        else:
-            t0 = time.perf_counter()
-            a @ b
-            times.append(time.perf_counter() - t0)
-    seconds = float(np.median(times))
-    return {"size": size, "dtype": str(dtype).removeprefix("torch."), "flops": 2 * size**3 / seconds}
-
-
-def package_versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for name in ("torch", "transformers", "peft", "numpy", "pillow"):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            out[name] = "missing"
-    return out
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def reset_peak(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def peak_gib(device: torch.device) -> tuple[float | None, float | None]:
-    if device.type != "cuda":
-        return None, None
-    return torch.cuda.max_memory_allocated(device) / 2**30, torch.cuda.max_memory_reserved(device) / 2**30
+def model_facts(model: IXCModel) -> dict[str, Any]:
+    return {
+        "llm_matmul_params": llm_matmul_params(model.config),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "unused_adapters_on_cpu": model.unused_adapter_numel(),
+    }
 
 
 # ---------------------------------------------------------------- measurement
+
+
+def batch_flops(model: IXCModel, batch: PackedBatch) -> tuple[float, float]:
+    lengths = batch.cu_seqlens.diff().tolist()
+    views = int(batch.tiles.shape[0]) + int(batch.image_grids.shape[0])  # local tiles + global views
+    return step_flops(model.config, [lengths], lora=True), vit_flops(model.config, views, trains=False)
 
 
 @dataclass
@@ -382,73 +220,93 @@ class Phase:
         return out
 
 
-def optimizer_step(
-    loss: torch.Tensor, optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter]
-) -> float:
-    """Backward and update, then the loss as a float (one host sync: the step has run)."""
-    loss.backward()
-    update(optimizer, params)
-    return float(loss.detach())
+# ---------------------------------------------------------------- ours: xc-train's step
 
 
-def update(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter]) -> None:
-    """Clip to norm 1.0, AdamW step, clear the gradients: launched, not waited for."""
-    torch.nn.utils.clip_grad_norm_(params, 1.0)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-
-
-def batch_flops(model: IXCModel, batch: PackedBatch) -> tuple[float, float]:
-    lengths = batch.cu_seqlens.diff().tolist()
-    views = int(batch.tiles.shape[0]) + int(batch.image_grids.shape[0])  # local tiles + global views
-    return step_flops(model.config, [lengths], lora=True), vit_flops(model.config, views, trains=False)
+def ours_config(
+    args: argparse.Namespace, shards: Path, work: Path, index: SampleIndex
+) -> tuple[TrainConfig, int]:
+    """The xc-train config of our mode (one packed row per optimizer step, --warmup + --steps steps,
+    the bench's levers) and how often it draws each sample so that the epoch has that many rows."""
+    needed = args.warmup + args.steps
+    architecture = preset_config(args.preset)
+    for repeat in range(1, 1000):
+        cfg = TrainConfig(
+            shards=shards,
+            model=args.preset,
+            output_dir=work / "ours",
+            recipe="lora",
+            seed=args.seed,
+            max_length=args.max_length,
+            global_batch_size=1,
+            max_steps=needed,
+            checkpoint_layers=args.checkpoint_layers,
+            compile=args.compile,
+            attention=args.attention,
+            num_workers=min(MAX_LOADER_WORKERS, os.cpu_count() or 1),
+            source_samples=tuple(f"{s.name}={s.samples_written * repeat}" for s in index.manifest.sources),
+        ).resolve()
+        if PackedLoader(index, loader_config(cfg, 1, architecture)).plan(0).steps >= needed:
+            return cfg, repeat
+    raise AssertionError(f"the shards in {shards} give no plan of {needed} steps")
 
 
 def run_ours(
-    model: IXCModel,
-    optimizer: torch.optim.Optimizer,
-    params: list[torch.nn.Parameter],
-    shards: Path,
-    args: argparse.Namespace,
-    device: torch.device,
-) -> Phase:
-    """Packed rows from the shards through the trainer's loader; chunked loss."""
-    index = SampleIndex.load(shards)
-    needed = args.warmup + args.steps
-    workers = min(MAX_LOADER_WORKERS, os.cpu_count() or 1)
-    for repeat in range(1, 1000):  # draw every sample `repeat` times so the epoch has enough rows
-        counts = {s.name: s.samples_written * repeat for s in index.manifest.sources}
-        config = LoaderConfig(
-            max_length=args.max_length, seed=args.seed, source_samples=counts, num_workers=workers, prefetch=2
-        )
-        loader = PackedLoader(index, config)
-        plan = loader.plan(0)
-        if plan.steps >= needed:
-            break
-    phase = Phase("ours", notes={"loader_workers": workers, "plan_fill": plan.fill, "sample_repeats": repeat})
+    cfg: TrainConfig, repeat: int, args: argparse.Namespace, dtype: torch.dtype
+) -> tuple[Phase, IXCModel]:
+    """xc-train's step: model, engine, loader and `train_step` as `trainer.train.train` builds them."""
+    assert cfg.shards is not None and cfg.max_steps is not None, "ours_config sets both"
+    started = time.perf_counter()
+    d = setup_distributed()
+    Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+    loaded = load_for_training(
+        cfg, manifest_dir=Path(cfg.shards), output_dir=Path(cfg.output_dir), dtype=dtype, d=d
+    )
+    model: IXCModel = loaded.model
+    model.gradient_checkpointing_enable()
+    model.checkpoint_layers = cfg.checkpoint_layers
+    model.train()
+    if cfg.compile:
+        compile_layers(model)
+    built = time.perf_counter()
+    ds_config = deepspeed_config(cfg, world_size=d.world_size, bf16=d.device.type == "cuda")
+    engine, _ = build_engine(model, cfg, ds_config, cfg.max_steps)
+    index = SampleIndex.load(Path(cfg.shards))
+    loader = PackedLoader(index, loader_config(cfg, d.world_size, model.config))
+    plan = loader.plan(0)
+    phase = Phase(
+        "ours",
+        notes={
+            "loader_workers": cfg.num_workers,
+            "plan_fill": plan.fill,
+            "sample_repeats": repeat,
+            "zero_stage": ds_config["zero_optimization"]["stage"],
+            "model_build_s": built - started,
+            "engine_build_s": time.perf_counter() - built,
+        },
+    )
     print(loader.summary(), file=sys.stderr)
-    stream = iter(loader)
-    timed = TimedIterator(stream)
-    sync(device)
+    timed = TimedIterator(iter(loader))
+    sync(d.device)
     last = time.perf_counter()
     try:
-        for i in range(needed):
+        for i in range(cfg.max_steps):
             if i == args.warmup:
-                reset_peak(device)
-            batch = next(timed).to(device)
-            out = model(**batch.model_inputs(), targets=batch.targets)
-            loss = optimizer_step(out.loss_sum / max(1, out.num_tokens or 0), optimizer, params)
-            del out
-            sync(device)  # xc-train synchronizes after each step too
+                reset_peak(d.device)
+            batch = next(timed).to(d.device)
+            result = train_step(engine, [batch], d, 1, cfg, per_source=False)
+            sync(d.device)  # xc-train synchronizes after each step too
             now = time.perf_counter()
-            phase.add(
-                i, args.warmup, model, batch, now - last, timed.last_wait_s, len(batch.sample_keys), loss
-            )
+            samples = len(batch.sample_keys)
+            phase.add(i, args.warmup, model, batch, now - last, timed.last_wait_s, samples, result["loss"])
             last = now
     finally:
-        stream.close()  # stops the loader's worker processes
-    phase.peak_allocated_gib, phase.peak_reserved_gib = peak_gib(device)
-    return phase
+        timed.close()  # stops the loader's worker processes
+    phase.peak_allocated_gib, phase.peak_reserved_gib = peak_gib(d.device)
+    return phase, model
+
+
+# ---------------------------------------------------------------- official: the baseline's step
 
 
 def normalize_float(tiles: np.ndarray) -> np.ndarray:
@@ -524,6 +382,9 @@ def run_official(
     return phase
 
 
+# ---------------------------------------------------------------- report
+
+
 def log_step(name: str, i: int, warmup: int, s: Step) -> None:
     kind = "warm-up" if i < warmup else "measured"
     print(
@@ -532,9 +393,6 @@ def log_step(name: str, i: int, warmup: int, s: Step) -> None:
         file=sys.stderr,
         flush=True,
     )
-
-
-# ---------------------------------------------------------------- report
 
 
 def official_name(fused_lora: bool) -> str:
@@ -591,10 +449,14 @@ def print_table(results: dict[str, Any]) -> None:
         )
 
 
-def write_json(path: Path | None, results: dict[str, Any]) -> None:
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(results, indent=2) + "\n")
+# ---------------------------------------------------------------- main
+
+
+def free_memory(device: torch.device) -> None:
+    """Return a dropped model's memory before the next one is built (one model at a time)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -650,29 +512,27 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    card = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     results: dict[str, Any] = {
-        "bench": "train_throughput",
-        "command": ["python", "bench/train_throughput.py", *(sys.argv[1:] if argv is None else argv)],
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "device": card,
-        "gpu_memory_gib": torch.cuda.get_device_properties(device).total_memory / 2**30
-        if device.type == "cuda"
-        else None,
-        "torch": torch.__version__,
-        "versions": package_versions(),
-        "cpus": os.cpu_count(),
+        **bench_header("train_throughput", argv),
+        **host_info(device),
         "preset": args.preset,
         "dtype": str(dtype).removeprefix("torch."),
         "hd_num": args.hd_num,
         "max_length": args.max_length,
         "flops_formula": "LoRA step = 2*F, F = 2*N*sum(s_i) + 2*L*d*sum(s_i^2) (trainer/flops.py); ViT apart",
-        "optimizer": "torch AdamW(fused on CUDA) driven directly, grad clip 1.0, one step per micro-batch; "
-        "no DeepSpeed (ZeRO-2 on one GPU adds only a wrapper and fp32 LoRA master weights)",
+        "optimizer": "ours: xc-train's DeepSpeed engine (trainer.train.build_engine: the LoRA recipe's ZeRO "
+        "stage, torch AdamW fused on CUDA, grad clip 1.0, warm-up + cosine) stepped by trainer.train.train_step; "
+        "official: torch AdamW (fused on CUDA) driven directly, grad clip 1.0; one step per packed row or record",
         "ours_levers": {"checkpoint_layers": args.checkpoint_layers, "compile": args.compile},
         "attention": args.attention,
         "phases": [],
     }
+    card = results["device"]
+    official_layers = (
+        []
+        if args.skip_official
+        else {"peft": [False], "fused": [True], "both": [False, True]}[args.official_lora]
+    )
 
     with tempfile.TemporaryDirectory(prefix="xc-train-bench-") as tmp:
         work = args.keep or Path(tmp)
@@ -681,7 +541,7 @@ def main(argv: list[str] | None = None) -> int:
         tokenizer = Tokenizer.from_path(tokenizer_path)
         results["tokenizer"] = str(tokenizer_path)
 
-        # --- data on a side thread (the shard workers are processes) while the model is built
+        # --- data on a side thread (the shard workers are processes) while the official model is built
         def prepare() -> tuple[Path, dict[str, list[dict[str, Any]]]]:
             t0 = time.perf_counter()
             photos = make_photos(work / "photos")
@@ -692,27 +552,24 @@ def main(argv: list[str] | None = None) -> int:
             results["data_prep_s"] = time.perf_counter() - t0
             return out, sources
 
+        def build_official(
+            fused_lora: bool,
+        ) -> tuple[IXCModel, torch.optim.Optimizer, list[torch.nn.Parameter]]:
+            """PEFT's LoRA layer (the official recipe's) or ours on the same weights (same seed)."""
+            t0 = time.perf_counter()
+            built, opt, trainable, _ = build_lora_model(
+                args.preset, device, dtype, tokenizer.vocab_size, args.seed, fused_lora=fused_lora
+            )
+            built.attention_backend = args.attention
+            results.setdefault("model_build_s", time.perf_counter() - t0)
+            results.setdefault("model", model_facts(built))
+            return built, opt, trainable
+
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             data_future = pool.submit(prepare)
-            t0 = time.perf_counter()
-            official_layers = (
-                []
-                if args.skip_official
-                else {"peft": [False], "fused": [True], "both": [False, True]}[args.official_lora]
-            )
-            model_fused = official_layers[0] if official_layers else True
-            model, optimizer, params, _ = build_lora_model(
-                args.preset, device, dtype, tokenizer.vocab_size, args.seed, fused_lora=model_fused
-            )
-            results["model_build_s"] = time.perf_counter() - t0
-            model.attention_backend = args.attention
+            if official_layers:
+                model, optimizer, params = build_official(official_layers[0])
             shards, sources = data_future.result()
-        results["model"] = {
-            "llm_matmul_params": llm_matmul_params(model.config),
-            "parameters": sum(p.numel() for p in model.parameters()),
-            "trainable": sum(p.numel() for p in params),
-            "unused_adapters_on_cpu": model.unused_adapter_numel(),
-        }
         index = SampleIndex.load(shards)
         results["data"] = {
             "sources": {
@@ -729,10 +586,8 @@ def main(argv: list[str] | None = None) -> int:
             "max_sample_tokens": int(index.num_tokens.max()),
         }
         print(
-            f"{card} | torch {torch.__version__} | {args.preset} {results['model']['parameters'] / 1e9:.2f} B params, "
-            f"{results['model']['trainable'] / 1e6:.1f} M trainable (LoRA), "
-            f"{results['model']['unused_adapters_on_cpu'] / 1e9:.2f} B unused adapters on the CPU | "
-            f"data {json.dumps(results['data'])} | prep {results['data_prep_s']:.1f} s, model {results['model_build_s']:.1f} s",
+            f"{card} | torch {torch.__version__} | {args.preset} | data {json.dumps(results['data'])} | "
+            f"prep {results['data_prep_s']:.1f} s",
             file=sys.stderr,
         )
 
@@ -743,18 +598,6 @@ def main(argv: list[str] | None = None) -> int:
 
         phases: list[Phase] = []
 
-        def rebuild(fused_lora: bool) -> tuple[IXCModel, torch.optim.Optimizer, list[torch.nn.Parameter]]:
-            """PEFT's LoRA layer (the official recipe's) and ours are two models of the same weights
-            (same seed); the caller drops the one in use first, so that one is in memory at a time."""
-            gc.collect()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-            built, opt, trainable, _ = build_lora_model(
-                args.preset, device, dtype, tokenizer.vocab_size, args.seed, fused_lora=fused_lora
-            )
-            built.attention_backend = args.attention
-            return built, opt, trainable
-
         def record(phase: Phase) -> None:
             phases.append(phase)
             results["phases"] = [p.summary(peak, datasheet) for p in phases]
@@ -764,15 +607,18 @@ def main(argv: list[str] | None = None) -> int:
 
         # Kernels compiled at first use (FlashAttention-4 builds one per tile configuration, chosen
         # by length) are built here, before either mode is timed: a measured step must not pay one.
-        c = model.config
+        # The CPU's kernels are not compiled.
+        c = preset_config(args.preset)
         backend = resolve_backend(args.attention, device, dtype, c.head_dim)
         results["attention_backend"] = backend
-        results["attention_warm_up_s"] = warm_up(
-            backend, c.num_attention_heads, c.num_key_value_heads, c.head_dim, dtype, device
+        results["attention_warm_up_s"] = (
+            warm_up(backend, c.num_attention_heads, c.num_key_value_heads, c.head_dim, dtype, device)
+            if device.type == "cuda"
+            else 0.0
         )
-        # The official mode first: it runs as the official recipe does (eager, every decoder layer
-        # recomputed), and compiling our layers (--compile) cannot be undone.
-        if not args.skip_official:
+        # The official mode first, eager, every decoder layer recomputed, as the official recipe runs;
+        # one model in memory at a time.
+        if official_layers:
             kept = kept_ids(index)
             by_kind = [
                 [(name, json.dumps(r)) for r in records if str(r["id"]) in kept]
@@ -782,11 +628,11 @@ def main(argv: list[str] | None = None) -> int:
             interleaved = [r for group in itertools.zip_longest(*by_kind) for r in group if r is not None]
             if args.official_steps is None:
                 args.official_steps = len(interleaved)  # after the warm-up, each record once
-            for fused_lora in official_layers:
-                if fused_lora != model_fused:
+            for n, fused_lora in enumerate(official_layers):
+                if n > 0:
                     del model, optimizer, params
-                    model, optimizer, params = rebuild(fused_lora)
-                    model_fused = fused_lora
+                    free_memory(device)
+                    model, optimizer, params = build_official(fused_lora)
                 try:
                     record(
                         run_official(
@@ -796,19 +642,24 @@ def main(argv: list[str] | None = None) -> int:
                 except Exception:  # keep going: the other mode's numbers are still worth having
                     traceback.print_exc()
                     record(Phase(official_name(fused_lora), error=traceback.format_exc()))
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-        if not model_fused:
             del model, optimizer, params
-            model, optimizer, params = rebuild(True)
-        model.checkpoint_layers = args.checkpoint_layers
-        if args.compile:
-            compile_layers(model)
+            free_memory(device)
+
+        cfg, repeat = ours_config(args, shards, work, index)
         try:
-            record(run_ours(model, optimizer, params, shards, args, device))
+            phase, ours_model = run_ours(cfg, repeat, args, dtype)
+            results.setdefault("model", model_facts(ours_model))
+            record(phase)
         except Exception:
             traceback.print_exc()
             record(Phase("ours", error=traceback.format_exc()))
+        if "model" in results:
+            m = results["model"]
+            print(
+                f"{args.preset}: {m['parameters'] / 1e9:.2f} B params, {m['trainable'] / 1e6:.1f} M trainable "
+                f"(LoRA), {m['unused_adapters_on_cpu'] / 1e9:.2f} B unused adapters on the CPU",
+                file=sys.stderr,
+            )
 
         ours = next((p for p in results["phases"] if p["name"] == "ours"), {})
         results["ratios"] = {

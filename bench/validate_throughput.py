@@ -1,6 +1,6 @@
 """How fast `xc-prep validate` checks text-only records (target: 10,000 records in < 10 s on 2 cores).
 
-    python bench/validate_throughput.py [--records 10000] [--tokenizer PATH]
+    python -m bench.validate_throughput [--records 10000] [--tokenizer PATH]
 
 Writes a seeded JSON file of text-only conversations (2-6 turns, answers of ~300-2,000 characters,
 like the official example data) into a temp folder, then times:
@@ -20,14 +20,13 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO_ROOT))
-
-from pipeline.checks import ValidateOptions  # noqa: E402
-from pipeline.tokenization import build_tiny_tokenizer  # noqa: E402
-from pipeline.validate import validate  # noqa: E402
+from bench.common import REAL_TOKENIZER, REPO_ROOT
+from pipeline.checks import ValidateOptions
+from pipeline.tokenization import build_tiny_tokenizer
+from pipeline.validate import validate
 
 WORDS = (
     "the image shows a small cat sitting on wooden table next to cup of coffee while light from "
@@ -53,17 +52,17 @@ def make_records(n: int, seed: int = 0) -> list[dict]:
     return records
 
 
-def timed(fn) -> float:
+def timed(fn: Callable[[], object]) -> float:
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--records", type=int, default=10_000)
     parser.add_argument("--tokenizer", type=Path, default=None)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -73,8 +72,9 @@ def main() -> int:
         data_txt.write_text("text.json 1\n")
         tokenizer = args.tokenizer
         if tokenizer is None:
-            shared = REPO_ROOT.parent / "shared" / "ixc25" / "tokenizer.model"
-            tokenizer = shared if shared.is_file() else build_tiny_tokenizer(root / "tiny.model")
+            tokenizer = (
+                REAL_TOKENIZER if REAL_TOKENIZER.is_file() else build_tiny_tokenizer(root / "tiny.model")
+            )
 
         size_mb = json_path.stat().st_size / 1e6
         print(f"{args.records:,} text-only records, {size_mb:.1f} MB JSON, {os.cpu_count()} CPU cores")

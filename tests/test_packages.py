@@ -1,5 +1,6 @@
 """The package names are generic: make sure the ones imported are this repository's, and that the
-three programs keep their import rules (docs/ARCHITECTURE.md)."""
+three programs keep their import rules (docs/ARCHITECTURE.md), none of them importing the benchmarks or
+the lab (bench/ and dev/ are one-way)."""
 
 import ast
 from pathlib import Path
@@ -10,13 +11,16 @@ import schemas
 import trainer
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+ONE_WAY = {"bench", "dev"}
 FORBIDDEN = {
-    "schemas": {"pipeline", "trainer", "chat", "torch"},
-    "pipeline": {"trainer", "chat", "torch", "transformers", "peft", "deepspeed"},
-    "trainer": {"pipeline", "chat"},
+    "schemas": {"pipeline", "trainer", "chat", "torch"} | ONE_WAY,
+    "pipeline": {"trainer", "chat", "torch", "transformers", "peft", "deepspeed"} | ONE_WAY,
+    "trainer": {"pipeline", "chat"} | ONE_WAY,
+    "chat": ONE_WAY,
 }
 """Top-level modules each package's files never import: `schemas/` is the contract both sides
-share, `pipeline/` runs without torch, `trainer/` reads shards only; `chat/` may import all."""
+share, `pipeline/` runs without torch, `trainer/` reads shards only; `chat/` may import the three.
+No product file imports `bench/` or `dev/`, which import the product, never the reverse."""
 
 
 def test_packages_come_from_this_repo():
@@ -38,7 +42,7 @@ def test_each_program_imports_only_what_it_may():
     problems = [
         f"{path.relative_to(REPO_ROOT)} imports {', '.join(sorted(imported_packages(path) & forbidden))}"
         for package, forbidden in FORBIDDEN.items()
-        for path in sorted((REPO_ROOT / package).glob("*.py"))
+        for path in sorted((REPO_ROOT / package).rglob("*.py"))
         if imported_packages(path) & forbidden
     ]
     assert not problems, problems

@@ -102,7 +102,7 @@ def plain_cross_entropy(
 ) -> tuple[torch.Tensor, int]:
     """The reference the official code computes: full fp32 logits [T, V], then one cross-entropy.
 
-    For tests and `bench/loss_memory.py`; never use it for training at 16k tokens.
+    For tests and `dev/experiments/loss_memory.py`; never use it for training at 16k tokens.
     """
     logits = F.linear(hidden, weight).float()
     loss_sum = F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")

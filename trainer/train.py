@@ -171,6 +171,36 @@ def trainable_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[s
     return [g for g in groups if g["params"]]
 
 
+def build_engine(
+    model: torch.nn.Module, cfg: TrainConfig, ds_config: dict[str, Any], total_steps: int
+) -> tuple[Any, torch.optim.lr_scheduler.LambdaLR]:
+    """DeepSpeed's engine over `model` and the schedule it steps: torch's AdamW (fused on CUDA) on
+    the trainable parameters, warm-up then cosine over `total_steps`. `ds_config` gains
+    zero_allow_untested_optimizer (torch's AdamW under ZeRO), so the run's record shows it."""
+    import deepspeed
+
+    assert cfg.learning_rate is not None, "build_engine takes a resolved TrainConfig"
+    cuda = any(p.is_cuda for p in model.parameters() if p.requires_grad)
+    optimizer = torch.optim.AdamW(
+        trainable_groups(model, cfg.weight_decay),
+        lr=cfg.learning_rate,
+        betas=(cfg.adam_beta1, cfg.adam_beta2),
+        fused=cuda,
+    )
+    ds_config["zero_allow_untested_optimizer"] = True
+
+    def schedule(opt: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+        # Built by DeepSpeed on the optimizer it actually steps (ZeRO wraps ours).
+        return torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: warmup_cosine(s, total_steps=total_steps, warmup_ratio=cfg.warmup_ratio)
+        )
+
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=schedule, config=ds_config
+    )
+    return engine, scheduler
+
+
 def log_line(d: Dist, text: str) -> None:
     if d.is_main:
         print(text, file=sys.stderr, flush=True)
@@ -319,7 +349,6 @@ def _gather_keys(keys: list[Any], d: Dist) -> list[Any]:
 
 def train(cfg: TrainConfig, argv: list[str] | None = None) -> dict[str, Any]:
     """Fine-tune per the resolved config; returns the run summary (also written to output-dir)."""
-    import deepspeed
     from tqdm import tqdm
 
     cfg = cfg.resolve()
@@ -383,29 +412,13 @@ def train(cfg: TrainConfig, argv: list[str] | None = None) -> dict[str, Any]:
         raise ValueError(f"{cfg.shards}: the epoch plan has no optimizer step (too few samples?)")
 
     # --- optimizer, schedule, engine
-    optimizer = torch.optim.AdamW(
-        trainable_groups(model, cfg.weight_decay),
-        lr=cfg.learning_rate,
-        betas=(cfg.adam_beta1, cfg.adam_beta2),
-        fused=d.device.type == "cuda",
-    )
-    ds_config["zero_allow_untested_optimizer"] = True  # torch's (fused) AdamW under ZeRO
     if resume_from is not None:
         if ckpt.needs_universal(saved, d.world_size):
             # Elastic resume: same global batch, another number of ranks.
             ckpt.convert_to_universal(resume_from)
             ds_config["checkpoint"] = {"load_universal": True}
             phase_done("universal")
-
-    def schedule(opt: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
-        # Built by DeepSpeed on the optimizer it actually steps (ZeRO wraps ours).
-        return torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: warmup_cosine(s, total_steps=total_steps, warmup_ratio=cfg.warmup_ratio)
-        )
-
-    engine, _, _, scheduler = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=schedule, config=ds_config
-    )
+    engine, scheduler = build_engine(model, cfg, ds_config, total_steps)
     phase_done("deepspeed")
 
     # --- resume

@@ -21,7 +21,7 @@ Timing: CUDA events, median of --repeats after --warmup, forward alone and forwa
 FLOPs (model FLOPs, causal): forward 2·H·D·Σ s_i² per layer (QKᵀ and AV, half of each);
 backward twice the forward; TFLOP/s = those FLOPs / time.
 
-    python bench/attention_kernels.py --out-json attention.json
+    python -m dev.experiments.attention_kernels --out-json attention.json
 """
 
 from __future__ import annotations
@@ -39,9 +39,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-BENCH_DIR = Path(__file__).resolve().parent
-sys.path[:0] = [str(BENCH_DIR.parent)]
-from trainer import attention  # noqa: E402
+from trainer import attention
 
 # Rows as packed by the throughput bench's mix: multi-image (≈ 11.9k tokens), single-image
 # (≈ 4.8k), text-only (≈ 300); the last two rows are the text-heavy and long-context extremes.

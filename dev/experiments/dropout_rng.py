@@ -9,22 +9,19 @@ Philox calls (p resolved to 2⁻³¹). `hashed` (`two_dropouts`' default) reads 
 2⁻¹⁶). Timed: silu(a)·b → two dropouts → the two A-matmuls, forward + backward, compiled, at the
 w2 input's shape [T, 14336] and the other linears' [T, 4096]; also the peak memory of the step.
 
-    python bench/dropout_rng.py --out-json dropout.json
+    python -m dev.experiments.dropout_rng --out-json dropout.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from trainer.lora import two_dropouts  # noqa: E402
+from trainer.lora import two_dropouts
 
 P = 0.05
 

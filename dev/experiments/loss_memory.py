@@ -8,8 +8,8 @@ Measured: forward + backward of the loss only (hidden [T, D] and the head weight
 allocated beforehand and not counted; their gradients are). On CUDA from the allocator's peak
 statistics; on CPU from the peak RSS of a fresh subprocess per method (ru_maxrss).
 
-  python bench/loss_memory.py                      # CUDA if present, 16,384 tokens, bf16
-  python bench/loss_memory.py --device cpu --tokens 2048 --dtype float32
+  python -m dev.experiments.loss_memory             # CUDA if present, 16,384 tokens, bf16
+  python -m dev.experiments.loss_memory --device cpu --tokens 2048 --dtype float32
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -27,6 +28,7 @@ from schemas.sample import IGNORE_INDEX
 from trainer.loss import DEFAULT_CHUNK_TOKENS, chunked_cross_entropy, plain_cross_entropy
 
 GB = 1e9
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def measure(method: str, args: argparse.Namespace) -> dict[str, float]:
@@ -97,8 +99,10 @@ def main(argv: list[str] | None = None) -> int:
     for method in args.methods.split(","):
         if args.device == "cpu":
             # A fresh process per method: ru_maxrss only ever grows.
-            cmd = [sys.executable, __file__, *(argv if argv is not None else sys.argv[1:]), "--one", method]
-            result = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+            cmd = [sys.executable, "-m", "dev.experiments.loss_memory"]
+            cmd += [*(argv if argv is not None else sys.argv[1:]), "--one", method]
+            done = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=REPO_ROOT)
+            result = json.loads(done.stdout)
         else:
             result = measure(method, args)
             torch.cuda.empty_cache()

@@ -18,7 +18,7 @@ their concatenated outputs, forward and backward.
 CUDA events, median of --reps after warm-up, variants interleaved per repetition so that clock
 changes hit them alike; the card's 8192³ bf16 rate measured first.
 
-    python bench/lora_matmuls.py --out-json out.json [--blas cublaslt]   # one CUDA GPU
+    python -m dev.experiments.lora_matmuls --out-json out.json [--blas cublaslt]   # one CUDA GPU
 """
 
 from __future__ import annotations
@@ -127,7 +127,7 @@ def main() -> None:
     parser.add_argument("--out-json", default=None)
     args = parser.parse_args()
     if not torch.cuda.is_available():
-        raise SystemExit("bench/lora_matmuls.py times CUDA matmuls: no CUDA device here")
+        raise SystemExit("dev/experiments/lora_matmuls.py times CUDA matmuls: no CUDA device here")
     if args.blas:
         torch.backends.cuda.preferred_blas_library(args.blas)
     dev, dt = torch.device("cuda"), torch.bfloat16

@@ -1,7 +1,8 @@
 """GPU levers of the LoRA step, measured one against another in one process (issue 8, item 4).
 
-Same model, recipe and step as bench/train_throughput.py (the `7b` preset, random init, bf16, PEFT
-LoRA r64 on the five linears, fix_vit, fix_sampler, chunked loss, fused AdamW with clipping) on
+Same model and recipe as bench/train_throughput.py, driven as its official mode is (the `7b`
+preset, random init, bf16, PEFT LoRA r64 on the five linears, fix_vit, fix_sampler, chunked loss,
+torch's fused AdamW with clipping, no DeepSpeed: bench/common.py's `build_lora_model`) on
 synthetic packed rows of real-sized samples (bench/max_length.py's SAMPLE_CYCLE: photos at hd 18
 with their exact token counts, multi-turn and text-only samples; each row starts at another
 point of the cycle). A variant is `MODE:N[:ATTENTION][+FLAG...]`: MODE `eager` or `compiled`
@@ -28,8 +29,8 @@ torch's varlen_attn accepts grouped K/V heads without repeating them (and how lo
 MFU = trainer/flops.py's LoRA step FLOPs (4·N·tokens + attention; recomputation, LoRA/PLoRA and
 the ViT not counted) / step time / the bf16 8192³ matmul rate measured in the same run.
 
-    python bench/levers.py --out-json levers.json --profile --probe-gqa
-    python bench/levers.py --preset tiny --length 2048 --hd-num 2 --variants eager:2,eager:0 --steps 2
+    python -m dev.experiments.levers --out-json levers.json --profile --probe-gqa
+    python -m dev.experiments.levers --preset tiny --length 2048 --hd-num 2 --variants eager:2,eager:0 --steps 2
 """
 
 from __future__ import annotations
@@ -52,21 +53,12 @@ import numpy as np
 import torch
 import torch._inductor.config
 
-BENCH_DIR = Path(__file__).resolve().parent
-sys.path[:0] = [str(BENCH_DIR), str(BENCH_DIR.parent)]
-from max_length import REAL_VOCAB_SIZE, synthetic_row  # noqa: E402
-from train_throughput import (  # noqa: E402
-    build_lora_model,
-    measure_matmul_flops,
-    optimizer_step,
-    package_versions,
-    sync,
-)
-
-from trainer.attention import BACKENDS  # noqa: E402
-from trainer.flops import step_flops, vit_flops  # noqa: E402
-from trainer.model import compile_layers  # noqa: E402
-from trainer.model_config import TINY_VOCAB_SIZE  # noqa: E402
+from bench.common import build_lora_model, measure_matmul_flops, optimizer_step, package_versions, sync
+from bench.max_length import REAL_VOCAB_SIZE, synthetic_row
+from trainer.attention import BACKENDS
+from trainer.flops import step_flops, vit_flops
+from trainer.model import compile_layers
+from trainer.model_config import TINY_VOCAB_SIZE
 
 KERNEL_CATEGORIES = (
     ("attention (flash/varlen/cudnn)", r"flash|fmha|attn|sdpa"),
@@ -417,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     results: dict[str, Any] = {
         "bench": "levers",
-        "command": ["python", "bench/levers.py", *(sys.argv[1:] if argv is None else argv)],
+        "command": ["python", "-m", "dev.experiments.levers", *(sys.argv[1:] if argv is None else argv)],
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "device": card,
         "versions": package_versions(),

@@ -1,6 +1,6 @@
 """Time and peak GPU memory of one forward + backward of a preset model on a synthetic packed row.
 
-  python bench/model_step.py --preset 7b --tokens 16384 --images 2 --grid 3x4 --trainable all
+  python -m dev.experiments.model_step --preset 7b --tokens 16384 --images 2 --grid 3x4 --trainable all
 
 Random init on the device (no checkpoint needed), bf16, per-layer gradient checkpointing on,
 the chunked loss. --trainable: all (full fine-tuning), no-vit (fix_vit), plora (only Plora_A/B:

@@ -1,0 +1,1 @@
+"""One-off harnesses of experiments (kernels, levers): see README.md. Never imported by the product."""
