@@ -87,7 +87,6 @@ from pipeline.checks import record_from_json
 from pipeline.tiling import CLIP_MEAN, CLIP_STD
 from pipeline.tokenization import Tokenizer
 from schemas.sample import IGNORE_INDEX
-from schemas.shards import ShardReader
 from trainer.attention import BACKENDS, resolve_backend, warm_up
 from trainer.batch import PackedBatch, collate
 from trainer.config import TrainConfig, deepspeed_config
@@ -109,7 +108,7 @@ def kept_ids(index: SampleIndex) -> set[str]:
     """Record ids that made it into the shards (the official mode trains on the same records)."""
     ids = set()
     for g in range(len(index)):
-        reader = ShardReader(index.shards_dir / index.shard_files[index.sample_shard[g]])
+        reader = index.reader(int(index.sample_shard[g]))
         ids.add(str(reader.provenance(int(index.sample_row[g]))[3]))
     return ids
 
@@ -271,7 +270,7 @@ def run_ours(
     built = time.perf_counter()
     ds_config = deepspeed_config(cfg, world_size=d.world_size, bf16=d.device.type == "cuda")
     engine, _ = build_engine(model, cfg, ds_config, cfg.max_steps)
-    index = SampleIndex.load(Path(cfg.shards))
+    index = SampleIndex.load(cfg.shards)
     loader = PackedLoader(index, loader_config(cfg, d.world_size, model.config))
     plan = loader.plan(0)
     phase = Phase(

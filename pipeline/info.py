@@ -1,5 +1,7 @@
 """`xc-prep info SHARDS_DIR [--json] [--verify]`: what a shard folder holds, and whether it is intact.
 
+SHARDS_DIR is a folder or an object-store prefix (s3://BUCKET/PREFIX: schemas/storage.py).
+
 The summary comes from `manifest.json` alone (fingerprint, per-source counts, tokens, tiles, bytes),
 so it is instant on any size of folder. `--verify` re-reads every shard and checks its size, sha256,
 Arrow footer and sample count with `schemas.shards.verify_shards` (the very check the trainer runs at
@@ -16,17 +18,16 @@ from typing import Any
 
 from schemas.cli import ExitCode
 from schemas.manifest import REJECTS_NAME, Manifest
+from schemas.storage import StorageError, Store, open_store
 
 
-def count_rejects(shard_dir: Path) -> int | None:
-    path = shard_dir / REJECTS_NAME
-    if not path.is_file():
+def count_rejects(store: Store) -> int | None:
+    if store.size(REJECTS_NAME) is None:
         return None
-    with open(path, "rb") as f:
-        return sum(1 for line in f if line.strip())
+    return sum(1 for line in store.read_bytes(REJECTS_NAME).splitlines() if line.strip())
 
 
-def info_json(shard_dir: Path, manifest: Manifest, problems: list[str] | None) -> dict[str, Any]:
+def info_json(shard_dir: str | Path, manifest: Manifest, problems: list[str] | None) -> dict[str, Any]:
     sources = manifest.sources
     totals = {
         "records_read": sum(s.records_read for s in sources),
@@ -44,12 +45,12 @@ def info_json(shard_dir: Path, manifest: Manifest, problems: list[str] | None) -
     return data
 
 
-def print_info(shard_dir: Path, manifest: Manifest) -> None:
+def print_info(store: Store, manifest: Manifest) -> None:
     from pipeline.shard import summary_table
 
     fp = manifest.fingerprint
     print(
-        f"{shard_dir}: format {manifest.format_version}, made by {' '.join(manifest.command) or '(unknown)'}"
+        f"{store.url()}: format {manifest.format_version}, made by {' '.join(manifest.command) or '(unknown)'}"
     )
     print(
         f"fingerprint: tokenizer {fp.tokenizer_sha256[:16]}…, layout {fp.layout}, style {fp.style}, "
@@ -62,27 +63,32 @@ def print_info(shard_dir: Path, manifest: Manifest) -> None:
             f"{s.name}: {s.path}, k {s.k} ({s.samples_per_epoch:,} samples/epoch), "
             f"{s.total_tokens / written:,.0f} tokens and {s.tiles / written:.1f} tiles per sample"
         )
-    rejects = count_rejects(shard_dir)
+    rejects = count_rejects(store)
     if rejects:
-        print(f"{rejects:,} rejected record(s) listed in {shard_dir / REJECTS_NAME}")
+        print(f"{rejects:,} rejected record(s) listed in {store.url(REJECTS_NAME)}")
 
 
 def run(args: argparse.Namespace) -> int:
     from schemas.shards import tokenizer_problems, verify_shards
 
-    shard_dir = Path(args.shards_dir)
     try:
-        manifest = Manifest.load(shard_dir)
+        store = open_store(args.shards_dir)
+    except StorageError as e:
+        print(f"xc-prep info: error: {e}", file=sys.stderr)
+        return ExitCode.USAGE
+    shard_dir = store.url()
+    try:
+        manifest = Manifest.load(store)
     except (FileNotFoundError, ValueError, KeyError, TypeError) as e:
         print(f"xc-prep info: error: {e}", file=sys.stderr)
         return ExitCode.INVALID_DATA
     problems = None
     if args.verify:
-        problems = verify_shards(shard_dir) + tokenizer_problems(shard_dir, manifest)
+        problems = verify_shards(store) + tokenizer_problems(store, manifest)
     if args.json:
         print(json.dumps(info_json(shard_dir, manifest, problems), indent=2))
     else:
-        print_info(shard_dir, manifest)
+        print_info(store, manifest)
     if problems is None:
         return ExitCode.OK
     for problem in problems:
@@ -105,7 +111,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="summarize a shard folder; --verify re-checks every shard's sha256",
         description=__doc__.split("\n\n")[0],
     )
-    p.add_argument("shards_dir", metavar="SHARDS_DIR", help="a folder written by `xc-prep shard`")
+    p.add_argument(
+        "shards_dir", metavar="SHARDS_DIR", help="a folder (or s3://BUCKET/PREFIX) written by `xc-prep shard`"
+    )
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument(
         "--verify", action="store_true", help="re-read every shard and check size, sha256 and sample count"

@@ -34,7 +34,7 @@ from pipeline.json_source import json_size_limit
 from pipeline.template import DEFAULT_MAX_LENGTH
 from pipeline.tiling import DEFAULT_HD_NUM
 from schemas.cli import ExitCode
-from schemas.manifest import TOKENIZER_NAME, Manifest, shard_path
+from schemas.manifest import TOKENIZER_NAME, Manifest, shard_member
 from schemas.record import Record, Source
 from schemas.sample import IGNORE_INDEX, LAYOUTS, STYLES, Sample
 from schemas.tokens import for_display
@@ -154,10 +154,9 @@ def add_stored_sample_arguments(parser: argparse.ArgumentParser) -> None:
     """`--shards DIR [--source NAME] --sample N`: show a stored sample instead of a JSON record."""
     parser.add_argument(
         "--shards",
-        type=Path,
         default=None,
         metavar="DIR",
-        help="show a stored sample of this shard folder instead of building one from JSON_FILE",
+        help="show a stored sample of this shard folder (or s3://BUCKET/PREFIX) instead of building one from JSON_FILE",
     )
     parser.add_argument(
         "--source",
@@ -195,15 +194,19 @@ def preview_stored(args: argparse.Namespace) -> int:
     """Show a stored sample exactly as `xc-prep preview` shows one built from JSON."""
     from pipeline.tokenization import Tokenizer
     from schemas.shards import ShardReader
+    from schemas.storage import StorageError, open_store
 
     if args.json_file is not None:
         print("xc-prep preview: pass either JSON_FILE or --shards DIR, not both", file=sys.stderr)
         return ExitCode.USAGE
-    shard_dir = Path(args.shards)
     try:
-        manifest = Manifest.load(shard_dir)
+        store = open_store(args.shards)
+        manifest = Manifest.load(store)
         file, row = locate_sample(manifest, args.sample, args.source)
-        sample = ShardReader(shard_path(shard_dir, file)).read(row)
+        sample = ShardReader.open(store, shard_member(store, file)).read(row)
+    except StorageError as e:
+        print(f"xc-prep preview: {e}", file=sys.stderr)
+        return ExitCode.USAGE
     except (FileNotFoundError, ValueError, KeyError, TypeError) as e:
         print(f"xc-prep preview: {e}", file=sys.stderr)
         return ExitCode.INVALID_DATA
@@ -211,15 +214,17 @@ def preview_stored(args: argparse.Namespace) -> int:
         print(json.dumps(sample_to_preview_json(sample)))
         return ExitCode.OK
     # The folder's own copy is the tokenizer the sample was made with.
-    copy = shard_dir / TOKENIZER_NAME
-    tokenizer_path = copy if copy.is_file() else args.tokenizer
-    if tokenizer_path is None:
-        print(f"xc-prep preview: {copy} is missing; pass --tokenizer", file=sys.stderr)
+    if store.size(TOKENIZER_NAME) is not None:
+        tokenizer = Tokenizer(store.read_bytes(TOKENIZER_NAME), path=None)
+    elif args.tokenizer is not None:
+        tokenizer = Tokenizer.from_path(args.tokenizer)
+    else:
+        print(f"xc-prep preview: {store.url(TOKENIZER_NAME)} is missing; pass --tokenizer", file=sys.stderr)
         return ExitCode.USAGE
-    print(f"stored sample {args.sample}: {shard_dir / file} row {row}")
+    print(f"stored sample {args.sample}: {store.url(file)} row {row}")
     print(render_sample_summary(sample))
     print("-" * 72)
-    print(render_sample_text(sample, Tokenizer.from_path(tokenizer_path)))
+    print(render_sample_text(sample, tokenizer))
     return ExitCode.OK
 
 

@@ -35,7 +35,16 @@ command's files in --out (nothing else) and starts over. Media files are not has
 images in place, use --overwrite.
 
 The manifest's `command` is the canonical form of the settings that determine the output:
---out, --workers and --overwrite are left out because they do not change a byte.
+--out, --workers, --overwrite, --part, --finalize and --engine are left out because they do not
+change a byte.
+
+--out may be an object-store prefix (s3://BUCKET/PREFIX, schemas/storage.py): every file above is
+then an object written whole (shards uploaded once complete, sidecars and the manifest in one PUT
+each, the manifest last), and the lock is a lease object. On many machines, `--part I/N` runs the
+units j with j % N == I and records the part in `.work/parts/`; the same command with `--finalize`
+instead of `--part` checks that every unit is done (naming the parts that are not), then writes
+rejects, tokenizer and manifest: the folder is byte for byte a one-host run's, whatever N.
+`--engine ray` runs the units as Ray tasks (pipeline/shard_ray.py), again with the same bytes.
 
 This module reads the inputs, plans the run, merges the units' sidecars into the manifest and the
 rejects, and holds the CLI; the settings are in shard_config.py, the output folder's handling in
@@ -45,7 +54,7 @@ shard_folder.py, the work units and the process pool in shard_units.py.
 from __future__ import annotations
 
 import argparse
-import os
+import json
 import sys
 import time
 from dataclasses import asdict
@@ -61,12 +70,25 @@ from pipeline.flags import (
 )
 from pipeline.json_source import dumps_json, load_source
 from pipeline.shard_config import ShardConfig, UsageError, fingerprint
-from pipeline.shard_folder import lock_output, prepare_output
-from pipeline.shard_units import Progress, SourceInput, UnitTask, WorkerDied, make_tasks, run_units
+from pipeline.shard_folder import (
+    PARTS_DIR,
+    clear_run_state,
+    lock_output,
+    part_record,
+    prepare_output,
+)
+from pipeline.shard_units import (
+    Progress,
+    SourceInput,
+    UnitTask,
+    WorkerDied,
+    finished_unit,
+    make_tasks,
+    run_units,
+)
 from pipeline.sources import DataTxtError, parse_data_txt
 from pipeline.validate import format_findings
 from pipeline.workers import Terminated, stop_on_sigterm
-from schemas.atomic import write_atomic
 from schemas.cli import ExitCode, add_dataclass_flags, field_docs
 from schemas.manifest import (
     MANIFEST_NAME,
@@ -78,6 +100,7 @@ from schemas.manifest import (
     SourceInfo,
 )
 from schemas.report import Finding
+from schemas.storage import Store
 
 # ---------------------------------------------------------------- inputs and plan
 
@@ -170,14 +193,43 @@ def merge(
     return Manifest(fingerprint=fp, sources=infos, command=config.command()), rejects
 
 
-def write_results(
-    config: ShardConfig, tokenizer: Any, manifest: Manifest, rejects: list[dict[str, Any]]
-) -> None:
+def write_results(store: Store, tokenizer: Any, manifest: Manifest, rejects: list[dict[str, Any]]) -> None:
     """rejects.jsonl, tokenizer.model, then manifest.json last (its presence marks a complete folder)."""
     lines = "".join(dumps_json(r) + "\n" for r in rejects)
-    write_atomic(config.out / REJECTS_NAME, lines.encode())
-    write_atomic(config.out / TOKENIZER_NAME, Path(tokenizer.path).read_bytes())
-    write_atomic(config.out / MANIFEST_NAME, manifest.dumps().encode())
+    store.write_bytes(REJECTS_NAME, lines.encode())
+    store.write_bytes(TOKENIZER_NAME, Path(tokenizer.path).read_bytes())
+    store.write_bytes(MANIFEST_NAME, manifest.dumps().encode())
+
+
+# ---------------------------------------------------------------- parts
+
+
+class PartsMissing(Exception):
+    """--finalize before every work unit is done (exit 1; the message names the missing parts)."""
+
+
+def finished_results(store: Store, tasks: list[UnitTask]) -> list[tuple[dict[str, Any], bool]]:
+    """--finalize: every unit's sidecar (as reused results), or PartsMissing naming what is not done."""
+    sidecars = [finished_unit(task) for task in tasks]
+    missing = [j for j, sidecar in enumerate(sidecars) if sidecar is None]
+    if not missing:
+        return [(sidecar, True) for sidecar in sidecars if sidecar is not None]
+    counts = sorted(
+        {int(rel.rsplit("-of-", 1)[1].removesuffix(".json")) for rel in store.list_files(PARTS_DIR)}
+    )
+    lines = [
+        f"--finalize: {len(missing)} of {len(tasks)} work units are not finished "
+        f"(e.g. {store.url(tasks[missing[0]].shard_file)}), so no manifest was written"
+    ]
+    for n in counts:
+        parts = sorted({j % n for j in missing})
+        lines.append(
+            f"parts not finished (of {n}): {', '.join(f'{i}/{n}' for i in parts)}: run each with the same "
+            f"command and --part I/{n} instead of --finalize (a killed part resumes), then --finalize again"
+        )
+    if not counts:
+        lines.append("no --part run has finished here yet: run every --part I/N first")
+    raise PartsMissing("\n".join(lines))
 
 
 # ---------------------------------------------------------------- summary
@@ -215,14 +267,14 @@ def print_summary(
     rejected = sum(s.rejected for s in manifest.sources)
     reused = sum(1 for _, was_reused in results if was_reused)
     warnings = sum(sidecar["stats"]["warnings"] for sidecar, _ in results)
-    line = f"{written:,} samples in {config.out}/ ({seconds:.1f} s"
+    line = f"{written:,} samples in {config.store().url()}/ ({seconds:.1f} s"
     if reused < len(results):
         line += f", {written / max(seconds, 1e-9):.1f} samples/s"
     if reused:
         line += f"; {reused} of {len(results)} work units reused from an earlier run"
     print(line + ")")
     if rejected:
-        print(f"{rejected:,} record(s) rejected: see {config.out / REJECTS_NAME}")
+        print(f"{rejected:,} record(s) rejected: see {config.store().url(REJECTS_NAME)}")
     if truncated := sum(sidecar["stats"]["truncated"] for sidecar, _ in results):
         print(
             f"{truncated:,} sample(s) truncated to --max-length {config.max_length} (answers kept where they fit)"
@@ -256,20 +308,33 @@ def shard(config: ShardConfig) -> int:
         return ExitCode.INVALID_DATA
     fp = fingerprint(config, tokenizer.sha256)
     plan = make_plan(config, fp, inputs)
-    config.out.mkdir(parents=True, exist_ok=True)
-    lock = lock_output(config.out)
+    store = config.store()
+    part = config.part_of()
+    lock = lock_output(store, part)
     try:
         prepare_output(config, plan)
         tasks = make_tasks(config, inputs)
-        progress = Progress(inputs)
-        try:
-            results = run_units(config, tokenizer, tasks, progress)
-        finally:
-            progress.close()
+        if config.finalize:
+            results = finished_results(store, tasks)
+        else:
+            mine = [task for j, task in enumerate(tasks) if j % part[1] == part[0]]
+            progress = Progress(inputs)
+            try:
+                results = run_units(config, tokenizer, mine, progress)
+            finally:
+                progress.close()
+            if part[1] > 1:
+                lock.check()
+                record = {"part": list(part), "units": [t.shard_file for t in mine]}
+                store.write_bytes(part_record(part), (json.dumps(record, indent=1) + "\n").encode())
+                print_part_summary(config, part, len(tasks), results, time.perf_counter() - started)
+                return ExitCode.OK
         manifest, rejects = merge(config, fp, inputs, tasks, [sidecar for sidecar, _ in results])
-        write_results(config, tokenizer, manifest, rejects)
+        lock.check()
+        write_results(store, tokenizer, manifest, rejects)
+        clear_run_state(store)
     finally:
-        os.close(lock)
+        lock.release()
     print_summary(config, manifest, results, time.perf_counter() - started)
     if failed := [r for r in rejects if r["code"] in UNEXPECTED_CODES]:
         first = failed[0]
@@ -282,6 +347,22 @@ def shard(config: ShardConfig) -> int:
         )
         return ExitCode.INVALID_DATA
     return ExitCode.OK
+
+
+def print_part_summary(
+    config: ShardConfig,
+    part: tuple[int, int],
+    units: int,
+    results: list[tuple[dict[str, Any], bool]],
+    seconds: float,
+) -> None:
+    written = sum(sidecar["stats"]["samples_written"] for sidecar, _ in results)
+    reused = sum(1 for _, was_reused in results if was_reused)
+    print(
+        f"part {part[0]}/{part[1]}: {len(results)} of {units} work units done, {written:,} samples in "
+        f"{config.store().url()}/ ({seconds:.1f} s; {reused} reused from an earlier run). When every part "
+        "is done, run the same command once with --finalize instead of --part"
+    )
 
 
 def report_file_findings(findings: list[Finding]) -> None:
@@ -302,7 +383,7 @@ def config_from_args(args: argparse.Namespace) -> ShardConfig:
         raise UsageError(str(e)) from e
     return ShardConfig(
         data_txt=Path(args.data_txt),
-        out=Path(args.out),
+        out=str(args.out),
         tokenizer=Path(args.tokenizer) if args.tokenizer else None,
         hd_num=args.hd_num,
         max_length=args.max_length,
@@ -313,6 +394,9 @@ def config_from_args(args: argparse.Namespace) -> ShardConfig:
         tile_codec=args.tile_codec,
         font=Path(args.font) if args.font else None,
         overwrite=args.overwrite,
+        part=args.part,
+        finalize=args.finalize,
+        engine=args.engine,
         **policy,
     )
 
@@ -324,7 +408,7 @@ def run(args: argparse.Namespace) -> int:
     except UsageError as e:
         print(f"xc-prep shard: error: {e}", file=sys.stderr)
         return ExitCode.USAGE
-    except WorkerDied as e:
+    except (WorkerDied, PartsMissing) as e:
         print(f"xc-prep shard: error: {e}", file=sys.stderr)
         return ExitCode.INVALID_DATA
     except KeyboardInterrupt as e:
@@ -365,6 +449,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
             "max_length": {"metavar": "N"},
             "workers": {"metavar": "N", "default": default_workers(), "help": workers_help},
             "samples_per_shard": {"metavar": "N"},
+            "part": {"metavar": "I/N"},
         },
     )
     add_media_policy_arguments(p)

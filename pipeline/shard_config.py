@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pipeline.checks import ValidateOptions
 from pipeline.media import DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_VIDEO_SECONDS
@@ -17,9 +17,10 @@ from pipeline.template import DEFAULT_MAX_LENGTH
 from pipeline.tiling import DEFAULT_HD_NUM
 from schemas.manifest import Fingerprint, TileCodec
 from schemas.sample import Layout, Style
+from schemas.storage import StorageError, Store, open_store
 
 DEFAULT_DATA_TXT = Path("data.txt")
-DEFAULT_OUT = Path("shards")
+DEFAULT_OUT = "shards"
 DEFAULT_SAMPLES_PER_SHARD = 256
 DEFAULT_TILE_CODEC: TileCodec = "raw"
 PACKAGE_NAME = "xcomposer-finetune"
@@ -35,8 +36,8 @@ class ShardConfig:
 
     data_txt: Path = DEFAULT_DATA_TXT
     """data.txt listing one `<json path> <k>` per line."""
-    out: Path = DEFAULT_OUT
-    """Output folder (created if missing)."""
+    out: str = DEFAULT_OUT
+    """Output folder (created if missing), or s3://BUCKET/PREFIX (README.md#large-corpora)."""
     tokenizer: Path | None = None
     """The sentencepiece tokenizer.model of the model to fine-tune (required)."""
     hd_num: int = DEFAULT_HD_NUM
@@ -57,6 +58,12 @@ class ShardConfig:
     """TrueType font for video frame labels (default: the one pipeline/video.py finds)."""
     overwrite: bool = False
     """Delete existing shards, manifest and work files in --out before writing."""
+    part: str | None = None
+    """I/N: build only work units j with j % N == I (0 <= I < N), one share per machine; then --finalize."""
+    finalize: bool = False
+    """Write the manifest once every --part has finished (lists the missing parts otherwise)."""
+    engine: Literal["local", "ray"] = "local"
+    """local: a process pool of --workers; ray: Ray tasks on the cluster RAY_ADDRESS names."""
     # The media safety policy: the same flags (pipeline/flags.py) and fields as `xc-prep validate`.
     allow_path: tuple[Path, ...] = ()
     """Extra folders media files may lie in, besides the current directory and the JSON file's folder."""
@@ -92,11 +99,39 @@ class ShardConfig:
                 raise UsageError(f"{flag} ({value}) must be at least 1")
         if self.font is not None and not self.font.is_file():
             raise UsageError(f"--font {self.font}: file not found")
-        if self.out.exists() and not self.out.is_dir():
+        store = self.store()
+        if store.is_local and store.local_path().exists() and not store.local_path().is_dir():
             raise UsageError(f"--out {self.out}: exists and is not a folder")
+        self.part_of()
+        if self.part is not None and (self.finalize or self.overwrite):
+            flag = "--finalize" if self.finalize else "--overwrite"
+            raise UsageError(
+                f"--part and {flag} do not combine: run every --part I/N, then the same command once "
+                "with --finalize instead of --part (--overwrite: clear the output once, before the parts)"
+            )
+
+    def store(self) -> Store:
+        """Where --out is (a folder or an object-store prefix)."""
+        try:
+            return open_store(self.out)
+        except StorageError as e:
+            raise UsageError(f"--out {e}") from e
+
+    def part_of(self) -> tuple[int, int]:
+        """(I, N) of --part (0, 1 without it: every unit)."""
+        if self.part is None:
+            return 0, 1
+        index, sep, count = self.part.partition("/")
+        if not (sep and index.isdigit() and count.isdigit() and 0 <= int(index) < int(count)):
+            raise UsageError(
+                f"--part {self.part!r}: expected I/N with 0 <= I < N, e.g. --part 0/4 "
+                "(Slurm: --part $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT)"
+            )
+        return int(index), int(count)
 
     def command(self) -> list[str]:
-        """The canonical command line recorded in the manifest (without --out/--workers/--overwrite)."""
+        """The canonical command line recorded in the manifest (without --out, --workers, --overwrite,
+        --part, --finalize and --engine: they do not change a byte)."""
         cmd = ["xc-prep", "shard", str(self.data_txt), "--tokenizer", str(self.tokenizer)]
         cmd += ["--hd-num", str(self.hd_num), "--max-length", str(self.max_length)]
         cmd += ["--style", self.style, "--layout", self.layout]

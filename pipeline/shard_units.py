@@ -6,6 +6,10 @@ pipeline/checks.py, builds each valid one (pipeline/build.py), streams the sampl
 (stats, the shard's size and sha256, the rejects), both atomically. A unit whose sidecar exists and
 whose shard is intact is reused: that is what lets a re-run resume. `run_units` returns the sidecars
 in unit order whatever --workers is.
+
+The shard is written to a local file first (beside its final name in a local folder; in the
+temp folder, $TMPDIR, for an object store) and published whole (`Store.publish_file`), so an
+object store never holds a part of one; its sidecar, written after it, is what marks the unit done.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ import json
 import multiprocessing
 import os
 import sys
+import tempfile
+import uuid
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeoutError
@@ -37,9 +43,10 @@ from pipeline.json_source import dumps_json
 from pipeline.shard_config import ShardConfig, validate_options
 from pipeline.shard_folder import SHARD_STEM, SHARD_SUFFIX, WORK_DIR
 from pipeline.workers import start_worker, stop_pool
-from schemas.atomic import publish, temp_path, write_atomic
+from schemas.atomic import temp_path
 from schemas.record import Source
 from schemas.report import Finding
+from schemas.storage import Store
 
 PROGRESS_POLL_S = 0.5
 
@@ -72,7 +79,8 @@ class UnitTask:
     """The JSON values of records [start, end)."""
     duplicates: dict[int, Finding]
     """`duplicate_id` findings of records in the range, from the whole-file pass."""
-    out: Path
+    store: Store
+    """The output folder (--out)."""
 
     @property
     def source_name(self) -> str:
@@ -89,17 +97,23 @@ class UnitTask:
         return f"{self.source_name}/{SHARD_STEM.format(unit=self.unit)}{SHARD_SUFFIX}"
 
     @property
-    def shard_path(self) -> Path:
-        return self.out / self.shard_file
+    def sidecar_file(self) -> str:
+        """Sidecar path relative to --out."""
+        return f"{WORK_DIR}/{self.source_name}/{SHARD_STEM.format(unit=self.unit)}.json"
 
-    @property
-    def sidecar_path(self) -> Path:
-        return self.out / WORK_DIR / self.source_name / f"{SHARD_STEM.format(unit=self.unit)}.json"
+    def local_temp(self) -> Path:
+        """Where the shard is written before it is published: its temp name in a local folder, a
+        file in $TMPDIR for an object store."""
+        if self.store.is_local:
+            return temp_path(self.store.local_path(self.shard_file))
+        name = f"xc-prep-{uuid.uuid4().hex}{SHARD_SUFFIX}"
+        return Path(tempfile.gettempdir()) / name
 
 
 def make_tasks(config: ShardConfig, inputs: list[SourceInput]) -> list[UnitTask]:
     """One task per unit; with --workers > 1 the records are made fit to send (`shallow_records`)."""
     size = config.samples_per_shard
+    store = config.store()
     tasks = []
     for pos, si in enumerate(inputs):
         for unit, start in enumerate(range(0, len(si.records), size)):
@@ -113,28 +127,39 @@ def make_tasks(config: ShardConfig, inputs: list[SourceInput]) -> list[UnitTask]
                     records=(start, end),
                     raw=tuple(shallow_records(raw) if config.workers > 1 else raw),
                     duplicates={i: f for i, f in si.duplicates.items() if start <= i < end},
-                    out=config.out,
+                    store=store,
                 )
             )
     return tasks
 
 
 def finished_unit(task: UnitTask) -> dict[str, Any] | None:
-    """The sidecar of a unit an earlier run finished, if its shard is still intact; else None."""
-    from schemas.shards import file_sha256
+    """The sidecar of a unit an earlier run finished, if its shard is still intact; else None.
 
+    Intact: the recorded size, and in a local folder the recorded sha256 too (a damaged file is
+    rebuilt). An object store keeps what it accepted, and reading every shard back to hash it
+    would download the corpus: there the size is checked, and each sample's own checksum when read.
+    """
+    store = task.store
+    if store.size(task.sidecar_file) is None:
+        return None
     try:
-        sidecar = json.loads(task.sidecar_path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+        sidecar = json.loads(store.read_bytes(task.sidecar_file))
+    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
         return None
     if sidecar.get("records") != list(task.records):
         return None
     shard = sidecar.get("shard")
+    size = store.size(task.shard_file)
     if shard is None:
-        return None if task.shard_path.exists() else sidecar
-    path = task.shard_path
-    if not path.is_file() or path.stat().st_size != shard["bytes"] or file_sha256(path) != shard["sha256"]:
+        return None if size is not None else sidecar
+    if size != shard["bytes"]:
         return None
+    if store.is_local:
+        from schemas.shards import file_sha256
+
+        if file_sha256(store.local_path(task.shard_file)) != shard["sha256"]:
+            return None
     return sidecar
 
 
@@ -181,7 +206,7 @@ def run_unit(
         "truncated": 0,
     }
     rejects: list[dict[str, Any]] = []
-    tmp = temp_path(task.shard_path)
+    tmp = task.local_temp()
     writer: ShardWriter | None = None
     try:
         for check in unit_checks(task, validate_options(config)):
@@ -242,16 +267,16 @@ def run_unit(
     shard = None
     if writer is not None:
         writer.close()
-        publish(tmp, task.shard_path)
         shard = {
             "file": task.shard_file,
             "records": list(task.records),
             "samples": stats["samples_written"],
-            "bytes": task.shard_path.stat().st_size,
-            "sha256": file_sha256(task.shard_path),
+            "bytes": tmp.stat().st_size,
+            "sha256": file_sha256(tmp),
         }
+        task.store.publish_file(tmp, task.shard_file)
     else:
-        task.shard_path.unlink(missing_ok=True)  # a stale shard from an interrupted older attempt
+        task.store.delete(task.shard_file)  # a stale shard from an interrupted older attempt
     sidecar = {
         "unit": task.unit,
         "records": list(task.records),
@@ -259,7 +284,7 @@ def run_unit(
         "shard": shard,
         "rejects": rejects,
     }
-    write_atomic(task.sidecar_path, (dumps_json(sidecar, indent=1) + "\n").encode())
+    task.store.write_bytes(task.sidecar_file, (dumps_json(sidecar, indent=1) + "\n").encode())
     return sidecar, False
 
 
@@ -325,7 +350,12 @@ class Progress:
 def run_units(
     config: ShardConfig, tokenizer: Any, tasks: list[UnitTask], progress: Progress
 ) -> list[tuple[dict[str, Any], bool]]:
-    """Run every unit, in a pool when --workers > 1; results come back in unit order."""
+    """Run every unit, in a pool when --workers > 1 (or as Ray tasks with --engine ray); results
+    come back in unit order."""
+    if config.engine == "ray":
+        from pipeline.shard_ray import run_units_on_ray
+
+        return run_units_on_ray(config, tasks, progress)
     workers = min(config.workers, len(tasks))
     if workers <= 1:
         return [run_unit(t, config, tokenizer, functools.partial(progress.add, t.source_pos)) for t in tasks]

@@ -14,7 +14,10 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any, Literal, get_args
+from typing import TYPE_CHECKING, Any, Literal, get_args
+
+if TYPE_CHECKING:
+    from schemas.storage import Store
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -61,6 +64,16 @@ def shard_path(shard_dir: Path, file: str) -> Path:
             "the trainer and `xc-prep info` read shards only inside the folder: copy the file in instead"
         )
     return path
+
+
+def shard_member(store: Store, file: str) -> str:
+    """`shard_path` for any store: the member a manifest entry names, refused (ValueError) unless it
+    lies inside the folder (an object store has no symlinks: the name's check is the whole check)."""
+    if store.is_local:
+        shard_path(store.local_path(), file)
+    elif (problem := _shard_file_problem(file)) is not None:
+        raise ValueError(f"{store.url(MANIFEST_NAME)} lists shard {file!r}: {problem}; {REFUSED_PATH_FIX}")
+    return file
 
 
 def _target(path: Path) -> str:
@@ -152,12 +165,16 @@ class Manifest:
         )
 
     @classmethod
-    def load(cls, shard_dir: Path) -> Manifest:
-        path = Path(shard_dir) / MANIFEST_NAME
-        if not path.is_file():
+    def load(cls, shard_dir: str | Path | Store) -> Manifest:
+        """The manifest of a folder path, an s3:// URL or a store."""
+        from schemas.storage import open_store
+
+        store = open_store(shard_dir) if isinstance(shard_dir, str | Path) else shard_dir
+        path = store.url(MANIFEST_NAME)
+        if store.size(MANIFEST_NAME) is None:
             raise FileNotFoundError(f"{path}: no manifest; is this a folder written by `xc-prep shard`?")
         try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
+            data = json.loads(store.read_bytes(MANIFEST_NAME))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"{path}: not valid JSON ({e}); the shard folder is damaged") from e
         return cls.from_json(data)

@@ -24,11 +24,13 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from schemas.manifest import MANIFEST_NAME, TILE_CODECS, TOKENIZER_NAME, Manifest, shard_path
+from schemas.manifest import MANIFEST_NAME, TILE_CODECS, TOKENIZER_NAME, Manifest, shard_member
 from schemas.sample import TILE_SIZE, ImageSpan, Sample, image_token_count
+from schemas.storage import Store, open_store, sha256_of
 
 SHARD_SUFFIX = ".arrow"
 """The file suffix of an Arrow IPC shard."""
+LENGTH_COLUMNS = ("num_tokens", "num_trained", "num_tiles")
 TILE_BYTES = TILE_SIZE * TILE_SIZE * 3
 
 SHARD_SCHEMA = pa.schema(
@@ -153,29 +155,51 @@ class SampleRef:
 
 
 class ShardReader:
-    """Memory-mapped random access to one shard file."""
+    """Random access to one shard: memory-mapped locally, by ranged reads from an object store
+    (`ShardReader.open`); the Arrow IPC footer locates each sample's bytes."""
 
-    def __init__(self, path: Path):
-        self.path = Path(path)
+    def __init__(self, path: Path | str, source: pa.NativeFile | None = None):
+        self.path = path if source is not None else Path(path)
+        """The file (or, with `source`, the object's URL) for messages."""
+        self._source = source if source is not None else None
         try:
-            self._reader = pa.ipc.open_file(pa.memory_map(str(self.path), "r"))
+            if self._source is None:
+                self._source = pa.memory_map(str(self.path), "r")
+            self._reader = pa.ipc.open_file(self._source)
         except (pa.ArrowInvalid, OSError) as e:
             raise ValueError(f"{self.path}: not a readable shard ({e}); run `xc-prep info --verify`") from e
         self.codec = (self._reader.schema.metadata or {}).get(b"tile_codec", b"raw").decode()
+        self.bytes_read = 0
+        """Bytes of the samples read so far (the loader's read throughput)."""
+
+    @classmethod
+    def open(cls, store: Store, file: str) -> ShardReader:
+        """The shard `file` (relative to the store's folder)."""
+        if store.is_local:
+            return cls(store.local_path(file))
+        try:
+            source = store.open_input(file)
+        except OSError as e:
+            raise ValueError(
+                f"{store.url(file)}: not a readable shard ({e}); run `xc-prep info --verify`"
+            ) from e
+        return cls(store.url(file), source)
 
     def __len__(self) -> int:
         return self._reader.num_record_batches
 
     def lengths(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(num_tokens, num_trained, num_tiles) of every sample, without decoding tiles."""
-        tokens, trained, tiles = [], [], []
-        for i in range(len(self)):
-            batch = self._reader.get_batch(i)
-            tokens.append(batch.column("num_tokens")[0].as_py())
-            trained.append(batch.column("num_trained")[0].as_py())
-            tiles.append(batch.column("num_tiles")[0].as_py())
-        as_i64 = lambda xs: np.asarray(xs, dtype=np.int64)  # noqa: E731
-        return as_i64(tokens), as_i64(trained), as_i64(tiles)
+        """int64 (num_tokens, num_trained, num_tiles) of every sample. Only those columns are read
+        (a few bytes per sample, never a tile): from an object store, two small ranged reads per sample."""
+        assert self._source is not None
+        names = SHARD_SCHEMA.names
+        options = pa.ipc.IpcReadOptions(included_fields=[names.index(n) for n in LENGTH_COLUMNS])
+        table = pa.ipc.open_file(self._source, options=options).read_all()
+        tokens, trained, tiles = (
+            table.column(n).to_numpy().astype(np.int64) if table.num_rows else np.zeros(0, np.int64)
+            for n in LENGTH_COLUMNS
+        )
+        return tokens, trained, tiles
 
     def provenance(self, row: int) -> tuple[str, str, int, object]:
         """(source, file, index, id) of one sample, without decoding tiles."""
@@ -194,6 +218,7 @@ class ShardReader:
 
     def read(self, row: int) -> Sample:
         b = self._reader.get_batch(row)
+        self.bytes_read += b.nbytes
         col = lambda name: b.column(name)[0]  # noqa: E731
         input_ids = col("input_ids").values.to_numpy(zero_copy_only=False).astype(np.int32, copy=False)
         labels = col("labels").values.to_numpy(zero_copy_only=False).astype(np.int32, copy=False)
@@ -246,19 +271,22 @@ def mismatch_message(shard_dir: Path, problems: list[str]) -> str:
     )
 
 
-def verify_shards(shard_dir: Path, *, checksums: bool = True, part: tuple[int, int] = (0, 1)) -> list[str]:
-    """Check a shard folder against its manifest; returns one message per problem (empty = fine).
+def verify_shards(
+    shard_dir: str | Path | Store, *, checksums: bool = True, part: tuple[int, int] = (0, 1)
+) -> list[str]:
+    """Check a shard folder (a path, an s3:// URL or a store) against its manifest; returns one
+    message per problem (empty = fine).
 
     Checks that every listed shard exists, has the listed size, (with `checksums`) the listed
     sha256, opens as Arrow IPC and holds the listed number of samples. Shared by
     `xc-prep info --verify` and the trainer's start-up check. `part=(i, n)` hashes only every n-th
     shard from the i-th (the trainer's ranks split the hashing and combine their findings).
     """
-    shard_dir = Path(shard_dir)
+    store = open_store(shard_dir) if isinstance(shard_dir, str | Path) else shard_dir
     try:
-        manifest = Manifest.load(shard_dir)
+        manifest = Manifest.load(store)
     except (FileNotFoundError, ValueError, KeyError, TypeError) as e:
-        return [f"{shard_dir / MANIFEST_NAME}: {e}"]
+        return [f"{store.url(MANIFEST_NAME)}: {e}"]
     problems: list[str] = []
     ordinal = -1
     for source in manifest.sources:
@@ -272,22 +300,23 @@ def verify_shards(shard_dir: Path, *, checksums: bool = True, part: tuple[int, i
         for shard in source.shards:
             ordinal += 1
             try:
-                path = shard_path(shard_dir, shard.file)
+                file = shard_member(store, shard.file)
             except ValueError as e:
                 problems.append(str(e))
                 continue
-            if not path.is_file():
+            path = store.url(file)
+            size = store.size(file)
+            if size is None:
                 problems.append(f"{path}: missing (listed in {MANIFEST_NAME})")
                 continue
-            size = path.stat().st_size
             if size != shard.bytes:
                 problems.append(f"{path}: {size} bytes, manifest says {shard.bytes} (truncated or replaced)")
                 continue
-            if checksums and ordinal % part[1] == part[0] and file_sha256(path) != shard.sha256:
+            if checksums and ordinal % part[1] == part[0] and sha256_of(store, file) != shard.sha256:
                 problems.append(f"{path}: sha256 does not match the manifest (corrupted)")
                 continue
             try:
-                n = len(ShardReader(path))
+                n = len(ShardReader.open(store, file))
             except ValueError as e:
                 problems.append(str(e))
                 continue
@@ -296,23 +325,25 @@ def verify_shards(shard_dir: Path, *, checksums: bool = True, part: tuple[int, i
     return problems
 
 
-def tokenizer_problems(shard_dir: Path, manifest: Manifest) -> list[str]:
+def tokenizer_problems(shard_dir: str | Path | Store, manifest: Manifest) -> list[str]:
     """The folder's copy of the tokenizer must be the one the fingerprint names, and parse (the
     trainer builds presets from it and `xc-train generate` decodes with it). Shared by
     `xc-prep info --verify` and the trainer's start-up check."""
-    path = Path(shard_dir) / TOKENIZER_NAME
+    store = open_store(shard_dir) if isinstance(shard_dir, str | Path) else shard_dir
+    path = store.url(TOKENIZER_NAME)
     fix = "copy the tokenizer.model the shards were made with back into the folder, or re-run `xc-prep shard`"
-    if not path.is_file():
+    if store.size(TOKENIZER_NAME) is None:
         return [
             f"{path}: missing (the shards were made with tokenizer sha256 "
             f"{manifest.fingerprint.tokenizer_sha256}); {fix}"
         ]
-    if file_sha256(path) != manifest.fingerprint.tokenizer_sha256:
+    data = store.read_bytes(TOKENIZER_NAME)
+    if hashlib.sha256(data).hexdigest() != manifest.fingerprint.tokenizer_sha256:
         return [f"{path}: sha256 does not match the manifest's fingerprint (replaced or corrupted); {fix}"]
     import sentencepiece as spm
 
     try:
-        spm.SentencePieceProcessor(model_proto=path.read_bytes())
+        spm.SentencePieceProcessor(model_proto=data)
     except (RuntimeError, OSError) as e:
         return [f"{path}: not a sentencepiece model ({e}); {fix}"]
     return []

@@ -137,6 +137,8 @@ PINNED: dict[str, tuple[str, ...]] = {
     "xc-prep shard": (
         "--allow-any-path",
         "--allow-path",
+        "--engine",
+        "--finalize",
         "--font",
         "--hd-num",
         "--layout",
@@ -145,6 +147,7 @@ PINNED: dict[str, tuple[str, ...]] = {
         "--max-video-seconds",
         "--out",
         "--overwrite",
+        "--part",
         "--samples-per-shard",
         "--style",
         "--tile-codec",

@@ -17,6 +17,7 @@ import torch
 from schemas.manifest import Fingerprint, Manifest, ShardInfo, SourceInfo
 from schemas.sample import IGNORE_INDEX, IMAGE_TOKEN_ID, TILE_SIZE, ImageSpan, Sample, image_token_count
 from schemas.shards import ShardReader, file_sha256, write_shard
+from schemas.storage import open_store
 from trainer.batch import collate
 from trainer.cli import main as cli_main
 from trainer.index import SampleIndex, ShardDataError
@@ -182,7 +183,7 @@ def synthetic_index(lengths: np.ndarray, tiles: np.ndarray, k: float, max_length
     n = len(lengths)
     source = SourceInfo(name="mix", path="mix.json", k=k, input_sha256="0", samples_written=n, records_read=n)
     return SampleIndex(
-        shards_dir=Path("/nonexistent"),
+        store=open_store("/nonexistent"),
         manifest=Manifest(fingerprint(max_length), [source]),
         shard_files=[],
         sample_shard=np.zeros(n, np.int32),

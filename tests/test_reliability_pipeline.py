@@ -30,8 +30,7 @@ from PIL import Image
 
 import pipeline.checks as checks_module
 import pipeline.media_probe as media_probe_module
-import pipeline.shard as shard_module
-import pipeline.shard_units as shard_units_module
+import schemas.storage as storage_module
 from pipeline import video as video_module
 from pipeline.checks import HINTS, ValidateOptions, check_source
 from pipeline.cli import main
@@ -573,7 +572,7 @@ def inject_full_disk(monkeypatch: pytest.MonkeyPatch, where: str) -> None:
 
         monkeypatch.setattr(ShardWriter, "write", write)
         return
-    writer = {"sidecar": shard_units_module, "manifest": shard_module}[where]
+    writer = storage_module  # every write of a local folder's files (schemas/storage.py)
     real_atomic = writer.write_atomic
     target = {"sidecar": "shard-00001.json", "manifest": "manifest.json"}[where]
 

@@ -26,6 +26,7 @@ from pipeline.shard_folder import lock_output
 from pipeline.tokenization import Tokenizer, build_tiny_tokenizer
 from schemas.manifest import Manifest
 from schemas.shards import ShardReader, verify_shards
+from schemas.storage import open_store
 
 HD_NUM = 2
 SAMPLES_PER_SHARD = 3
@@ -442,10 +443,10 @@ def test_media_policy_is_validates_and_part_of_the_plan(dataset: Dataset, tmp_pa
 def test_a_second_run_on_the_same_folder_is_refused(dataset: Dataset, tmp_path: Path, capsys) -> None:
     out = tmp_path / "shards"
     out.mkdir()
-    held = lock_output(out)  # as if another `xc-prep shard` were writing here
+    held = lock_output(open_store(out))  # as if another `xc-prep shard` were writing here
     try:
         assert run_shard(dataset, out) == 2
         assert "another `xc-prep shard` is writing to this folder" in capsys.readouterr().err
     finally:
-        os.close(held)
+        held.release()
     assert run_shard(dataset, out) == 0

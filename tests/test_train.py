@@ -538,7 +538,7 @@ def test_config_file_then_flags(tmp_path: Path) -> None:
     yaml_file.write_text("shards: s\nrecipe: lora\nlearning-rate: 1e-5\nepochs: 2\nsource_samples: [a=3]\n")
     cfg = parse("--config", str(yaml_file), "--epochs", "4").resolve()
     assert cfg.learning_rate == 1e-5 and isinstance(cfg.learning_rate, float)
-    assert (cfg.epochs, cfg.use_lora, cfg.shards, cfg.source_samples) == (4, True, Path("s"), ("a=3",))
+    assert (cfg.epochs, cfg.use_lora, cfg.shards, cfg.source_samples) == (4, True, "s", ("a=3",))
     json_file = tmp_path / "c.json"
     json_file.write_text(json.dumps({"shards": "s", "global_batch_size": 4}))
     assert parse("--config", str(json_file)).global_batch_size == 4

@@ -49,6 +49,10 @@ class PackedBatch:
     global_num_trained: int = 0
     """Trained tokens of the whole global step (all ranks): divide the summed loss by it."""
     global_num_tokens: int = 0
+    read_bytes: int = 0
+    """Stored bytes of this micro-batch's samples (the loader's read throughput)."""
+    read_s: float = 0.0
+    """Seconds its loader worker spent reading them."""
 
     def _map(self, fn: Any) -> PackedBatch:
         tensors = {

@@ -61,7 +61,9 @@ def build_plan_parser() -> argparse.ArgumentParser:
 def build_eval_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="xc-train eval", description="Per-sample and mean loss on shards.")
     p.add_argument("--model", required=True, help="model folder or LoRA adapter folder")
-    p.add_argument("--shards", type=Path, required=True, help="shard folder (every stored sample once)")
+    p.add_argument(
+        "--shards", required=True, help="shard folder or s3://BUCKET/PREFIX (every stored sample once)"
+    )
     p.add_argument("--json", type=Path, default=None, help="also write the results as JSON here")
     return p
 
@@ -72,7 +74,9 @@ def build_generate_parser() -> argparse.ArgumentParser:
         description="Answer the prompt of a stored sample (its tokens before the first trained token).",
     )
     p.add_argument("--model", required=True, help="model folder or LoRA adapter folder")
-    p.add_argument("--shards", type=Path, required=True, help="shard folder holding the prompt sample")
+    p.add_argument(
+        "--shards", required=True, help="shard folder or s3://BUCKET/PREFIX holding the prompt sample"
+    )
     p.add_argument("--sample", type=int, default=0, help="global sample number (manifest order) [0]")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -120,7 +124,7 @@ def run_plan(args: argparse.Namespace, command: list[str]) -> ExitCode:
 
     assert cfg.shards is not None, "resolve() requires --shards"
     config = loader_config(cfg, args.world_size, model_config(cfg))
-    plan_main(Path(cfg.shards), config, world_size=args.world_size)
+    plan_main(cfg.shards, config, world_size=args.world_size)
     return ExitCode.OK
 
 

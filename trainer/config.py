@@ -51,8 +51,8 @@ RECIPES: dict[str, dict[str, Any]] = {
 
 @dataclass
 class TrainConfig:
-    shards: Path | None = None
-    """Shard folder written by `xc-prep shard` (holds manifest.json)."""
+    shards: str | None = None
+    """Shard folder written by `xc-prep shard` (holds manifest.json), or s3://BUCKET/PREFIX."""
     model: str = DEFAULT_MODEL
     """Model folder (official layout), a hub id resolved through the local HF cache, or a preset: tiny, 7b."""
     output_dir: Path = Path("output")

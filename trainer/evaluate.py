@@ -42,14 +42,14 @@ def _read(index: SampleIndex, g: int, readers: dict[int, ShardReader] | None = N
     shard = int(index.sample_shard[g])
     readers = {} if readers is None else readers
     if shard not in readers:
-        readers[shard] = ShardReader(index.shards_dir / index.shard_files[shard])
+        readers[shard] = index.reader(shard)
     return readers[shard].read(int(index.sample_row[g]))
 
 
 @torch.no_grad()
-def evaluate(model_path: str | Path, shards: Path) -> dict[str, Any]:
+def evaluate(model_path: str | Path, shards: str | Path) -> dict[str, Any]:
     device, dtype = _device_dtype()
-    index = SampleIndex.load(Path(shards), checksums=False)  # before the model: bad shards fail fast
+    index = SampleIndex.load(shards, checksums=False)  # before the model: bad shards fail fast
     model = load_for_inference(model_path, dtype=dtype, device=device)
     readers: dict[int, ShardReader] = {}
     per_sample = []
@@ -109,7 +109,7 @@ def format_eval(result: dict[str, Any]) -> str:
 @torch.no_grad()
 def generate_for_sample(
     model_path: str | Path,
-    shards: Path,
+    shards: str | Path,
     g: int,
     *,
     max_new_tokens: int = 64,
@@ -127,10 +127,10 @@ def generate_for_sample(
     import sentencepiece as spm
 
     device, dtype = _device_dtype()
-    index = SampleIndex.load(Path(shards), checksums=False)
+    index = SampleIndex.load(shards, checksums=False)
     sample = _read(index, g)  # before the model: an out-of-range --sample fails fast
     model = load_for_inference(model_path, dtype=dtype, device=device)
-    sp = spm.SentencePieceProcessor(model_file=str(Path(shards) / TOKENIZER_NAME))
+    sp = spm.SentencePieceProcessor(model_file=str(index.tokenizer_dir() / TOKENIZER_NAME))
     if stop_ids is None:
         stop_ids = [i for i in map(sp.piece_to_id, STOP_PIECES) if i != sp.unk_id()]
     trained = np.flatnonzero(sample.labels != IGNORE_INDEX)

@@ -4,24 +4,32 @@
 (tokens, trained tokens, tiles) of every shard, in manifest order; the epoch plan
 (`trainer/plan.py`) is computed from these arrays alone, and the loader (`trainer/loader.py`)
 reads samples by their (shard, row).
+
+The folder may be an object-store prefix (s3://BUCKET/PREFIX, schemas/storage.py): the lengths
+are then read with column projection (a few bytes per sample, never a tile), many shards at a time.
 """
 
 from __future__ import annotations
 
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from schemas.manifest import Manifest
+from schemas.manifest import TOKENIZER_NAME, Manifest
 from schemas.shards import ShardReader, mismatch_message, verify_shards
+from schemas.storage import Store, open_store
 from trainer.errors import ShardDataError
 
 MAX_LISTED_PROBLEMS = 10
+REMOTE_LENGTH_READERS = 32
+"""Shards whose lengths are read at once from an object store (each read waits on the network)."""
 
 
-def shards_mismatch(shards_dir: Path, problems: list[str]) -> ShardDataError:
+def shards_mismatch(shards_dir: str | Path, problems: list[str]) -> ShardDataError:
     """The error for shards that differ from their manifest (`verify_shards`' problems)."""
     return ShardDataError(mismatch_message(shards_dir, problems))
 
@@ -33,7 +41,8 @@ class SampleIndex:
     Global sample id g: samples of source i are [source_offsets[i], source_offsets[i+1]).
     """
 
-    shards_dir: Path
+    store: Store
+    """The shard folder or object-store prefix."""
     manifest: Manifest
     shard_files: list[str]
     """Shard paths relative to shards_dir."""
@@ -51,43 +60,49 @@ class SampleIndex:
     """int64[num_sources + 1]"""
 
     @classmethod
-    def load(cls, shards_dir: Path, *, checksums: bool = False) -> SampleIndex:
+    def load(cls, shards_dir: str | Path | Store, *, checksums: bool = False) -> SampleIndex:
         """Read the manifest, check the shards against it, and read every sample's lengths."""
-        shards_dir = Path(shards_dir)
-        problems = verify_shards(shards_dir, checksums=checksums)
+        store = open_store(shards_dir) if isinstance(shards_dir, str | Path) else shards_dir
+        problems = verify_shards(store, checksums=checksums)
         if problems:
-            raise shards_mismatch(shards_dir, problems)
-        manifest = Manifest.load(shards_dir)
-        shard_files: list[str] = []
-        shard_of: list[np.ndarray] = []
-        rows: list[np.ndarray] = []
-        tokens: list[np.ndarray] = []
-        trained: list[np.ndarray] = []
-        tiles: list[np.ndarray] = []
-        offsets = [0]
-        for source in manifest.sources:
-            for shard in source.shards:
-                reader = ShardReader(shards_dir / shard.file)
-                t, tr, ti = reader.lengths()
-                shard_of.append(np.full(len(t), len(shard_files), dtype=np.int32))
-                rows.append(np.arange(len(t), dtype=np.int32))
-                tokens.append(t)
-                trained.append(tr)
-                tiles.append(ti)
-                shard_files.append(shard.file)
-            offsets.append(offsets[-1] + source.samples_written)
+            raise shards_mismatch(store.url(), problems)
+        manifest = Manifest.load(store)
+        files = [shard.file for source in manifest.sources for shard in source.shards]
+        with ThreadPoolExecutor(1 if store.is_local else REMOTE_LENGTH_READERS) as pool:
+            lengths = list(pool.map(lambda file: ShardReader.open(store, file).lengths(), files))
+        shard_of = [np.full(len(t), k, dtype=np.int32) for k, (t, _, _) in enumerate(lengths)]
+        rows = [np.arange(len(t), dtype=np.int32) for t, _, _ in lengths]
+        offsets = np.cumsum([0] + [source.samples_written for source in manifest.sources])
         cat = lambda xs, dt: np.concatenate(xs).astype(dt) if xs else np.zeros(0, dt)  # noqa: E731
         return cls(
-            shards_dir=shards_dir,
+            store=store,
             manifest=manifest,
-            shard_files=shard_files,
+            shard_files=files,
             sample_shard=cat(shard_of, np.int32),
             sample_row=cat(rows, np.int32),
-            num_tokens=cat(tokens, np.int64),
-            num_trained=cat(trained, np.int64),
-            num_tiles=cat(tiles, np.int64),
+            num_tokens=cat([t for t, _, _ in lengths], np.int64),
+            num_trained=cat([tr for _, tr, _ in lengths], np.int64),
+            num_tiles=cat([ti for _, _, ti in lengths], np.int64),
             source_offsets=np.asarray(offsets, dtype=np.int64),
         )
+
+    @property
+    def shards_dir(self) -> str:
+        """The folder or URL, for messages."""
+        return self.store.url()
+
+    def reader(self, shard: int) -> ShardReader:
+        """A reader of shard `shard` (an index into shard_files)."""
+        return ShardReader.open(self.store, self.shard_files[shard])
+
+    def tokenizer_dir(self) -> Path:
+        """A local folder holding the shards' tokenizer.model (for an object store, a copy in a
+        new temp folder): presets are built from it and outputs carry it."""
+        if self.store.is_local:
+            return self.store.local_path()
+        folder = Path(tempfile.mkdtemp(prefix="xc-shards-tokenizer-"))
+        (folder / TOKENIZER_NAME).write_bytes(self.store.read_bytes(TOKENIZER_NAME))
+        return folder
 
     def __len__(self) -> int:
         return int(self.num_tokens.shape[0])
@@ -98,8 +113,10 @@ class SampleIndex:
 
     def describe(self, g: int) -> str:
         """Where sample g lives, for error messages (reads its provenance, not its tiles)."""
-        path = self.shards_dir / self.shard_files[self.sample_shard[g]]
-        source, file, index, record_id = ShardReader(path).provenance(int(self.sample_row[g]))
+        path = self.store.url(self.shard_files[self.sample_shard[g]])
+        source, file, index, record_id = self.reader(int(self.sample_shard[g])).provenance(
+            int(self.sample_row[g])
+        )
         return f"{path} row {self.sample_row[g]} (source {source!r}, {file} record {index}, id {record_id!r})"
 
     def fingerprint(self) -> dict[str, Any]:

@@ -6,6 +6,9 @@ rank's micro-batches w, w+W, ...; the DataLoader delivers them in order. Workers
 `PackedBatch.to(device, non_blocking=True)` moves a batch; `TimedIterator` measures how long the
 training loop waits for data. The state is (epoch, step) plus the plan's id: `state_dict()` /
 `load_state_dict()` resume exactly, also on another world size with the same global batch.
+Each micro-batch carries the bytes its samples took to read and the seconds that took
+(`read_bytes`, `read_s`); `read_stats()` sums what was handed out: the read throughput per worker,
+from a local disk or an object store (ranged reads: schemas/storage.py).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from schemas.shards import ShardReader
+from schemas.storage import Store
 from trainer.batch import PackedBatch, collate
 from trainer.errors import LoaderConfigError, ShardDataError
 from trainer.index import SampleIndex, check_budgets
@@ -60,8 +64,8 @@ class _MicroBatchWork:
 class _RankStream(IterableDataset):
     """A rank's micro-batches; dataloader worker w of W reads items w, w+W, ... (in-order delivery)."""
 
-    def __init__(self, shards_dir: Path, shard_files: list[str], work: list[_MicroBatchWork]):
-        self.shards_dir = shards_dir
+    def __init__(self, store: Store, shard_files: list[str], work: list[_MicroBatchWork]):
+        self.store = store
         self.shard_files = shard_files
         self.work = work
 
@@ -74,10 +78,15 @@ class _RankStream(IterableDataset):
         readers: dict[int, ShardReader] = {}
         for item in self.work[worker::workers]:
             samples = []
+            started = time.perf_counter()
+            read_bytes = 0
             for shard, row in zip(item.shards.tolist(), item.rows.tolist(), strict=True):
                 if shard not in readers:
-                    readers[shard] = ShardReader(self.shards_dir / self.shard_files[shard])
+                    readers[shard] = ShardReader.open(self.store, self.shard_files[shard])
+                before = readers[shard].bytes_read
                 samples.append(readers[shard].read(row))
+                read_bytes += readers[shard].bytes_read - before
+            read_s = time.perf_counter() - started
             batch = collate(samples)
             if batch.num_trained != item.num_trained:
                 raise ShardDataError(
@@ -93,6 +102,8 @@ class _RankStream(IterableDataset):
                 pack=item.pack,
                 global_num_trained=item.global_num_trained,
                 global_num_tokens=item.global_num_tokens,
+                read_bytes=read_bytes,
+                read_s=read_s,
             )
 
 
@@ -210,7 +221,7 @@ class PackedLoader:
 
     def __init__(
         self,
-        shards: Path | SampleIndex,
+        shards: str | Path | SampleIndex,
         config: LoaderConfig,
         *,
         rank: int = 0,
@@ -220,7 +231,7 @@ class PackedLoader:
         config.validate()
         if not 0 <= rank < world_size:
             raise LoaderConfigError(f"rank {rank} is not in [0, world size {world_size})")
-        self.index = shards if isinstance(shards, SampleIndex) else SampleIndex.load(Path(shards))
+        self.index = shards if isinstance(shards, SampleIndex) else SampleIndex.load(shards)
         self.config = config
         self.rank = rank
         self.world_size = world_size
@@ -234,6 +245,8 @@ class PackedLoader:
         self._plan_lock = threading.Lock()  # the delivery thread plans the next epoch ahead
         self._epoch = 0
         self._step = 0
+        self._read_bytes = 0
+        self._read_s = 0.0
 
     # --- plan
 
@@ -273,6 +286,15 @@ class PackedLoader:
                 f"epochs {self.config.epochs}: steps {'/'.join(map(str, steps))} (total {sum(steps):,})"
             )
         return "\n".join(lines)
+
+    def read_stats(self) -> dict[str, float]:
+        """Bytes of the samples handed out so far, the seconds the workers spent reading them, and
+        their rate: the read throughput of one worker (the workers read side by side)."""
+        return {
+            "read_bytes": self._read_bytes,
+            "read_s": self._read_s,
+            "bytes_per_s_per_worker": self._read_bytes / self._read_s if self._read_s > 0 else 0.0,
+        }
 
     @property
     def epoch(self) -> int:
@@ -344,7 +366,7 @@ class PackedLoader:
         return work
 
     def _stream(self, work: list[_MicroBatchWork]) -> Iterable[PackedBatch]:
-        dataset = _RankStream(self.index.shards_dir, self.index.shard_files, work)
+        dataset = _RankStream(self.index.store, self.index.shard_files, work)
         workers = min(self.config.num_workers, len(work))
         if workers == 0:
             if self.config.prefetch == 0:
@@ -401,6 +423,8 @@ class PackedLoader:
             batches = _ThreadPrefetcher(batches, depth=1, pin=False)
         try:
             for batch in batches:
+                self._read_bytes += batch.read_bytes
+                self._read_s += batch.read_s
                 # The state follows what was handed out, not what the prefetching has read.
                 if batch.micro_step == last_micro:
                     done = batch.step + 1 == self.steps_in_epoch(batch.epoch)
@@ -438,9 +462,9 @@ class _OpenEpoch:
 
 
 def plan_main(
-    shards_dir: Path, config: LoaderConfig, *, world_size: int = 1, out: TextIO | None = None
+    shards_dir: str | Path, config: LoaderConfig, *, world_size: int = 1, out: TextIO | None = None
 ) -> PackedLoader:
     """Print the epoch plan (`PackedLoader.summary`) without touching a model; returns the loader."""
-    loader = PackedLoader(Path(shards_dir), config, world_size=world_size, pin_memory=False)
+    loader = PackedLoader(shards_dir, config, world_size=world_size, pin_memory=False)
     print(loader.summary(), file=out or sys.stdout)
     return loader

@@ -28,6 +28,7 @@ import torch.distributed as dist
 
 from schemas.manifest import TOKENIZER_NAME, Manifest
 from schemas.shards import file_sha256, tokenizer_problems, verify_shards
+from schemas.storage import open_store
 from trainer import checkpoint as ckpt
 from trainer.attention import resolve_backend
 from trainer.batch import PackedBatch
@@ -125,12 +126,14 @@ def model_config(cfg: TrainConfig) -> ModelConfig | None:
         return None
 
 
-def verify_on_all_ranks(shards: Path, checksums: bool, d: Dist) -> None:
+def verify_on_all_ranks(shards: str, checksums: bool, d: Dist) -> None:
     """`verify_shards` with the sha256 work split over the ranks, and `tokenizer_problems`; every
-    rank raises if any found a problem (so no rank is left waiting in a collective)."""
-    problems = verify_shards(shards, checksums=checksums, part=(d.rank, d.world_size))
+    rank raises if any found a problem (so no rank is left waiting in a collective). Shards in an
+    object store are not hashed: that would download them all; sizes, footers and counts are checked."""
+    store = open_store(shards)
+    problems = verify_shards(store, checksums=checksums and store.is_local, part=(d.rank, d.world_size))
     if not problems:  # its copy of the tokenizer too: presets and `generate` read it later
-        problems = tokenizer_problems(shards, Manifest.load(shards))
+        problems = tokenizer_problems(store, Manifest.load(store))
     if d.world_size > 1:
         parts: list[list[str]] = [[] for _ in range(d.world_size)]
         dist.all_gather_object(parts, problems)
@@ -369,8 +372,8 @@ def train(cfg: TrainConfig, argv: list[str] | None = None) -> dict[str, Any]:
     ds_config = deepspeed_config(cfg, world_size=d.world_size, bf16=bf16)
 
     # --- shards: verified against the manifest before any step uses them
-    verify_on_all_ranks(Path(cfg.shards), cfg.verify_checksums, d)
-    index = SampleIndex.load(Path(cfg.shards), checksums=False)  # hashed just above
+    verify_on_all_ranks(cfg.shards, cfg.verify_checksums, d)
+    index = SampleIndex.load(cfg.shards, checksums=False)  # hashed just above
     manifest = index.manifest
 
     # --- model (+ LoRA), frozen parts per recipe; the tokenizer is checked before the weights load
@@ -390,7 +393,9 @@ def train(cfg: TrainConfig, argv: list[str] | None = None) -> dict[str, Any]:
         saved = ckpt.verify_checkpoint(resume_from)
         ckpt.check_same_model(saved, cfg.to_json(), resume_from)
     phase_done("setup")
-    loaded = load_for_training(cfg, manifest_dir=Path(cfg.shards), output_dir=output_dir, dtype=dtype, d=d)
+    loaded = load_for_training(
+        cfg, manifest_dir=index.tokenizer_dir(), output_dir=output_dir, dtype=dtype, d=d
+    )
     phase_done("model")
     model: IXCModel = loaded.model
     if cfg.gradient_checkpointing:
@@ -562,6 +567,7 @@ def train(cfg: TrainConfig, argv: list[str] | None = None) -> dict[str, Any]:
         "world_size": d.world_size,
         "startup_s": startup,
         "checkpoint_saves": saves,
+        "data_read": loader.read_stats(),
     }
     if d.is_main:
         (output_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
@@ -574,6 +580,13 @@ def train(cfg: TrainConfig, argv: list[str] | None = None) -> dict[str, Any]:
             log_line(
                 d, "peak GPU memory per rank: " + ", ".join(f"{(p or 0) / 2**30:.1f}" for p in peaks) + " GiB"
             )
+        read = summary["data_read"]
+        log_line(
+            d,
+            f"data read: {read['read_bytes'] / 1e6:,.1f} MB in {read['read_s']:.1f} s of loader time "
+            f"({read['bytes_per_s_per_worker'] / 1e6:,.1f} MB/s per worker, reading and decoding) from "
+            f"{index.shards_dir}",
+        )
         log_line(d, f"done: {step} steps, final loss {summary['final_loss']:.4f}, outputs in {output_dir}")
     if dist.is_initialized():
         dist.barrier()
