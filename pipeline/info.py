@@ -79,12 +79,16 @@ def run(args: argparse.Namespace) -> int:
     shard_dir = store.url()
     try:
         manifest = Manifest.load(store)
-    except (FileNotFoundError, ValueError, KeyError, TypeError) as e:
+    except (OSError, ValueError, KeyError, TypeError) as e:  # OSError: missing, or unreachable
         print(f"xc-prep info: error: {e}", file=sys.stderr)
         return ExitCode.INVALID_DATA
     problems = None
     if args.verify:
-        problems = verify_shards(store) + tokenizer_problems(store, manifest)
+        try:
+            problems = verify_shards(store) + tokenizer_problems(store, manifest)
+        except OSError as e:  # an object store that stopped answering (after retries)
+            print(f"xc-prep info: error reading {shard_dir}: {e}", file=sys.stderr)
+            return ExitCode.INVALID_DATA
     if args.json:
         print(json.dumps(info_json(shard_dir, manifest, problems), indent=2))
     else:

@@ -207,7 +207,7 @@ def preview_stored(args: argparse.Namespace) -> int:
     except StorageError as e:
         print(f"xc-prep preview: {e}", file=sys.stderr)
         return ExitCode.USAGE
-    except (FileNotFoundError, ValueError, KeyError, TypeError) as e:
+    except (OSError, ValueError, KeyError, TypeError) as e:  # OSError: missing, or unreachable
         print(f"xc-prep preview: {e}", file=sys.stderr)
         return ExitCode.INVALID_DATA
     if args.json:

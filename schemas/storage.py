@@ -304,8 +304,13 @@ class S3Store:
             from pyarrow.fs import S3FileSystem
 
             kwargs: dict[str, Any] = {}
-            if "endpoint_override" in self.options:
-                kwargs["endpoint_override"] = self.options["endpoint_override"]
+            endpoint = self.options.get("endpoint_override") or _env_endpoint()
+            if endpoint:
+                # pyarrow takes HOST:PORT and the scheme apart; AWS_ENDPOINT_URL is a whole URL
+                scheme, sep, host = endpoint.partition("://")
+                kwargs["endpoint_override"] = host if sep else endpoint
+                if sep:
+                    kwargs["scheme"] = scheme
             if "scheme" in self.options:
                 kwargs["scheme"] = self.options["scheme"]
             if "region" in self.options:
@@ -570,6 +575,11 @@ class _Lease:
                 self.store._boto().delete_object(Bucket=self.store.bucket, Key=self.store.key(self.rel))
             except Exception:  # it expires by itself
                 pass
+
+
+def _env_endpoint() -> str | None:
+    """The AWS SDKs' standard endpoint variables (the S3-specific one first)."""
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
 
 
 def _status(error: Any) -> int:
