@@ -310,7 +310,7 @@ def shard(config: ShardConfig) -> int:
     plan = make_plan(config, fp, inputs)
     store = config.store()
     part = config.part_of()
-    lock = lock_output(store, part)
+    lock = lock_output(store, part if config.part is not None else None)
     try:
         prepare_output(config, plan)
         tasks = make_tasks(config, inputs)
@@ -323,7 +323,7 @@ def shard(config: ShardConfig) -> int:
                 results = run_units(config, tokenizer, mine, progress)
             finally:
                 progress.close()
-            if part[1] > 1:
+            if config.part is not None:
                 lock.check()
                 record = {"part": list(part), "units": [t.shard_file for t in mine]}
                 store.write_bytes(part_record(part), (json.dumps(record, indent=1) + "\n").encode())

@@ -28,10 +28,11 @@ SHARD_STEM = "shard-{unit:05d}"
 SHARD_GLOB = f"*/shard-*{SHARD_SUFFIX}"
 
 
-def lock_name(part: tuple[int, int]) -> str:
+def lock_name(part: tuple[int, int] | None) -> str:
     """The lock of a whole run (and of --finalize), or of one --part: parts run side by side."""
-    index, count = part
-    return f"{WORK_DIR}/{LOCK_NAME}" if count == 1 else f"{WORK_DIR}/{LOCK_NAME}-part-{index}-of-{count}"
+    if part is None:
+        return f"{WORK_DIR}/{LOCK_NAME}"
+    return f"{WORK_DIR}/{LOCK_NAME}-part-{part[0]}-of-{part[1]}"
 
 
 def part_record(part: tuple[int, int]) -> str:
@@ -73,12 +74,12 @@ def plan_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     return diffs
 
 
-def lock_output(store: Store, part: tuple[int, int] = (0, 1)) -> Lock:
+def lock_output(store: Store, part: tuple[int, int] | None = None) -> Lock:
     """Hold the folder's (or one part's) lock for this run: a flock (released even by kill -9), or a
     lease object on an object store (expires LEASE_TTL_S after a crash)."""
     try:
         return store.lock(
-            lock_name(part), "`xc-prep shard`" + (f" --part {part[0]}/{part[1]}" if part[1] > 1 else "")
+            lock_name(part), "`xc-prep shard`" + (f" --part {part[0]}/{part[1]}" if part else "")
         )
     except LockHeld as e:
         raise UsageError(f"--out {e}") from None
@@ -157,7 +158,7 @@ def clear_run_state(store: Store) -> None:
     """After --finalize: the part records and the parts' locks (the folder's own lock stays, as
     after a one-host run), so the folder holds exactly what a one-host run leaves."""
     for rel in store.list_files(WORK_DIR):
-        if is_run_state(rel) and rel != lock_name((0, 1)):
+        if is_run_state(rel) and rel != lock_name(None):
             store.delete(rel)
     if store.is_local and (parts := store.local_path(PARTS_DIR)).is_dir() and not any(parts.iterdir()):
         parts.rmdir()
