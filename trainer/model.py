@@ -145,8 +145,12 @@ class PLoRALinear(nn.Linear):
         self.register_state_dict_post_hook(_add_unused_adapters)
         self.register_load_state_dict_pre_hook(_take_unused_adapters)
 
+    def base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """`W x` (a 4-bit W under QLoRA: `trainer.qlora.PLoRALinear4bit`)."""
+        return F.linear(x, self.weight)
+
     def forward(self, x: torch.Tensor, image_tokens: torch.Tensor | None = None) -> torch.Tensor:
-        out = F.linear(x, self.weight)
+        out = self.base_forward(x)
         if image_tokens is None:
             return out
         flat_x, flat_out = x.reshape(-1, x.shape[-1]), out.view(-1, out.shape[-1])
