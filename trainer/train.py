@@ -387,7 +387,6 @@ def _gather_keys(keys: list[Any], d: Dist) -> list[Any]:
 
 def train(cfg: TrainConfig, argv: list[str] | None = None) -> dict[str, Any]:
     """Fine-tune per the resolved config; returns the run summary (also written to output-dir)."""
-    import deepspeed
     from tqdm import tqdm
 
     cfg = cfg.resolve()
@@ -476,6 +475,8 @@ def train(cfg: TrainConfig, argv: list[str] | None = None) -> dict[str, Any]:
         return torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: warmup_cosine(s, total_steps=total_steps, warmup_ratio=cfg.warmup_ratio)
         )
+
+    import deepspeed
 
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=schedule, config=ds_config
