@@ -1,7 +1,7 @@
 """`--recipe qlora` (issue 27): the five PLoRA linears of every decoder layer in 4-bit NF4 through
 bitsandbytes, LoRA over them; the saved adapter is the LoRA recipe's and loads like it.
 
-bitsandbytes runs 4-bit on CPU (its multi-backend releases, 0.48 and later), so these run on CPU
+bitsandbytes runs 4-bit on CPU (0.50 tested), so these run on CPU
 with the tiny preset and DeepSpeed on gloo; without bitsandbytes they skip.
 """
 
