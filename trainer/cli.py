@@ -115,15 +115,15 @@ def run_plan(args: argparse.Namespace, command: list[str]) -> ExitCode:
     cfg = config_from_args(args).resolve()
     if args.world_size < 1:
         raise LoaderConfigError(f"--world-size ({args.world_size}) must be >= 1")
-    from trainer.heldout import split_samples
-    from trainer.index import SampleIndex
+    from trainer.index import SampleIndex, hold_out
     from trainer.loader import plan_main
-    from trainer.train import loader_config, model_config
+    from trainer.planning import loader_config, model_config
 
     assert cfg.shards is not None, "resolve() requires --shards"
     config = loader_config(cfg, args.world_size, model_config(cfg))
-    # The plan of the samples that train: held-out ones (--eval-fraction) are left out.
-    index, _ = split_samples(SampleIndex.load(Path(cfg.shards)), None, cfg.eval_fraction, cfg.seed)
+    index = SampleIndex.load(Path(cfg.shards))
+    if cfg.eval_fraction > 0:  # the plan of the samples that train: the held-out ones are left out
+        index, _ = hold_out(index, cfg.eval_fraction, cfg.seed)
     plan_main(index, config, world_size=args.world_size)
     return ExitCode.OK
 

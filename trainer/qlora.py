@@ -41,7 +41,8 @@ class PLoRALinear4bit(PLoRALinear):
     def base_forward(self, x: torch.Tensor) -> torch.Tensor:
         import bitsandbytes as bnb
 
-        return bnb.matmul_4bit(x, self.weight.t(), quant_state=self.weight.quant_state)
+        weight: Any = self.weight  # a bitsandbytes Params4bit: uint8 storage plus its quant_state
+        return bnb.matmul_4bit(x, weight.t(), quant_state=weight.quant_state)
 
 
 def quantize_base(model: IXCModel, device: torch.device) -> int:

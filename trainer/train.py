@@ -40,18 +40,17 @@ from trainer.attention import resolve_backend
 from trainer.batch import PackedBatch
 from trainer.config import TrainConfig, batch_layout, deepspeed_config, warmup_cosine
 from trainer.errors import Stopped, TrainingHalted
-from trainer.flops import pack_cost_weights, peak_bf16_flops, step_flops
+from trainer.flops import peak_bf16_flops, step_flops
 from trainer.heldout import EvalRecord, EvalRows, evaluate_rows, pack_rows, split_samples
 from trainer.index import SampleIndex, shards_mismatch
 from trainer.loader import PackedLoader, TimedIterator
 from trainer.loss import segment_losses
 from trainer.model import IXCModel, compile_layers, num_parameters, row_token_losses
-from trainer.model_config import PRESETS, ModelConfig, preset_config
+from trainer.model_config import PRESETS
 from trainer.modelio import BASE_DIR_NAME, load_for_training, resolve_model_dir
-from trainer.plan import LoaderConfig
+from trainer.planning import loader_config, model_config  # noqa: F401  (model_config: re-exported)
 from trainer.stop import StopSignals
 from trainer.trackers import Trackers, check_installed, eval_scalars, train_scalars
-from trainer.weights import load_config
 
 SUMMARY_FILE = "train_summary.json"
 BEST_DIR_NAME = "best"
@@ -131,38 +130,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def loader_config(cfg: TrainConfig, world_size: int, model: ModelConfig | None = None) -> LoaderConfig:
-    """The loader settings a training config implies (one packed row per micro-step); `model`
-    gives the compute estimate that deals packs to ranks (tokens only without it)."""
-    _, accumulation = batch_layout(cfg.global_batch_size, world_size)
-    attention_cost, tile_cost = (
-        pack_cost_weights(model, lora=bool(cfg.use_lora), vit_trains=not cfg.fix_vit) if model else (0.0, 0.0)
-    )
-    return LoaderConfig(
-        attention_cost=attention_cost,
-        tile_cost=tile_cost,
-        max_length=cfg.max_length,
-        max_tiles=cfg.max_tiles,
-        seed=cfg.seed,
-        epochs=cfg.epochs,
-        micro_batches_per_step=accumulation,
-        token_weighted=cfg.token_weighted,
-        source_samples=cfg.source_sample_overrides(),
-        num_workers=cfg.num_workers,
-    )
-
-
-def model_config(cfg: TrainConfig) -> ModelConfig | None:
-    """The architecture --model names, without loading weights or looking online (None: not a
-    preset, a readable local folder nor a hub id in the local cache)."""
-    if cfg.model in PRESETS:
-        return preset_config(cfg.model)
-    try:
-        return load_config(resolve_model_dir(cfg.model, offline=True))
-    except (OSError, ValueError):
-        return None
 
 
 def verify_on_all_ranks(shards: Path, checksums: bool, d: Dist) -> None:
@@ -647,7 +614,12 @@ def train(cfg: TrainConfig, argv: list[str] | None = None) -> dict[str, Any]:
     peaks: list[int | None] = [peak_bytes] * d.world_size
     if dist.is_initialized():
         dist.all_gather_object(peaks, peak_bytes)  # every rank's, for the summary
-    summary = {
+    best = (
+        {"step": evals.best_step, "eval_loss": evals.best_loss, "dir": str(output_dir / BEST_DIR_NAME)}
+        if evals.best_step is not None
+        else None
+    )
+    summary: dict[str, Any] = {
         "steps": step,
         "final_loss": history[-1]["loss"] if history else None,
         "history": history,
@@ -658,13 +630,7 @@ def train(cfg: TrainConfig, argv: list[str] | None = None) -> dict[str, Any]:
         "startup_s": startup,
         "checkpoint_saves": saves,
         "evaluations": evals.history,
-        "best": {
-            "step": evals.best_step,
-            "eval_loss": evals.best_loss,
-            "dir": str(output_dir / BEST_DIR_NAME),
-        }
-        if evals.best_step is not None
-        else None,
+        "best": best,
         "stopped_early": evals.stopped_early,
         "stopped_by": stopped_by,
     }
@@ -683,8 +649,8 @@ def train(cfg: TrainConfig, argv: list[str] | None = None) -> dict[str, Any]:
             trackers.close(
                 {
                     "output_dir": str(output_dir),
-                    "final": summary["final_dir"],
-                    "best": summary["best"]["dir"] if summary["best"] else None,
+                    "final": str(final_dir) if cfg.save_final and finished else None,
+                    "best": str(best["dir"]) if best else None,
                     "summary": str(output_dir / SUMMARY_FILE),
                     "checkpoint": str(saved_to) if saved_to is not None else None,
                 }
