@@ -227,3 +227,76 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def image_and_text(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two single-photo records and two text records too long to share a 2,048-token row with an
+    image: every packed row holds one sample, with images or without."""
+    from PIL import Image
+    from skimage import data as skdata
+
+    from pipeline.cli import main as xc_prep
+    from pipeline.tokenization import build_tiny_tokenizer
+
+    root = tmp_path_factory.mktemp("image_and_text")
+    (root / "images").mkdir()
+    image, text = [], []
+    for i, name in enumerate(("astronaut", "chelsea")):
+        Image.fromarray(getattr(skdata, name)()).save(root / "images" / f"{name}.jpg", quality=90)
+        turns = [{"from": "human", "value": "What is this?"}, {"from": "gpt", "value": f"A photo of {name}."}]
+        image.append({"id": f"i{i}", "image": f"images/{name}.jpg", "conversations": turns})
+        answer = " ".join(f"fact {n} holds." for n in range(330))
+        text.append(
+            {
+                "id": f"t{i}",
+                "conversations": [
+                    {"from": "human", "value": f"Tell me {i}."},
+                    {"from": "gpt", "value": answer},
+                ],
+            }
+        )
+    (root / "image.json").write_text(json.dumps(image))
+    (root / "text.json").write_text(json.dumps(text))
+    (root / "data.txt").write_text("image.json 0.002\ntext.json 0.002\n")
+    tokenizer = build_tiny_tokenizer(root / "tokenizer.model")
+    argv = ["shard", str(root / "data.txt"), "--tokenizer", str(tokenizer), "--hd-num", "1"]
+    assert xc_prep([*argv, "--max-length", "2048", "--out", str(root / "shards"), "--workers", "1"]) == 0
+    return root / "shards"
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_zero3_evaluation_when_one_rank_has_the_image_row(image_and_text: Path, tmp_path: Path) -> None:
+    """ZeRO-3 gathers each module's weights in collectives, in forward too: the rank whose held-out
+    row has no image still runs the (blank) vision side, so neither rank waits forever; the losses
+    are the one-rank run's."""
+    common = ["--shards", str(image_and_text), "--model", "tiny", "--recipe", "lora", "--zero-stage", "3"]
+    common += [
+        "--max-length",
+        "2048",
+        "--global-batch-size",
+        "2",
+        "--num-workers",
+        "0",
+        "--warmup-ratio",
+        "0",
+    ]
+    common += ["--learning-rate", "1e-3", "--max-steps", "2", "--no-save-final", "--save-every-steps", "100"]
+    common += ["--eval-fraction", "0.5", "--eval-every-steps", "1"]
+    index = SampleIndex.load(image_and_text)
+    _, held = hold_out(index, 0.5, seed=42)
+    assert sorted(held.num_tiles.tolist()) == [0, 1]  # one held-out row with an image, one without
+    one = tmp_path / "one"
+    assert xc_train([*common, "--output-dir", str(one)]) == 0
+    two = tmp_path / "two"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--nnodes=1", "--rdzv-backend=c10d",
+        f"--rdzv-endpoint=127.0.0.1:{_free_port()}", "-m", "trainer.cli", *common, "--output-dir", str(two),
+    ]  # fmt: skip
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    a, b = summary(one)["evaluations"], summary(two)["evaluations"]
+    assert [e["step"] for e in b] == [1, 2] and [e["samples"] for e in b] == [2, 2]
+    assert [e["loss"] for e in b] == pytest.approx([e["loss"] for e in a], rel=1e-4)

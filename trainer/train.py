@@ -406,6 +406,7 @@ def train(cfg: TrainConfig, argv: list[str] | None = None) -> dict[str, Any]:
         model.gradient_checkpointing_enable()
         model.checkpoint_layers = cfg.checkpoint_layers
     model.train()
+    model.vision_in_every_row = ds_config.get("zero_optimization", {}).get("stage") == 3
     if cfg.compile:
         decoder, vision = compile_layers(model)
         log_line(
