@@ -545,8 +545,8 @@ def test_config_file_then_flags(tmp_path: Path) -> None:
     json_file.write_text(json.dumps({"shards": "s", "learning_rat": 1.0, "epochs": "many"}))
     with pytest.raises(ValueError, match="unknown config keys: learning_rat"):
         parse("--config", str(json_file))
-    json_file.write_text(json.dumps({"shards": "s", "epochs": "many", "recipe": "qlora"}))
-    with pytest.raises(ValueError, match=r"epochs: 'many' is not a whole number\n  recipe: 'qlora'"):
+    json_file.write_text(json.dumps({"shards": "s", "epochs": "many", "recipe": "dpo"}))
+    with pytest.raises(ValueError, match=r"epochs: 'many' is not a whole number\n  recipe: 'dpo'"):
         parse("--config", str(json_file))
 
 

@@ -20,9 +20,8 @@ from schemas.shards import ShardReader
 from schemas.tokens import for_display
 from trainer.batch import collate
 from trainer.generate import generate
+from trainer.heldout import sample_losses
 from trainer.index import SampleIndex
-from trainer.loss import segment_losses
-from trainer.model import row_token_losses
 from trainer.modelio import load_for_inference
 
 STOP_PIECES = ("[UNUSED_TOKEN_145]", "</s>")
@@ -55,10 +54,7 @@ def evaluate(model_path: str | Path, shards: Path) -> dict[str, Any]:
     per_sample = []
     for g in range(len(index)):
         sample = _read(index, g, readers)
-        batch = collate([sample]).to(device)
-        out = model(**batch.model_inputs())
-        losses = row_token_losses(model.output, out, batch.targets[0])
-        sums, counts = segment_losses(losses, batch.targets[0], batch.cu_seqlens)
+        sums, counts = sample_losses(model, collate([sample]).to(device))
         loss_sum, count = float(sums[0]), int(counts[0])
         per_sample.append(
             {

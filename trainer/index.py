@@ -3,7 +3,8 @@
 `SampleIndex` reads the manifest, checks the shards against it and reads the per-sample lengths
 (tokens, trained tokens, tiles) of every shard, in manifest order; the epoch plan
 (`trainer/plan.py`) is computed from these arrays alone, and the loader (`trainer/loader.py`)
-reads samples by their (shard, row).
+reads samples by their (shard, row). `hold_out` splits an index into the samples that train and
+a seeded held-out share that is only evaluated (`--eval-fraction`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from schemas.shards import ShardReader, mismatch_message, verify_shards
 from trainer.errors import ShardDataError
 
 MAX_LISTED_PROBLEMS = 10
+STREAM_HELD_OUT = 3
+"""Random stream of the held-out draw (the plan's streams are 0-2: trainer/plan.py)."""
 
 
 def shards_mismatch(shards_dir: Path, problems: list[str]) -> ShardDataError:
@@ -49,6 +52,8 @@ class SampleIndex:
     """int64[S]"""
     source_offsets: np.ndarray
     """int64[num_sources + 1]"""
+    selection: str = "all"
+    """Which of the stored samples this index holds: all, or a part named by `subset`."""
 
     @classmethod
     def load(cls, shards_dir: Path, *, checksums: bool = False) -> SampleIndex:
@@ -89,6 +94,23 @@ class SampleIndex:
             source_offsets=np.asarray(offsets, dtype=np.int64),
         )
 
+    def subset(self, keep: np.ndarray, selection: str) -> SampleIndex:
+        """The samples `keep` (sorted global ids), renumbered in the same order; `selection` names
+        the part (it enters `fingerprint`, so a plan of the part differs from a plan of all)."""
+        counts = np.bincount(self.source_of(keep), minlength=len(self.source_offsets) - 1)
+        return SampleIndex(
+            shards_dir=self.shards_dir,
+            manifest=self.manifest,
+            shard_files=self.shard_files,
+            sample_shard=self.sample_shard[keep],
+            sample_row=self.sample_row[keep],
+            num_tokens=self.num_tokens[keep],
+            num_trained=self.num_trained[keep],
+            num_tiles=self.num_tiles[keep],
+            source_offsets=np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
+            selection=selection,
+        )
+
     def __len__(self) -> int:
         return int(self.num_tokens.shape[0])
 
@@ -103,9 +125,12 @@ class SampleIndex:
         return f"{path} row {self.sample_row[g]} (source {source!r}, {file} record {index}, id {record_id!r})"
 
     def fingerprint(self) -> dict[str, Any]:
-        """What identifies these shards' contents: the manifest fingerprint and every shard's checksum."""
+        """What identifies these shards' contents: the manifest fingerprint and every shard's
+        checksum (and the selection, for a part of them)."""
         m = self.manifest
+        selection = {} if self.selection == "all" else {"selection": self.selection}
         return {
+            **selection,
             "fingerprint": asdict(m.fingerprint),
             "sources": [
                 {
@@ -118,6 +143,25 @@ class SampleIndex:
                 for s in m.sources
             ],
         }
+
+
+def hold_out(index: SampleIndex, fraction: float, seed: int) -> tuple[SampleIndex, SampleIndex]:
+    """(training samples, held-out samples): of each source's n stored samples, round(fraction·n)
+    (at least 1, at most n - 1; none of a source of one sample) drawn with (seed, source), so
+    every rank and every resumed run holds out the same ones."""
+    held: list[np.ndarray] = []
+    for i in range(len(index.source_offsets) - 1):
+        start, end = int(index.source_offsets[i]), int(index.source_offsets[i + 1])
+        n = end - start
+        count = min(n - 1, max(1, round(fraction * n))) if n >= 2 else 0
+        rng = np.random.default_rng([seed, STREAM_HELD_OUT, i])
+        held.append(start + np.sort(rng.permutation(n)[:count]))
+    held_ids = np.concatenate(held).astype(np.int64) if held else np.zeros(0, np.int64)
+    mask = np.zeros(len(index), dtype=bool)
+    mask[held_ids] = True
+    name = f"held-out fraction {fraction:g}, seed {seed}"
+    train = index.subset(np.flatnonzero(~mask), f"training samples ({name})")
+    return train, index.subset(held_ids, f"evaluation samples ({name})")
 
 
 def check_budgets(index: SampleIndex, max_length: int, max_tiles: int | None) -> None:

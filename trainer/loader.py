@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import queue
+import signal
 import sys
 import threading
 import time
@@ -94,6 +95,14 @@ class _RankStream(IterableDataset):
                 global_num_trained=item.global_num_trained,
                 global_num_tokens=item.global_num_tokens,
             )
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """A loader worker leaves SIGINT and SIGTERM to the training process (trainer/stop.py), which
+    finishes its step and then shuts the workers down; a worker that died of the signal would fail
+    that step. Workers still exit when the training process is gone (torch watches the parent)."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 class _ThreadPrefetcher:
@@ -356,6 +365,7 @@ class PackedLoader:
             dataset,
             batch_size=None,
             num_workers=workers,
+            worker_init_fn=_ignore_stop_signals,
             prefetch_factor=prefetch,
             pin_memory=self.pin_memory,
             persistent_workers=False,
@@ -438,9 +448,10 @@ class _OpenEpoch:
 
 
 def plan_main(
-    shards_dir: Path, config: LoaderConfig, *, world_size: int = 1, out: TextIO | None = None
+    shards: Path | SampleIndex, config: LoaderConfig, *, world_size: int = 1, out: TextIO | None = None
 ) -> PackedLoader:
     """Print the epoch plan (`PackedLoader.summary`) without touching a model; returns the loader."""
-    loader = PackedLoader(Path(shards_dir), config, world_size=world_size, pin_memory=False)
+    index = shards if isinstance(shards, SampleIndex) else Path(shards)
+    loader = PackedLoader(index, config, world_size=world_size, pin_memory=False)
     print(loader.summary(), file=out or sys.stdout)
     return loader
