@@ -264,6 +264,7 @@ def train_step(
     each micro-batch first and all skip it; otherwise only its rank skips it, and the ranks agree
     once, after the step's last backward."""
     loss_sum = torch.zeros((), dtype=torch.float64, device=d.device)
+    own_norm = float("nan")
     skipped: list[Any] = []
     bad_here: list[PackedBatch] = []
     source_sums: dict[str, list[float]] = {}
@@ -298,6 +299,10 @@ def train_step(
             bad_here = []
         elif last:  # before the optimizer step: one agreement for the whole step
             skipped.extend(_halt_or_skip(bad_here, batches[0], d, cfg, agree=True))
+        if last and not engine.zero_optimization():
+            # Without ZeRO, DeepSpeed's fp32 engine keeps no gradient norm: measure it here, after
+            # the last backward's all-reduce and before the step clips and clears the gradients.
+            own_norm = gradient_norm(engine.module)
         engine.step()
         if per_source and finite:
             with torch.no_grad():
@@ -312,7 +317,7 @@ def train_step(
         dist.all_reduce(loss_sum)
     global_trained = max(1, batches[0].global_num_trained)
     grad_norm = engine.get_global_grad_norm()
-    grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+    grad_norm = float(grad_norm) if grad_norm is not None else own_norm
     if not math.isfinite(grad_norm) and not skipped:
         raise TrainingHalted(
             f"non-finite gradient norm ({grad_norm}) at step {batches[0].step}; samples: "
@@ -336,6 +341,12 @@ def train_step(
         "skipped": skipped,
         "source_loss": {k: s / max(1, c) for k, (s, c) in source_sums.items()},
     }
+
+
+def gradient_norm(model: torch.nn.Module) -> float:
+    """The 2-norm of every gradient the model's parameters hold."""
+    norms = [torch.linalg.vector_norm(p.grad.float()) for p in model.parameters() if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
 
 
 def micro_batch_seed(seed: int, epoch: int, pack: int) -> int:
