@@ -27,14 +27,14 @@ import torch
 import torch.distributed as dist
 
 from schemas.manifest import TOKENIZER_NAME, Manifest
-from schemas.shards import file_sha256, verify_shards
+from schemas.shards import file_sha256
 from trainer import checkpoint as ckpt
 from trainer.attention import resolve_backend
 from trainer.batch import PackedBatch
 from trainer.config import TrainConfig, batch_layout, deepspeed_config, warmup_cosine
-from trainer.errors import TrainingHalted
+from trainer.errors import ShardDataError, TrainingHalted
 from trainer.flops import pack_cost_weights, peak_bf16_flops, step_flops
-from trainer.index import SampleIndex, shards_mismatch
+from trainer.index import SampleIndex
 from trainer.loader import PackedLoader, TimedIterator
 from trainer.loss import segment_losses
 from trainer.model import IXCModel, compile_layers, num_parameters, row_token_losses
@@ -125,16 +125,22 @@ def model_config(cfg: TrainConfig) -> ModelConfig | None:
         return None
 
 
-def verify_on_all_ranks(shards: Path, checksums: bool, d: Dist) -> None:
-    """`verify_shards` with the sha256 work split over the ranks; every rank raises if any found a
-    problem (so no rank is left waiting in a collective)."""
-    problems = verify_shards(shards, checksums=checksums, part=(d.rank, d.world_size))
+def load_index_on_all_ranks(shards: Path, d: Dist) -> SampleIndex:
+    """`SampleIndex.load` on every rank; every rank raises if any found a problem (so no rank is left
+    waiting in a collective)."""
+    index, problem = None, None
+    try:
+        index = SampleIndex.load(shards)
+    except ShardDataError as e:
+        problem = str(e)
     if d.world_size > 1:
-        parts: list[list[str]] = [[] for _ in range(d.world_size)]
-        dist.all_gather_object(parts, problems)
-        problems = sorted({p for part in parts for p in part})
-    if problems:
-        raise shards_mismatch(shards, problems)
+        found: list[str | None] = [None] * d.world_size
+        dist.all_gather_object(found, problem)
+        problem = next((p for p in found if p is not None), None)
+    if problem is not None:
+        raise ShardDataError(problem)
+    assert index is not None
+    return index
 
 
 def check_fingerprint(manifest: Manifest, model_dir: Path | None, cfg: TrainConfig) -> None:
@@ -338,8 +344,7 @@ def train(cfg: TrainConfig, argv: list[str] | None = None) -> dict[str, Any]:
     ds_config = deepspeed_config(cfg, world_size=d.world_size, bf16=bf16)
 
     # --- shards: verified against the manifest before any step uses them
-    verify_on_all_ranks(Path(cfg.shards), cfg.verify_checksums, d)
-    index = SampleIndex.load(Path(cfg.shards), checksums=False)  # hashed just above
+    index = load_index_on_all_ranks(Path(cfg.shards), d)  # each sample is checked as it is read
     manifest = index.manifest
 
     # --- model (+ LoRA), frozen parts per recipe; the tokenizer is checked before the weights load
