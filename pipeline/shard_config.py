@@ -53,8 +53,8 @@ class ShardConfig:
     samples_per_shard: int = DEFAULT_SAMPLES_PER_SHARD
     """Records per work unit, so at most this many samples per shard file."""
     tile_codec: TileCodec = DEFAULT_TILE_CODEC
-    """How tiles are stored: raw (exact, fastest), webp (exact, lossless WebP, ~5x smaller) or jpeg
-    (lossy, ~35x smaller than raw); README.md#tile-codecs says which to pick."""
+    """How tiles are stored: raw (exact, fastest to read), webp (exact, lossless WebP, ~5x smaller) or
+    jpeg (lossy, about the source JPEGs' size); README.md#tile-codecs says which to pick."""
     jpeg_quality: int = DEFAULT_JPEG_QUALITY
     """JPEG quality of --tile-codec jpeg (1-100; higher: closer to the exact tiles, larger)."""
     font: Path | None = None

@@ -7,10 +7,15 @@ standard, self-describing, language-neutral container with no pickle. Writing on
 sample keeps the writer's memory bounded by the largest sample.
 
 Columns (one row per sample):
-  input_ids int32 list, labels int32 list, image_rows/image_cols/image_starts int32 lists,
+  text_ids int32 list (the token ids outside image spans), trained_spans int32 list ([start, end)
+  pairs of the trained positions), image_rows/image_cols/image_starts int32 lists,
   tiles list<binary> (one element per 560×560×3 tile, encoded by the manifest's tile codec:
   schemas/tile_codecs.py), num_tokens/num_trained/num_tiles int32, source/file/layout string,
   index int64, id_json string, sha256 fixed_size_binary(32).
+A sample's input_ids and labels are rebuilt from these (`token_columns` / `tokens_from_columns`):
+image positions hold IMAGE_TOKEN_ID, and a label is the input id where trained, IGNORE_INDEX
+elsewhere, so storing both arrays in full would spend most of a sample's non-tile bytes on
+placeholders.
 
 Integrity has two levels. The manifest lists each shard's size and whole-file sha256 (`xc-prep info
 --verify`, and a resumed `xc-prep shard`, check them). Each row also carries the sha256 of its own
@@ -32,7 +37,7 @@ import numpy as np
 import pyarrow as pa
 
 from schemas.manifest import MANIFEST_NAME, Manifest, ShardInfo
-from schemas.sample import ImageSpan, Sample, image_token_count
+from schemas.sample import IGNORE_INDEX, IMAGE_TOKEN_ID, ImageSpan, Sample, image_token_count
 from schemas.tile_codecs import check_codec, decode_tiles, encode_tiles
 
 SHARD_SUFFIX = ".arrow"
@@ -42,8 +47,8 @@ LENGTH_COLUMNS = ("num_tokens", "num_trained", "num_tiles")
 
 SHARD_SCHEMA = pa.schema(
     [
-        ("input_ids", pa.list_(pa.int32())),
-        ("labels", pa.list_(pa.int32())),
+        ("text_ids", pa.list_(pa.int32())),
+        ("trained_spans", pa.list_(pa.int32())),
         ("image_rows", pa.list_(pa.int32())),
         ("image_cols", pa.list_(pa.int32())),
         ("image_starts", pa.list_(pa.int32())),
@@ -107,15 +112,55 @@ def sample_sha256(batch: pa.RecordBatch) -> bytes:
     return h.digest()
 
 
+# ---------------------------------------------------------------- token columns
+
+
+def image_mask(num_tokens: int, images: list[ImageSpan]) -> np.ndarray:
+    """bool[T]: True at the positions of image blocks."""
+    mask = np.zeros(num_tokens, dtype=bool)
+    for im in images:
+        mask[im.span[0] : im.span[1]] = True
+    return mask
+
+
+def token_columns(sample: Sample) -> tuple[np.ndarray, np.ndarray]:
+    """(text_ids, trained_spans) of a sample: what the shard stores of its input_ids and labels."""
+    trained = sample.labels != IGNORE_INDEX
+    assert np.array_equal(sample.labels[trained], sample.input_ids[trained]), (
+        "a label differs from its input id"
+    )
+    edges = np.flatnonzero(np.diff(trained.astype(np.int8), prepend=0, append=0))
+    text_ids = sample.input_ids[~image_mask(sample.num_tokens, sample.images)]
+    return text_ids.astype(np.int32, copy=False), edges.astype(np.int32)
+
+
+def tokens_from_columns(
+    num_tokens: int, images: list[ImageSpan], text_ids: np.ndarray, trained_spans: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """(input_ids, labels) int32[T] from the stored columns (ValueError if they do not fit)."""
+    is_image = image_mask(num_tokens, images)
+    if int((~is_image).sum()) != len(text_ids) or len(trained_spans) % 2:
+        raise ValueError(
+            f"{len(text_ids)} text ids and {len(trained_spans)} span ends do not fit {num_tokens} tokens"
+        )
+    input_ids = np.full(num_tokens, IMAGE_TOKEN_ID, dtype=np.int32)
+    input_ids[~is_image] = text_ids
+    labels = np.full(num_tokens, IGNORE_INDEX, dtype=np.int32)
+    for start, end in trained_spans.reshape(-1, 2).tolist():
+        labels[start:end] = input_ids[start:end]
+    return input_ids, labels
+
+
 # ---------------------------------------------------------------- writing
 
 
 def sample_to_batch(sample: Sample, codec: str, jpeg_quality: int | None = None) -> pa.RecordBatch:
     """One sample as a one-row record batch of SHARD_SCHEMA, its checksum included."""
     tiles = encode_tiles(sample.tiles, codec, jpeg_quality)
+    text_ids, trained_spans = token_columns(sample)
     columns = [
-        pa.array([sample.input_ids.astype(np.int32, copy=False)], pa.list_(pa.int32())),
-        pa.array([sample.labels.astype(np.int32, copy=False)], pa.list_(pa.int32())),
+        pa.array([text_ids], pa.list_(pa.int32())),
+        pa.array([trained_spans], pa.list_(pa.int32())),
         pa.array([[im.grid[0] for im in sample.images]], pa.list_(pa.int32())),
         pa.array([[im.grid[1] for im in sample.images]], pa.list_(pa.int32())),
         pa.array([[im.span[0] for im in sample.images]], pa.list_(pa.int32())),
@@ -272,8 +317,6 @@ class ShardReader:
     def read(self, row: int) -> Sample:
         b = self.checked_batch(row)
         col = lambda name: b.column(name)[0]  # noqa: E731
-        input_ids = col("input_ids").values.to_numpy(zero_copy_only=False).astype(np.int32, copy=False)
-        labels = col("labels").values.to_numpy(zero_copy_only=False).astype(np.int32, copy=False)
         rows = col("image_rows").as_py()
         cols = col("image_cols").as_py()
         starts = col("image_starts").as_py()
@@ -281,7 +324,11 @@ class ShardReader:
             ImageSpan(grid=(r, c), span=(s, s + image_token_count(r, c)))
             for r, c, s in zip(rows, cols, starts, strict=True)
         ]
+        as_int32 = lambda name: col(name).values.to_numpy(zero_copy_only=False).astype(np.int32)  # noqa: E731
         try:
+            input_ids, labels = tokens_from_columns(
+                col("num_tokens").as_py(), images, as_int32("text_ids"), as_int32("trained_spans")
+            )
             tiles = decode_tiles(col("tiles").values, self.codec)
         except ValueError as e:  # the checksum matched: bytes as written, by another codec or a bug
             raise ShardCorruptError(corrupt_message(self.path, f"row {row}: {e}")) from e

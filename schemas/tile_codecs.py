@@ -26,7 +26,7 @@ from schemas.sample import TILE_SIZE
 TILE_BYTES = TILE_SIZE * TILE_SIZE * 3
 TileCodec = Literal["raw", "webp", "jpeg"]
 TILE_CODECS: tuple[TileCodec, ...] = get_args(TileCodec)
-DEFAULT_JPEG_QUALITY = 85
+DEFAULT_JPEG_QUALITY = 83
 """The `jpeg` codec's quality when none is given (docs/PERFORMANCE.md#tile-codecs: why this one)."""
 JPEG_QUALITY_RANGE = (1, 100)
 JPEG_SUBSAMPLING = 2

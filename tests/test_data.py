@@ -16,7 +16,7 @@ import pytest
 
 from schemas.manifest import Fingerprint, Manifest, ShardInfo, SourceInfo
 from schemas.sample import IGNORE_INDEX, IMAGE_TOKEN_ID, TILE_SIZE, ImageSpan, Sample, image_token_count
-from schemas.shards import ShardReader, file_sha256, write_shard
+from schemas.shards import ShardReader, file_sha256, token_columns, write_shard
 from trainer.batch import collate
 from trainer.cli import main as cli_main
 from trainer.index import SampleIndex, ShardDataError
@@ -429,9 +429,11 @@ def test_a_damaged_sample_is_refused_naming_its_shard_before_it_is_delivered(
     damaged = tmp_path / "shards"
     shutil.copytree(shards, damaged)
     victim = damaged / "chat-00000.arrow"
-    ids = ShardReader(victim).read(3).input_ids.tobytes()
+    text_ids, _ = token_columns(ShardReader(victim).read(3))
     data = bytearray(victim.read_bytes())
-    data[data.find(ids) + 8] ^= 0x01  # one bit of one token id of row 3
+    at = data.find(text_ids.tobytes())
+    assert at > 0
+    data[at + 8] ^= 0x01  # one bit of one token id of row 3
     victim.write_bytes(bytes(data))
     index = SampleIndex.load(damaged)  # start-up reads no token or tile: it cannot see the damage
     loader = PackedLoader(index, config(micro_batches_per_step=1, num_workers=workers, prefetch=2))

@@ -182,14 +182,16 @@ def test_corrupted_shard_stops_before_any_step(
 ) -> None:
     import shutil
 
-    from schemas.shards import ShardReader
+    from schemas.shards import ShardReader, token_columns
 
     shards = tmp_path / "shards"
     shutil.copytree(tiny_text_shards, shards)
     (victim,) = shards.rglob("*.arrow")
     data = bytearray(victim.read_bytes())
     for sample in ShardReader(victim):  # one flipped bit in every sample's token ids
-        data[data.find(sample.input_ids.tobytes()) + 4] ^= 0x01
+        at = data.find(token_columns(sample)[0].tobytes())
+        assert at > 0
+        data[at + 4] ^= 0x01
     victim.write_bytes(bytes(data))
     out = tmp_path / "run"
     assert train_main(run_args(shards, out)) == 1
