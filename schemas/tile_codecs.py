@@ -98,6 +98,4 @@ def _pil_decode(data: pa.Buffer, codec: str, i: int) -> np.ndarray:
             raise ValueError(
                 f"{codec} tile {i} is {image.size[0]}×{image.size[1]}, expected {TILE_SIZE}×{TILE_SIZE}"
             )
-        if image.mode != "RGB":
-            image = image.convert("RGB")
-        return np.asarray(image)
+        return np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
