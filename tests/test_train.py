@@ -229,7 +229,7 @@ def safetensors_dict(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def test_shards_fixture_holds_text_and_images(shards: Path) -> None:
-    index = SampleIndex.load(shards, checksums=True)
+    index = SampleIndex.load(shards)
     assert len(index) == 6 and index.num_tiles.tolist() == [0, 0, 0, 0, HD_NUM, HD_NUM]
     assert (shards / TOKENIZER_NAME).is_file()
 

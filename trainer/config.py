@@ -136,8 +136,6 @@ class TrainConfig:
     """Samples per epoch for named sources, overriding int(k*1000): NAME=COUNT (source name or data.txt path)."""
     num_workers: int = 2
     """Loader worker processes per rank."""
-    verify_checksums: bool = True
-    """Re-hash every shard against the manifest at start-up (sizes are always checked)."""
 
     # --- held-out evaluation
     eval_shards: Path | None = None

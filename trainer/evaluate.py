@@ -21,7 +21,7 @@ from schemas.tokens import for_display
 from trainer.batch import collate
 from trainer.generate import generate
 from trainer.heldout import sample_losses
-from trainer.index import SampleIndex
+from trainer.index import SampleIndex, read_sample
 from trainer.modelio import load_for_inference
 
 STOP_PIECES = ("[UNUSED_TOKEN_145]", "</s>")
@@ -38,17 +38,16 @@ def _read(index: SampleIndex, g: int, readers: dict[int, ShardReader] | None = N
     """Stored sample g; `readers` (shard number -> open reader) keeps each shard mapped once."""
     if not 0 <= g < len(index):
         raise IndexError(f"sample {g} is out of range: {index.shards_dir} holds {len(index)} samples")
-    shard = int(index.sample_shard[g])
     readers = {} if readers is None else readers
-    if shard not in readers:
-        readers[shard] = ShardReader(index.shards_dir / index.shard_files[shard])
-    return readers[shard].read(int(index.sample_row[g]))
+    return read_sample(
+        readers, index.shards_dir, index.shard_files, int(index.sample_shard[g]), int(index.sample_row[g])
+    )
 
 
 @torch.no_grad()
 def evaluate(model_path: str | Path, shards: Path) -> dict[str, Any]:
     device, dtype = _device_dtype()
-    index = SampleIndex.load(Path(shards), checksums=False)  # before the model: bad shards fail fast
+    index = SampleIndex.load(Path(shards))  # before the model: bad shards fail fast
     model = load_for_inference(model_path, dtype=dtype, device=device)
     readers: dict[int, ShardReader] = {}
     per_sample = []
@@ -123,7 +122,7 @@ def generate_for_sample(
     import sentencepiece as spm
 
     device, dtype = _device_dtype()
-    index = SampleIndex.load(Path(shards), checksums=False)
+    index = SampleIndex.load(Path(shards))
     sample = _read(index, g)  # before the model: an out-of-range --sample fails fast
     model = load_for_inference(model_path, dtype=dtype, device=device)
     sp = spm.SentencePieceProcessor(model_file=str(Path(shards) / TOKENIZER_NAME))

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -25,7 +24,7 @@ import torch.distributed as dist
 
 from schemas.shards import ShardReader
 from trainer.batch import PackedBatch, collate
-from trainer.index import SampleIndex, check_budgets, hold_out
+from trainer.index import SampleIndex, check_budgets, hold_out, read_sample
 from trainer.loss import segment_losses
 from trainer.model import IXCModel, row_token_losses
 from trainer.plan import pack_samples
@@ -44,14 +43,13 @@ class EvalRows:
 
 
 def split_samples(
-    train: SampleIndex, eval_shards: Path | None, eval_fraction: float, seed: int
+    train: SampleIndex, eval_shards: SampleIndex | None, eval_fraction: float, seed: int
 ) -> tuple[SampleIndex, SampleIndex | None]:
-    """(the samples that train, the held-out samples or None): from --eval-shards or --eval-fraction."""
+    """(the samples that train, the held-out samples or None): --eval-shards' samples, or a held-out
+    --eval-fraction of the training shards."""
     if eval_fraction > 0:
         return hold_out(train, eval_fraction, seed)
-    if eval_shards is not None:
-        return train, SampleIndex.load(Path(eval_shards), checksums=False)
-    return train, None
+    return train, eval_shards
 
 
 def pack_rows(index: SampleIndex, max_length: int, max_tiles: int | None) -> EvalRows:
@@ -90,10 +88,8 @@ def evaluate_rows(model: IXCModel, rows: EvalRows, rank: int, world_size: int, d
             ids = rows.rows[r] if r < len(rows.rows) else rows.rows[0]
             samples = []
             for g in ids.tolist():
-                shard = int(index.sample_shard[g])
-                if shard not in readers:
-                    readers[shard] = ShardReader(index.shards_dir / index.shard_files[shard])
-                samples.append(readers[shard].read(int(index.sample_row[g])))
+                shard, row = int(index.sample_shard[g]), int(index.sample_row[g])
+                samples.append(read_sample(readers, index.shards_dir, index.shard_files, shard, row))
             loss_sums, counts = sample_losses(model, collate(samples).to(device))
             if r < len(rows.rows):
                 sources = torch.as_tensor(index.source_of(ids), device=device)

@@ -3,8 +3,13 @@
 `SampleIndex` reads the manifest, checks the shards against it and reads the per-sample lengths
 (tokens, trained tokens, tiles) of every shard, in manifest order; the epoch plan
 (`trainer/plan.py`) is computed from these arrays alone, and the loader (`trainer/loader.py`)
-reads samples by their (shard, row). `hold_out` splits an index into the samples that train and
-a seeded held-out share that is only evaluated (`--eval-fraction`).
+reads samples by their (shard, row) with `read_sample`. `hold_out` splits an index into the
+samples that train and a seeded held-out share that is only evaluated (`--eval-fraction`).
+
+Start-up reads no tile byte: it checks each shard's size, Arrow footer, codec and sample count
+against the manifest (`schemas.shards.shard_problems`), not its sha256. Every sample is checked
+against its own sha256 when it is read (`ShardReader.read`), so no damaged byte is trained on;
+`xc-prep info --verify` is the full check of a folder.
 """
 
 from __future__ import annotations
@@ -15,8 +20,9 @@ from typing import Any
 
 import numpy as np
 
-from schemas.manifest import Manifest
-from schemas.shards import ShardReader, mismatch_message, verify_shards
+from schemas.manifest import MANIFEST_NAME, Manifest, shard_path
+from schemas.sample import Sample
+from schemas.shards import ShardCorruptError, ShardReader, manifest_problems, mismatch_message, shard_problems
 from trainer.errors import ShardDataError
 
 MAX_LISTED_PROBLEMS = 10
@@ -56,13 +62,14 @@ class SampleIndex:
     """Which of the stored samples this index holds: all, or a part named by `subset`."""
 
     @classmethod
-    def load(cls, shards_dir: Path, *, checksums: bool = False) -> SampleIndex:
-        """Read the manifest, check the shards against it, and read every sample's lengths."""
+    def load(cls, shards_dir: Path) -> SampleIndex:
+        """Read the manifest, check the shards against it (no hashing) and read every sample's lengths."""
         shards_dir = Path(shards_dir)
-        problems = verify_shards(shards_dir, checksums=checksums)
-        if problems:
-            raise shards_mismatch(shards_dir, problems)
-        manifest = Manifest.load(shards_dir)
+        try:
+            manifest = Manifest.load(shards_dir)
+        except (FileNotFoundError, ValueError, KeyError, TypeError) as e:
+            raise shards_mismatch(shards_dir, [f"{shards_dir / MANIFEST_NAME}: {e}"]) from e
+        problems = manifest_problems(manifest)
         shard_files: list[str] = []
         shard_of: list[np.ndarray] = []
         rows: list[np.ndarray] = []
@@ -72,8 +79,20 @@ class SampleIndex:
         offsets = [0]
         for source in manifest.sources:
             for shard in source.shards:
-                reader = ShardReader(shards_dir / shard.file)
-                t, tr, ti = reader.lengths()
+                try:
+                    path = shard_path(shards_dir, shard.file)
+                except ValueError as e:
+                    problems.append(str(e))
+                    continue
+                found, reader = shard_problems(path, shard, manifest)
+                if reader is not None:
+                    try:
+                        t, tr, ti = reader.lengths()
+                    except ShardCorruptError as e:
+                        found.append(str(e))
+                problems += found
+                if found:
+                    continue
                 shard_of.append(np.full(len(t), len(shard_files), dtype=np.int32))
                 rows.append(np.arange(len(t), dtype=np.int32))
                 tokens.append(t)
@@ -81,6 +100,8 @@ class SampleIndex:
                 tiles.append(ti)
                 shard_files.append(shard.file)
             offsets.append(offsets[-1] + source.samples_written)
+        if problems:
+            raise shards_mismatch(shards_dir, problems)
         cat = lambda xs, dt: np.concatenate(xs).astype(dt) if xs else np.zeros(0, dt)  # noqa: E731
         return cls(
             shards_dir=shards_dir,
@@ -162,6 +183,19 @@ def hold_out(index: SampleIndex, fraction: float, seed: int) -> tuple[SampleInde
     name = f"held-out fraction {fraction:g}, seed {seed}"
     train = index.subset(np.flatnonzero(~mask), f"training samples ({name})")
     return train, index.subset(held_ids, f"evaluation samples ({name})")
+
+
+def read_sample(
+    readers: dict[int, ShardReader], shards_dir: Path, shard_files: list[str], shard: int, row: int
+) -> Sample:
+    """Row `row` of shard `shard` (an index into `shard_files`), checked against its sha256; opened
+    readers are kept in `readers`. A damaged sample raises ShardDataError naming the shard and the fix."""
+    try:
+        if shard not in readers:
+            readers[shard] = ShardReader(shards_dir / shard_files[shard])
+        return readers[shard].read(row)
+    except ShardCorruptError as e:
+        raise ShardDataError(str(e)) from e
 
 
 def check_budgets(index: SampleIndex, max_length: int, max_tiles: int | None) -> None:

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from schemas.shards import ShardReader
 from trainer.batch import PackedBatch, collate
 from trainer.errors import LoaderConfigError, ShardDataError
-from trainer.index import SampleIndex, check_budgets
+from trainer.index import SampleIndex, check_budgets, read_sample
 from trainer.plan import (
     EpochPlan,
     LoaderConfig,
@@ -76,9 +76,7 @@ class _RankStream(IterableDataset):
         for item in self.work[worker::workers]:
             samples = []
             for shard, row in zip(item.shards.tolist(), item.rows.tolist(), strict=True):
-                if shard not in readers:
-                    readers[shard] = ShardReader(self.shards_dir / self.shard_files[shard])
-                samples.append(readers[shard].read(row))
+                samples.append(read_sample(readers, self.shards_dir, self.shard_files, shard, row))
             batch = collate(samples)
             if batch.num_trained != item.num_trained:
                 raise ShardDataError(
@@ -417,8 +415,20 @@ class PackedLoader:
                     self._epoch, self._step = (batch.epoch + 1, 0) if done else (batch.epoch, batch.step + 1)
                 yield batch
             self._epoch, self._step = self.config.epochs, 0
+        except ShardDataError as e:
+            raise _worker_message(e) from None
         finally:  # the prefetch thread or the _batches generator: either ends the streams
             batches.close()  # type: ignore[attr-defined]
+
+
+def _worker_message(error: ShardDataError) -> ShardDataError:
+    """torch re-raises a worker process's exception with the worker's whole traceback as its
+    message; the user needs the message the worker raised (it names the shard and the fix)."""
+    text = str(error)
+    marker = f"\n{ShardDataError.__module__}.{ShardDataError.__qualname__}: "
+    if "Original Traceback" not in text or marker not in text:
+        return error
+    return ShardDataError(text.rsplit(marker, 1)[1].strip())
 
 
 @dataclass

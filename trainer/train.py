@@ -34,12 +34,12 @@ import torch.distributed as dist
 
 from schemas.atomic import write_json_atomic
 from schemas.manifest import MANIFEST_NAME, TOKENIZER_NAME, Manifest
-from schemas.shards import file_sha256, tokenizer_problems, verify_shards
+from schemas.shards import file_sha256, mismatch_message, tokenizer_problems
 from trainer import checkpoint as ckpt
 from trainer.attention import resolve_backend
 from trainer.batch import PackedBatch
 from trainer.config import TrainConfig, batch_layout, deepspeed_config, warmup_cosine
-from trainer.errors import Stopped, TrainingHalted
+from trainer.errors import ShardDataError, Stopped, TrainingHalted
 from trainer.flops import peak_bf16_flops, step_flops
 from trainer.heldout import EvalRecord, EvalRows, evaluate_rows, pack_rows, split_samples
 from trainer.index import SampleIndex, shards_mismatch
@@ -132,18 +132,26 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def verify_on_all_ranks(shards: Path, checksums: bool, d: Dist) -> None:
-    """`verify_shards` with the sha256 work split over the ranks, and `tokenizer_problems`; every
-    rank raises if any found a problem (so no rank is left waiting in a collective)."""
-    problems = verify_shards(shards, checksums=checksums, part=(d.rank, d.world_size))
-    if not problems:  # its copy of the tokenizer too: presets and `generate` read it later
-        problems = tokenizer_problems(shards, Manifest.load(shards))
+def load_index_on_all_ranks(shards: Path, d: Dist) -> SampleIndex:
+    """`SampleIndex.load` (sizes, footers, codecs and counts: no hashing, each sample is checked as it
+    is read) and the folder's tokenizer check, on every rank; every rank raises if any found a
+    problem (so no rank is left waiting in a collective)."""
+    index, problem = None, None
+    try:
+        index = SampleIndex.load(shards)
+        # its copy of the tokenizer too: presets and `generate` read it later
+        if tokenizer := tokenizer_problems(shards, index.manifest):
+            problem = mismatch_message(shards, tokenizer)
+    except ShardDataError as e:
+        problem = str(e)
     if d.world_size > 1:
-        parts: list[list[str]] = [[] for _ in range(d.world_size)]
-        dist.all_gather_object(parts, problems)
-        problems = sorted({p for part in parts for p in part})
-    if problems:
-        raise shards_mismatch(shards, problems)
+        found: list[str | None] = [None] * d.world_size
+        dist.all_gather_object(found, problem)
+        problem = next((p for p in found if p is not None), None)
+    if problem is not None:
+        raise ShardDataError(problem)
+    assert index is not None
+    return index
 
 
 def check_model(cfg: TrainConfig, manifest: Manifest, output_dir: Path) -> Path | None:
@@ -424,12 +432,10 @@ def train(cfg: TrainConfig, argv: list[str] | None = None) -> dict[str, Any]:
     ds_config = deepspeed_config(cfg, world_size=d.world_size, bf16=bf16)
 
     # --- shards: verified against the manifest before any step uses them
-    verify_on_all_ranks(Path(cfg.shards), cfg.verify_checksums, d)
-    if cfg.eval_shards is not None:
-        verify_on_all_ranks(Path(cfg.eval_shards), cfg.verify_checksums, d)
-    # hashed just above; held-out samples (--eval-fraction) leave the training index
+    eval_shards = load_index_on_all_ranks(Path(cfg.eval_shards), d) if cfg.eval_shards is not None else None
+    # held-out samples (--eval-fraction) leave the training index
     index, eval_index = split_samples(
-        SampleIndex.load(Path(cfg.shards), checksums=False), cfg.eval_shards, cfg.eval_fraction, cfg.seed
+        load_index_on_all_ranks(Path(cfg.shards), d), eval_shards, cfg.eval_fraction, cfg.seed
     )
     if d.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
