@@ -66,7 +66,11 @@ def train(
     argv += ["--output-dir", str(out), "--max-length", str(max_length), "--max-steps", str(steps)]
     argv += ["--seed", str(seed), "--log-every-steps", "1", "--save-every-steps", "100000", "--no-save-final"]
     argv += ["--resume", "none", *extra]
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    # keep the caller's PYTHONPATH: packages may be installed outside site-packages
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
+    }
     done = subprocess.run(argv, cwd=REPO_ROOT, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(

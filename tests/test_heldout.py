@@ -126,11 +126,12 @@ def test_evaluation_settings_are_checked_where_the_config_is_built() -> None:
 def test_held_out_loss_matches_xc_train_eval_and_early_stopping_ends_the_run(
     two_sources: Path, tmp_path: Path, capfd: pytest.CaptureFixture
 ) -> None:
-    """Learning rate 0: every evaluation gives the first one's loss, so with patience 2 the run stops
+    """A learning rate of 1e-30 leaves every weight as it was (steps far below fp32 resolution; 0 is
+    refused): every evaluation gives the first one's loss, so with patience 2 the run stops
     at the third; that loss is `xc-train eval`'s token-weighted mean over the held-out samples (one
     sample per row there, packed rows here); best/ holds the step-1 adapter; a rerun has nothing left."""
     out = tmp_path / "run"
-    argv = train_argv(two_sources, out, "--learning-rate", "0", "--epochs", "3", "--eval-fraction", "0.3")
+    argv = train_argv(two_sources, out, "--learning-rate", "1e-30", "--epochs", "3", "--eval-fraction", "0.3")
     argv += ["--eval-every-steps", "1", "--early-stop-patience", "2"]
     assert xc_train(argv) == 0
     log = capfd.readouterr().err
