@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import DIST_ENV
 
 from trainer.checkpoint import complete_checkpoints
 from trainer.cli import main as xc_train
@@ -22,7 +23,6 @@ from trainer.index import SampleIndex, hold_out
 from trainer.plan import LoaderConfig, compute_plan_id
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-DIST_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
 
 
 def make_shards(root: Path, sources: dict[str, int], tokenizer: Path | None = None) -> Path:
@@ -58,17 +58,7 @@ def two_sources(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_shards(tmp_path_factory.mktemp("heldout"), {"alpha": 6, "beta": 5})
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _process_state() -> object:
-    """In-process runs set the launcher variables (see tests/test_train.py): undo that."""
-    saved = {k: os.environ.get(k) for k in (*DIST_ENV, "HF_HUB_OFFLINE")}
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    yield
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+pytestmark = pytest.mark.usefixtures("in_process_training")
 
 
 def train_argv(shards: Path, out: Path, *extra: str) -> list[str]:

@@ -8,10 +8,8 @@ with the tiny preset and DeepSpeed on gloo; without bitsandbytes they skip.
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
@@ -24,22 +22,12 @@ bnb = pytest.importorskip("bitsandbytes")
 
 from trainer.qlora import PLoRALinear4bit, quantize_base  # noqa: E402
 
-DIST_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
 ADAPTER_KEY = re.compile(
     r"^base_model\.model\.model\.layers\.\d+\.(attention\.(wqkv|wo)|feed_forward\.w[123])\.lora_[AB]\.weight$"
 )
 
 
-@pytest.fixture(autouse=True)
-def _process_state() -> Any:
-    saved = {k: os.environ.get(k) for k in (*DIST_ENV, "HF_HUB_OFFLINE")}
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    yield
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+pytestmark = pytest.mark.usefixtures("in_process_training")
 
 
 def test_quantized_linears_hold_nf4_weights_and_compute_close_to_the_full_ones() -> None:

@@ -19,11 +19,11 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import DIST_ENV
 
 from trainer.checkpoint import checkpoint_root, complete_checkpoints, verify_checkpoint
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-DIST_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
 
 SLOW_STEPS = """
 import sys, time

@@ -5,7 +5,6 @@ held-out scalars by step, and the paths of the outputs."""
 from __future__ import annotations
 
 import json
-import os
 import struct
 from pathlib import Path
 from typing import Any
@@ -15,19 +14,7 @@ import pytest
 from trainer.cli import main as xc_train
 from trainer.config import TrainConfig
 
-DIST_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
-
-
-@pytest.fixture(autouse=True)
-def _process_state() -> Any:
-    saved = {k: os.environ.get(k) for k in (*DIST_ENV, "HF_HUB_OFFLINE")}
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    yield
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+pytestmark = pytest.mark.usefixtures("in_process_training")
 
 
 def wandb_records(run_file: Path) -> list[Any]:

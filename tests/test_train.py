@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from conftest import DIST_ENV
 from safetensors import safe_open
 
 from schemas.manifest import TOKENIZER_NAME
@@ -44,7 +45,6 @@ from trainer.weights import load_model, save_model
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MAX_LENGTH = 2048
 HD_NUM = 1
-DIST_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
 LOSS_RTOL = 1e-5
 """Relative tolerance between fp32 runs that follow the same path (1 vs 2 ranks, resume): only the
 order of float sums may differ. Dropout masks drawn per rank (not per micro-batch) already differ
@@ -123,19 +123,7 @@ def overfit_shards(data_root: Path) -> Path:
     )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _process_state() -> Any:
-    """In-process runs put the launcher variables into os.environ: undo that. Their one-process gloo
-    group stays: DeepSpeed keeps a handle on it, and a later in-process run in another test module
-    would fail on a destroyed one ("Group ... is not registered")."""
-    saved = {k: os.environ.get(k) for k in (*DIST_ENV, "HF_HUB_OFFLINE")}
-    os.environ["HF_HUB_OFFLINE"] = "1"  # PEFT looks for tokenizer files on the hub otherwise
-    yield
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+pytestmark = pytest.mark.usefixtures("in_process_training")
 
 
 # --------------------------------------------------------------------------- helpers
