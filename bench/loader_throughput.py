@@ -230,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--records", type=int, default=32, help="records per kind (single, multi, text)")
     parser.add_argument("--repeat", type=int, default=2, help="each sample this many times per loader epoch")
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--codecs", nargs="+", default=["raw", "png"])
+    parser.add_argument("--codecs", nargs="+", default=["raw", "jpeg"])
     parser.add_argument(
         "--tokenizer", type=Path, default=None, help="default: ../shared tokenizer, else tiny"
     )

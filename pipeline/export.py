@@ -11,7 +11,8 @@ splits a member name at its first dot):
     KEY.json            {"source", "file", "index", "id", "layout", "num_tokens", "num_trained",
                          "num_tiles", "images": [{"grid": [rows, cols], "span": [start, end]}, ...]}
     KEY.tiles.npy       uint8[N, 560, 560, 3]  every image's local tiles (shards with raw tiles)
-    KEY.tile.NNN.png    tile NNN as the PNG the shard stored (shards written with --tile-codec png)
+    KEY.tile.NNN.webp   tile NNN as the file the shard stored (shards written with --tile-codec webp;
+    KEY.tile.NNN.jpg    .jpg with --tile-codec jpeg)
 
 `.npy` members are `numpy.save` output (no pickle): `numpy.load(io.BytesIO(sample["input_ids.npy"]))`.
 `DIR/index.json` lists every tar with its Arrow shard, sample count, first and last key, bytes and
@@ -43,6 +44,8 @@ FORMATS = ("webdataset",)
 INDEX_NAME = "index.json"
 INDEX_VERSION = 1
 TAR_SUFFIX = ".tar"
+TILE_SUFFIX = {"webp": "webp", "jpeg": "jpg"}
+"""Codecs whose stored tiles are image files, exported as they are: `KEY.tile.NNN.<suffix>`."""
 FIXED_MTIME = 0
 """Tar members carry this mtime, owner and mode so that an export's bytes depend on its data only."""
 TAR_OWNER = "xc-prep"
@@ -80,9 +83,9 @@ def sample_members(reader: ShardReader, row: int) -> dict[str, bytes]:
         "labels.npy": npy_bytes(sample.labels),
         "json": json.dumps(meta, ensure_ascii=False, sort_keys=True).encode(),
     }
-    if reader.codec == "png":
+    if (suffix := TILE_SUFFIX.get(reader.codec)) is not None:
         for t, data in enumerate(reader.encoded_tiles(row)):
-            members[f"tile.{t:03d}.png"] = data
+            members[f"tile.{t:03d}.{suffix}"] = data
     else:
         members["tiles.npy"] = npy_bytes(sample.tiles)
     return members
@@ -132,7 +135,9 @@ def export_webdataset(shard_dir: Path, out: Path) -> dict[str, Any]:
         "format_version": INDEX_VERSION,
         "from_manifest_sha256": file_sha256(shard_dir / MANIFEST_NAME),
         "fingerprint": manifest.to_json()["fingerprint"],
-        "tiles": "tile.NNN.png" if manifest.fingerprint.tile_codec == "png" else "tiles.npy",
+        "tiles": f"tile.NNN.{suffix}"
+        if (suffix := TILE_SUFFIX.get(manifest.fingerprint.tile_codec))
+        else "tiles.npy",
         "samples": sum(t["samples"] for t in tars),
         "tars": tars,
     }
@@ -180,7 +185,7 @@ def run(args: argparse.Namespace) -> int:
         return _error(
             f"--out {out}: holds Arrow shards; pick an empty folder or a previous export", ExitCode.USAGE
         )
-    if problems := verify_shards(args.shard_dir, checksums=True):
+    if problems := verify_shards(args.shard_dir):
         return _error("the shard folder is damaged:\n  " + "\n  ".join(problems), ExitCode.INVALID_DATA)
     index = export_webdataset(args.shard_dir, out)
     print(

@@ -4,8 +4,9 @@ SHARDS_DIR is a folder or an object-store prefix (s3://BUCKET/PREFIX: schemas/st
 
 The summary comes from `manifest.json` alone (fingerprint, per-source counts, tokens, tiles, bytes),
 so it is instant on any size of folder. `--verify` re-reads every shard and checks its size, sha256,
-Arrow footer and sample count with `schemas.shards.verify_shards` (the very check the trainer runs at
-start-up), and the copy of the tokenizer against the fingerprint; any problem exits 1, naming the file.
+Arrow footer, codec and sample count with `schemas.shards.verify_shards` (the trainer runs the same
+checks at start-up without the sha256, and checks each sample's own sha256 as it reads it), and the
+copy of the tokenizer against the fingerprint; any problem exits 1, naming the file.
 """
 
 from __future__ import annotations
@@ -54,7 +55,9 @@ def print_info(store: Store, manifest: Manifest) -> None:
     )
     print(
         f"fingerprint: tokenizer {fp.tokenizer_sha256[:16]}…, layout {fp.layout}, style {fp.style}, "
-        f"hd_num {fp.hd_num}, max_length {fp.max_length}, tile_codec {fp.tile_codec}, code {fp.code_version}"
+        f"hd_num {fp.hd_num}, max_length {fp.max_length}, tile_codec {fp.tile_codec}"
+        + (f" (quality {fp.jpeg_quality})" if fp.jpeg_quality is not None else "")
+        + f", code {fp.code_version}"
     )
     print(summary_table(manifest))
     for s in manifest.sources:

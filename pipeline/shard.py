@@ -392,6 +392,7 @@ def config_from_args(args: argparse.Namespace) -> ShardConfig:
         workers=args.workers,
         samples_per_shard=args.samples_per_shard,
         tile_codec=args.tile_codec,
+        jpeg_quality=args.jpeg_quality,
         font=Path(args.font) if args.font else None,
         overwrite=args.overwrite,
         part=args.part,
@@ -450,6 +451,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
             "workers": {"metavar": "N", "default": default_workers(), "help": workers_help},
             "samples_per_shard": {"metavar": "N"},
             "part": {"metavar": "I/N"},
+            "jpeg_quality": {"metavar": "Q"},
         },
     )
     add_media_policy_arguments(p)

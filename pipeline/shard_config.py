@@ -15,9 +15,10 @@ from pipeline.checks import ValidateOptions
 from pipeline.media import DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_VIDEO_SECONDS
 from pipeline.template import DEFAULT_MAX_LENGTH
 from pipeline.tiling import DEFAULT_HD_NUM
-from schemas.manifest import Fingerprint, TileCodec
+from schemas.manifest import Fingerprint
 from schemas.sample import Layout, Style
 from schemas.storage import StorageError, Store, open_store
+from schemas.tile_codecs import DEFAULT_JPEG_QUALITY, JPEG_QUALITY_RANGE, TileCodec
 
 DEFAULT_DATA_TXT = Path("data.txt")
 DEFAULT_OUT = "shards"
@@ -53,7 +54,10 @@ class ShardConfig:
     samples_per_shard: int = DEFAULT_SAMPLES_PER_SHARD
     """Records per work unit, so at most this many samples per shard file."""
     tile_codec: TileCodec = DEFAULT_TILE_CODEC
-    """How tiles are stored; both are lossless: raw (fastest to read) or png (~2-3x smaller)."""
+    """How tiles are stored: raw (exact, fastest to read), webp (exact, lossless WebP, ~5x smaller) or
+    jpeg (lossy, about the source JPEGs' size); README.md#tile-codecs says which to pick."""
+    jpeg_quality: int = DEFAULT_JPEG_QUALITY
+    """JPEG quality of --tile-codec jpeg (1-100; higher: closer to the exact tiles, larger)."""
     font: Path | None = None
     """TrueType font for video frame labels (default: the one pipeline/video.py finds)."""
     overwrite: bool = False
@@ -97,6 +101,9 @@ class ShardConfig:
         ):
             if value < 1:
                 raise UsageError(f"{flag} ({value}) must be at least 1")
+        low, high = JPEG_QUALITY_RANGE
+        if not low <= self.jpeg_quality <= high:
+            raise UsageError(f"--jpeg-quality ({self.jpeg_quality}) must be in [{low}, {high}]")
         if self.font is not None and not self.font.is_file():
             raise UsageError(f"--font {self.font}: file not found")
         store = self.store()
@@ -129,6 +136,11 @@ class ShardConfig:
             )
         return int(index), int(count)
 
+    @property
+    def stored_jpeg_quality(self) -> int | None:
+        """The JPEG quality the tiles are stored with (None unless --tile-codec jpeg)."""
+        return self.jpeg_quality if self.tile_codec == "jpeg" else None
+
     def command(self) -> list[str]:
         """The canonical command line recorded in the manifest (without --out, --workers, --overwrite,
         --part, --finalize and --engine: they do not change a byte)."""
@@ -136,6 +148,8 @@ class ShardConfig:
         cmd += ["--hd-num", str(self.hd_num), "--max-length", str(self.max_length)]
         cmd += ["--style", self.style, "--layout", self.layout]
         cmd += ["--samples-per-shard", str(self.samples_per_shard), "--tile-codec", self.tile_codec]
+        if self.stored_jpeg_quality is not None:
+            cmd += ["--jpeg-quality", str(self.stored_jpeg_quality)]
         if self.font is not None:
             cmd += ["--font", str(self.font)]
         for folder in self.allow_path:
@@ -164,6 +178,7 @@ def fingerprint(config: ShardConfig, tokenizer_sha256: str) -> Fingerprint:
         hd_num=config.hd_num,
         max_length=config.max_length,
         tile_codec=config.tile_codec,
+        jpeg_quality=config.stored_jpeg_quality,
         code_version=code_version(),
     )
 

@@ -190,7 +190,7 @@ def run_unit(
     """Build, write and record one unit, or reuse an earlier run's; returns (sidecar, reused)."""
     from pipeline.build import build_sample
     from pipeline.errors import DataError
-    from schemas.shards import ShardWriter, file_sha256
+    from schemas.shards import ShardWriter
 
     if (done := finished_unit(task)) is not None:
         progress(task.records[1] - task.records[0])
@@ -250,7 +250,7 @@ def run_unit(
                 continue
             if writer is None:
                 tmp.parent.mkdir(parents=True, exist_ok=True)
-                writer = ShardWriter(tmp, config.tile_codec)
+                writer = ShardWriter(tmp, config.tile_codec, config.stored_jpeg_quality)
             writer.write(sample)
             stats["samples_written"] += 1
             stats["total_tokens"] += sample.num_tokens
@@ -271,8 +271,8 @@ def run_unit(
             "file": task.shard_file,
             "records": list(task.records),
             "samples": stats["samples_written"],
-            "bytes": tmp.stat().st_size,
-            "sha256": file_sha256(tmp),
+            "bytes": writer.bytes,
+            "sha256": writer.sha256,
         }
         task.store.publish_file(tmp, task.shard_file)
     else:
@@ -314,12 +314,20 @@ def _run_unit_in_worker(task: UnitTask) -> tuple[dict[str, Any], bool]:
 
 
 class Progress:
-    """One tqdm bar per source on stderr with samples/s and ETA (off when stderr is not a terminal)."""
+    """One tqdm bar per source on stderr with samples/s and ETA; when stderr is not a terminal (a
+    log file), a progress line every few seconds instead (pipeline/progress.py)."""
 
     def __init__(self, inputs: list[SourceInput]):
         from tqdm import tqdm
 
-        disable = not sys.stderr.isatty()
+        from pipeline.progress import ProgressLines
+
+        terminal = sys.stderr.isatty()
+        self.lines = (
+            None
+            if terminal
+            else ProgressLines("xc-prep shard", sum(len(si.records) for si in inputs), "samples")
+        )
         self.bars = [
             tqdm(
                 total=len(si.records),
@@ -328,7 +336,7 @@ class Progress:
                 position=i,
                 leave=True,
                 file=sys.stderr,
-                disable=disable,
+                disable=not terminal,
                 dynamic_ncols=True,
             )
             for i, si in enumerate(inputs)
@@ -336,15 +344,21 @@ class Progress:
 
     def add(self, source_pos: int, n: int) -> None:
         self.bars[source_pos].update(n)
+        if self.lines is not None:
+            self.lines.add(n)
 
     def set(self, counts: Any) -> None:
         for bar, count in zip(self.bars, counts, strict=True):
             if count != bar.n:
                 bar.update(count - bar.n)
+        if self.lines is not None:
+            self.lines.set(sum(counts))
 
     def close(self) -> None:
         for bar in self.bars:
             bar.close()
+        if self.lines is not None:
+            self.lines.close()
 
 
 def run_units(

@@ -113,8 +113,22 @@ def check_all(
 
     from tqdm import tqdm
 
-    show = progress and sys.stderr.isatty() and total_cost >= PROGRESS_MIN_COST
-    with tqdm(total=total_records, unit="rec", desc="validate", disable=not show, file=sys.stderr) as bar:
+    from pipeline.progress import ProgressLines
+
+    show = progress and total_cost >= PROGRESS_MIN_COST
+    terminal = sys.stderr.isatty()
+    bar = tqdm(
+        total=total_records, unit="rec", desc="validate", disable=not (show and terminal), file=sys.stderr
+    )
+    # a log file, not a terminal: a line every few seconds instead of the bar
+    lines = ProgressLines("xc-prep validate", total_records, "records") if show and not terminal else None
+
+    def advance(n: int) -> None:
+        bar.update(n)
+        if lines is not None:
+            lines.add(n)
+
+    try:
         if use_pool:
             # spawn: every worker is this process's own child, so it knows the run is over when its
             # parent changes (pipeline/workers.py); a forkserver's children would not
@@ -134,7 +148,7 @@ def check_all(
                 for future in as_completed(futures):
                     n = futures[future]
                     results[n] = future.result()
-                    bar.update(len(tasks[n][2]))
+                    advance(len(tasks[n][2]))
             except BaseException:
                 stop_pool(pool)  # Ctrl-C, SIGTERM or a dead worker: not after the running chunks
                 raise
@@ -142,7 +156,11 @@ def check_all(
         else:
             for n, (pos, start, chunk) in enumerate(tasks):
                 results[n] = check_records(loaded[pos].source, chunk, start, opts)
-                bar.update(len(chunk))
+                advance(len(chunk))
+    finally:
+        bar.close()
+        if lines is not None:
+            lines.close()
 
     per_source: list[list[RecordCheck]] = [[] for _ in loaded]
     for (pos, _, _), done in zip(tasks, results, strict=True):

@@ -61,8 +61,10 @@ def add_dataclass_flags(
     The annotation decides the argument: `X | None` reads as X, a Literal gives choices, a tuple one
     or more values, a bool a switch (`--x`, or `--x/--no-x` where the default is not False).
     `none_defaults`: every default is None, so that a config file can fill what the command line
-    leaves unset; otherwise the field's default is the flag's, and `show_defaults` appends
-    "(default X)" to the help where X is neither None nor a bool. Fields in `exclude` get no flag;
+    leaves unset; otherwise the field's default is the flag's. `show_defaults` appends the field's
+    default to the help, "(default X)" (not for None, an empty tuple, or a bool whose flag's
+    default argparse shows itself); with `none_defaults` a bool's reads "(default --x)" or
+    "(default --no-x)". Fields in `exclude` get no flag;
     fields in `positional` become positional arguments (optional when they have a default).
     `overrides[field]` are argparse keyword arguments that replace the derived ones (metavar,
     required, a default computed at run time with its help, ...).
@@ -75,8 +77,8 @@ def add_dataclass_flags(
         default = None if none_defaults else _field_default(f)
         kwargs: dict[str, Any] = {"default": default, "help": docs.get(f.name, "")}
         kwargs.update(_argument_kind(hints[f.name], default))
-        if show_defaults and default is not None and not isinstance(default, bool):
-            kwargs["help"] += f" (default {default})"
+        if show_defaults:
+            kwargs["help"] += _default_text(f, default, none_defaults)
         kwargs.update((overrides or {}).get(f.name, {}))
         if f.name in positional:
             if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING:
@@ -84,6 +86,22 @@ def add_dataclass_flags(
             parser.add_argument(f.name, metavar=kwargs.pop("metavar", f.name.upper()), **kwargs)
         else:
             parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, **kwargs)
+
+
+def _default_text(f: dataclasses.Field[Any], flag_default: Any, none_defaults: bool) -> str:
+    """' (default X)' for a field's help, or '' where there is nothing to show."""
+    value = _field_default(f)
+    if value is None or value == ():
+        return ""
+    if isinstance(value, bool):
+        # BooleanOptionalAction prints a non-None default itself; store_true's False needs nothing.
+        if not none_defaults:
+            return ""
+        name = f.name.replace("_", "-")
+        return f" (default --{'' if value else 'no-'}{name})"
+    if isinstance(value, tuple):
+        value = " ".join(map(str, value))
+    return f" (default {value})"
 
 
 def _field_default(f: dataclasses.Field[Any]) -> Any:

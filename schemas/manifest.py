@@ -14,20 +14,19 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Any, Literal, get_args
+from typing import TYPE_CHECKING, Any
+
+from schemas.tile_codecs import TileCodec
 
 if TYPE_CHECKING:
     from schemas.storage import Store
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST_NAME = "manifest.json"
 REJECTS_NAME = "rejects.jsonl"
 TOKENIZER_NAME = "tokenizer.model"
 """The tokenizer's file name: in a model folder, and beside the manifest (a copy of the tokenizer
 the shards were made with), so a shard folder serves as a tokenizer folder too."""
-TileCodec = Literal["raw", "png"]
-TILE_CODECS: tuple[TileCodec, ...] = get_args(TileCodec)
-"""How shards store tiles (the fingerprint's tile_codec); schemas/shards.py encodes and decodes them."""
 
 
 REFUSED_PATH_FIX = "the manifest is damaged or was edited: re-run `xc-prep shard` to write the folder again"
@@ -92,7 +91,10 @@ class Fingerprint:
     style: str
     hd_num: int
     max_length: int
-    tile_codec: str
+    tile_codec: TileCodec
+    """How tiles are stored (schemas/tile_codecs.py)."""
+    jpeg_quality: int | None
+    """The jpeg codec's quality (None for the exact codecs)."""
     code_version: str
 
 

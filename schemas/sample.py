@@ -2,7 +2,7 @@
 
 Shapes and dtypes (T = tokens, N = local tiles of all images of the sample):
   input_ids: int32[T]   token ids; IMAGE_TOKEN_ID (-100) at every image position
-  labels:    int32[T]   IGNORE_INDEX (-100) where not trained (user turns, headers, images, BOS)
+  labels:    int32[T]   the input id where trained, IGNORE_INDEX (-100) elsewhere (user turns, headers, images, BOS)
   tiles:     uint8[N, 560, 560, 3]   local HD tiles of every image, image by image, row-major
   images:    one ImageSpan per image: its grid (rows, cols) and token span [start, end)
 The global view of each image is not stored: it is the bicubic resize of the normalized padded
@@ -96,4 +96,8 @@ class Sample:
         assert np.all(self.input_ids[is_image] == IMAGE_TOKEN_ID), "image span holds text ids"
         assert np.all(self.input_ids[~is_image] >= 0), "text position holds a negative id"
         assert np.all(self.labels[is_image] == IGNORE_INDEX), "image position is trained"
+        trained = self.labels != IGNORE_INDEX
+        assert np.array_equal(self.labels[trained], self.input_ids[trained]), (
+            "a label differs from its input id"
+        )
         assert self.num_trained > 0, "sample has no trained token"

@@ -104,9 +104,12 @@ class Lock(Protocol):
 class Store(Protocol):
     """A shard folder; `rel` arguments are '/'-separated paths relative to it."""
 
-    location: str
-    """The folder path or URL as given (for messages and records)."""
     is_local: bool
+
+    @property
+    def location(self) -> str:
+        """The folder path or URL as given (for messages and records)."""
+        ...
 
     def url(self, rel: str = "") -> str:
         """How a member is named in messages: `shards/manifest.json`, `s3://b/p/manifest.json`."""

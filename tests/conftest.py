@@ -3,8 +3,10 @@ unless XC_REQUIRE_SHARED=1 (CI, `.ci/run`): then they fail, so the golden tests 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +50,20 @@ def real_tokenizer_path(ixc_dir: Path) -> Path:
 DIST_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
 
 
+@contextlib.contextmanager
+def restored_environ(*names: str) -> Iterator[None]:
+    """Put back the variables `names` as they were (set or unset) when the block ends."""
+    saved = {k: os.environ.get(k) for k in names}
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 @pytest.fixture
 def one_rank_group() -> Any:
     """This process as a one-rank gloo group (`trainer.train.setup_distributed`, for a DeepSpeed
@@ -55,13 +71,19 @@ def one_rank_group() -> Any:
     stays: DeepSpeed keeps a handle on it, and later in-process runs join it."""
     from trainer.train import setup_distributed
 
-    saved = {k: os.environ.get(k) for k in DIST_ENV}
-    yield setup_distributed()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with restored_environ(*DIST_ENV):
+        yield setup_distributed()
+
+
+@pytest.fixture(scope="module")
+def in_process_training() -> Iterator[None]:
+    """For modules that run `xc-train` in this process: the launcher variables it puts into
+    os.environ are undone afterwards, and the hub stays offline (PEFT looks for tokenizer files
+    there otherwise). Its one-process gloo group stays: DeepSpeed keeps a handle on it, and a later
+    in-process run in another module would fail on a destroyed one ("Group ... is not registered")."""
+    with restored_environ(*DIST_ENV, "HF_HUB_OFFLINE"):
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        yield
 
 
 TEXT_ANSWERS = [

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import shutil
 import threading
 import time
 from collections import Counter
@@ -16,7 +17,7 @@ import torch
 
 from schemas.manifest import Fingerprint, Manifest, ShardInfo, SourceInfo
 from schemas.sample import IGNORE_INDEX, IMAGE_TOKEN_ID, TILE_SIZE, ImageSpan, Sample, image_token_count
-from schemas.shards import ShardReader, file_sha256, write_shard
+from schemas.shards import ShardReader, file_sha256, token_columns, write_shard
 from schemas.storage import open_store
 from trainer.batch import collate
 from trainer.cli import main as cli_main
@@ -93,7 +94,7 @@ def write_source(root: Path, name: str, k: float, samples: list[Sample], per_sha
 
 
 def fingerprint(max_length: int = MAX_LENGTH) -> Fingerprint:
-    return Fingerprint("t" * 64, "official", "train", 18, max_length, "raw", "test")
+    return Fingerprint("t" * 64, "official", "train", 18, max_length, "raw", None, "test")
 
 
 @pytest.fixture(scope="module")
@@ -446,6 +447,31 @@ def test_delivered_batches_match_stored_samples(shards: Path, index: SampleIndex
         tiles += batch.tiles.shape[0]
     assert timed.count == loader.plan(0).num_packs and timed.total_wait_s >= 0
     assert tiles > 0, "no batch held an image"
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_damaged_sample_is_refused_naming_its_shard_before_it_is_delivered(
+    shards: Path, tmp_path: Path, workers: int
+):
+    damaged = tmp_path / "shards"
+    shutil.copytree(shards, damaged)
+    victim = damaged / "chat-00000.arrow"
+    text_ids, _ = token_columns(ShardReader(victim).read(3))
+    data = bytearray(victim.read_bytes())
+    at = data.find(text_ids.tobytes())
+    assert at > 0
+    data[at + 8] ^= 0x01  # one bit of one token id of row 3
+    victim.write_bytes(bytes(data))
+    index = SampleIndex.load(damaged)  # start-up reads no token or tile: it cannot see the damage
+    loader = PackedLoader(index, config(micro_batches_per_step=1, num_workers=workers, prefetch=2))
+    delivered = []
+    with pytest.raises(ShardDataError) as caught:
+        for batch in loader:
+            delivered += batch.sample_keys
+    message = str(caught.value)
+    assert f"{victim}: row 3 does not match its sha256" in message and "xc-prep shard" in message
+    assert "Traceback" not in message  # a worker's error reads as the worker raised it
+    assert ("chat", 3, "chat-3") not in delivered
 
 
 @pytest.mark.parametrize("workers", [0, 1])

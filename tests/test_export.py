@@ -25,12 +25,12 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def shard_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """The shipped example data (text, one image, two images, a video) sharded with raw and png tiles."""
+    """The shipped example data (text, one image, two images, a video) sharded with each tile codec."""
     root = tmp_path_factory.mktemp("export")
     tokenizer = build_tiny_tokenizer(root / "tokenizer.model")
     out = {}
     with contextlib.chdir(REPO_ROOT):
-        for codec in ("raw", "png"):
+        for codec in ("raw", "webp", "jpeg"):
             out[codec] = root / f"shards-{codec}"
             argv = [
                 "shard",
@@ -65,7 +65,7 @@ def npy(data: bytes) -> np.ndarray:
 def tiles_of(sample: dict) -> np.ndarray:
     if "tiles.npy" in sample:
         return npy(sample["tiles.npy"])
-    names = sorted(k for k in sample if k.startswith("tile.") and k.endswith(".png"))
+    names = sorted(k for k in sample if k.startswith("tile.") and k.endswith((".webp", ".jpg")))
     return (
         np.stack([np.asarray(Image.open(io.BytesIO(sample[n]))) for n in names])
         if names
@@ -73,7 +73,7 @@ def tiles_of(sample: dict) -> np.ndarray:
     )
 
 
-@pytest.mark.parametrize("codec", ["raw", "png"])
+@pytest.mark.parametrize("codec", ["raw", "webp", "jpeg"])
 def test_webdataset_export_reads_back_equal_to_the_arrow_shards(
     shard_dirs: dict[str, Path], tmp_path: Path, codec: str, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -585,14 +585,17 @@ def inject_full_disk(monkeypatch: pytest.MonkeyPatch, where: str) -> None:
     monkeypatch.setattr(writer, "write_atomic", write_atomic)
 
 
-@pytest.mark.parametrize("where", ["shard", "sidecar", "manifest"])
+@pytest.mark.parametrize(
+    ("where", "codec"), [("shard", "raw"), ("sidecar", "raw"), ("manifest", "raw"), ("shard", "jpeg")]
+)
 def test_full_disk_keeps_finished_work_and_the_rerun_completes_it(
-    where: str, shard_data: Path, tiny_tokenizer: Path, clean_shards: Path, tmp_path: Path
+    where: str, codec: str, shard_data: Path, tiny_tokenizer: Path, clean_shards: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "shards"
+    codec_flags = ("--tile-codec", codec)
     with pytest.MonkeyPatch.context() as mp:
         inject_full_disk(mp, where)
-        assert run_shard(shard_data, out, tiny_tokenizer) == 1  # a clear error, not a traceback
+        assert run_shard(shard_data, out, tiny_tokenizer, *codec_flags) == 1  # a clear error, not a traceback
     assert not (out / "manifest.json").exists(), "an incomplete folder must never look complete"
     # unit 0 finished before the disk filled up: its shard and sidecar are intact
     sidecar = json.loads((out / ".work/001-mixed/shard-00000.json").read_text())
@@ -602,8 +605,12 @@ def test_full_disk_keeps_finished_work_and_the_rerun_completes_it(
     )
     assert verify_shards(out) != []  # and a reader refuses the folder: no manifest
     # space is back: the same command finishes the job, byte for byte as an uninterrupted run
-    assert run_shard(shard_data, out, tiny_tokenizer) == 0
-    assert tree_bytes(out) == tree_bytes(clean_shards)
+    assert run_shard(shard_data, out, tiny_tokenizer, *codec_flags) == 0
+    clean = clean_shards
+    if codec != "raw":
+        clean = tmp_path / "clean"
+        assert run_shard(shard_data, clean, tiny_tokenizer, *codec_flags) == 0
+    assert tree_bytes(out) == tree_bytes(clean)
 
 
 def test_full_disk_is_a_clear_error_with_exit_1(

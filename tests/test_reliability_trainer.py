@@ -182,16 +182,21 @@ def test_corrupted_shard_stops_before_any_step(
 ) -> None:
     import shutil
 
+    from schemas.shards import ShardReader, token_columns
+
     shards = tmp_path / "shards"
     shutil.copytree(tiny_text_shards, shards)
-    victim = next(shards.rglob("*.arrow"))
+    (victim,) = shards.rglob("*.arrow")
     data = bytearray(victim.read_bytes())
-    data[len(data) // 2] ^= 0xFF
+    for sample in ShardReader(victim):  # one flipped bit in every sample's token ids
+        at = data.find(token_columns(sample)[0].tobytes())
+        assert at > 0
+        data[at + 4] ^= 0x01
     victim.write_bytes(bytes(data))
     out = tmp_path / "run"
     assert train_main(run_args(shards, out)) == 1
     err = capsys.readouterr().err
-    assert str(victim) in err and "sha256" in err
+    assert f"{victim}: row" in err and "does not match its sha256" in err and "xc-prep shard" in err
     assert not (out / "checkpoints").exists()
 
 

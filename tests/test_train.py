@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from conftest import DIST_ENV
 from safetensors import safe_open
 
 from schemas.manifest import TOKENIZER_NAME
@@ -44,7 +45,6 @@ from trainer.weights import load_model, save_model
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MAX_LENGTH = 2048
 HD_NUM = 1
-DIST_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
 LOSS_RTOL = 1e-5
 """Relative tolerance between fp32 runs that follow the same path (1 vs 2 ranks, resume): only the
 order of float sums may differ. Dropout masks drawn per rank (not per micro-batch) already differ
@@ -123,19 +123,7 @@ def overfit_shards(data_root: Path) -> Path:
     )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _process_state() -> Any:
-    """In-process runs put the launcher variables into os.environ: undo that. Their one-process gloo
-    group stays: DeepSpeed keeps a handle on it, and a later in-process run in another test module
-    would fail on a destroyed one ("Group ... is not registered")."""
-    saved = {k: os.environ.get(k) for k in (*DIST_ENV, "HF_HUB_OFFLINE")}
-    os.environ["HF_HUB_OFFLINE"] = "1"  # PEFT looks for tokenizer files on the hub otherwise
-    yield
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+pytestmark = pytest.mark.usefixtures("in_process_training")
 
 
 # --------------------------------------------------------------------------- helpers
@@ -229,7 +217,7 @@ def safetensors_dict(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def test_shards_fixture_holds_text_and_images(shards: Path) -> None:
-    index = SampleIndex.load(shards, checksums=True)
+    index = SampleIndex.load(shards)
     assert len(index) == 6 and index.num_tiles.tolist() == [0, 0, 0, 0, HD_NUM, HD_NUM]
     assert (shards / TOKENIZER_NAME).is_file()
 
@@ -545,8 +533,8 @@ def test_config_file_then_flags(tmp_path: Path) -> None:
     json_file.write_text(json.dumps({"shards": "s", "learning_rat": 1.0, "epochs": "many"}))
     with pytest.raises(ValueError, match="unknown config keys: learning_rat"):
         parse("--config", str(json_file))
-    json_file.write_text(json.dumps({"shards": "s", "epochs": "many", "recipe": "qlora"}))
-    with pytest.raises(ValueError, match=r"epochs: 'many' is not a whole number\n  recipe: 'qlora'"):
+    json_file.write_text(json.dumps({"shards": "s", "epochs": "many", "recipe": "dpo"}))
+    with pytest.raises(ValueError, match=r"epochs: 'many' is not a whole number\n  recipe: 'dpo'"):
         parse("--config", str(json_file))
 
 

@@ -160,12 +160,13 @@ def assert_matches_reference(report: dict[str, Any], where: str) -> None:
     assert report["grad_norm"] == pytest.approx(report["reference_grad_norm"], rel=GRAD_RTOL), where
 
 
-@pytest.mark.parametrize("stage", [1, 2])
+@pytest.mark.parametrize("stage", [0, 1, 2])
 def test_one_rank_gradient_and_loss_are_the_mean_over_the_global_batchs_trained_tokens(
     one_rank_group: train_module.Dist, tmp_path: Path, stage: int
 ) -> None:
-    """4 micro-batches of accumulation on one rank; ZeRO-2 (full recipe) and ZeRO-1 (LoRA's
-    default: gradients reduced once per step)."""
+    """4 micro-batches of accumulation on one rank; ZeRO-2 (full recipe), ZeRO-1 (LoRA's
+    default: gradients reduced once per step) and no ZeRO (whose fp32 engine keeps no gradient
+    norm: the step measures it)."""
     report = step_against_reference(one_rank_group, stage, tmp_path)
     assert_matches_reference(report, f"1 rank, ZeRO-{stage}")
 

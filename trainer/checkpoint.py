@@ -9,6 +9,9 @@ Layout under `<output_dir>/checkpoints/`:
 A checkpoint is complete iff its folder name has no `.partial` suffix; the rename is the commit.
 `trainer_state.json` lists every other file of the checkpoint with its size: a truncated or
 missing file is reported, naming it, before DeepSpeed reads anything.
+
+`<output_dir>/best/` (the model or adapter of the best held-out loss) is replaced the same way:
+written as `best.partial/`, then renamed into place (`replace_folder`, `recover_folder`).
 """
 
 from __future__ import annotations
@@ -281,6 +284,29 @@ def steps_beside_params(optimizer: Any) -> None:
             step = inner.state.get(param, {}).get("step")
             if isinstance(step, torch.Tensor) and step.device != param.device:
                 inner.state[param]["step"] = step.to(param.device, torch.float32)
+
+
+PREVIOUS_SUFFIX = ".previous"
+
+
+def replace_folder(partial: Path, final: Path) -> None:
+    """Put the complete folder `partial` in place of `final`: the old one is renamed aside first and
+    removed last, so a crash leaves either folder whole (`recover_folder` puts it back)."""
+    previous = final.with_name(final.name + PREVIOUS_SUFFIX)
+    shutil.rmtree(previous, ignore_errors=True)
+    if final.exists():
+        os.replace(final, previous)
+    publish_tree(partial, final)
+    shutil.rmtree(previous, ignore_errors=True)
+
+
+def recover_folder(final: Path) -> None:
+    """After a crash inside `replace_folder`: keep the newest whole folder, drop the unfinished one."""
+    previous = final.with_name(final.name + PREVIOUS_SUFFIX)
+    if previous.is_dir() and not final.exists():
+        os.replace(previous, final)
+    shutil.rmtree(previous, ignore_errors=True)
+    shutil.rmtree(final.with_name(final.name + PARTIAL_SUFFIX), ignore_errors=True)
 
 
 def remove_partials(output_dir: Path) -> list[Path]:

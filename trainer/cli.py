@@ -21,7 +21,7 @@ from pathlib import Path
 
 from schemas.cli import ExitCode
 from trainer.config import add_config_flags, config_from_args
-from trainer.errors import HALTS, HANDLED, LoaderConfigError, exit_code
+from trainer.errors import HALTS, HANDLED, LoaderConfigError, Stopped, exit_code
 
 PLAN_ONLY = "--plan-only"
 """The older spelling of `xc-train plan`: `xc-train --shards DIR --plan-only ...`."""
@@ -119,12 +119,16 @@ def run_plan(args: argparse.Namespace, command: list[str]) -> ExitCode:
     cfg = config_from_args(args).resolve()
     if args.world_size < 1:
         raise LoaderConfigError(f"--world-size ({args.world_size}) must be >= 1")
+    from trainer.index import SampleIndex, hold_out
     from trainer.loader import plan_main
-    from trainer.train import loader_config, model_config
+    from trainer.planning import loader_config, model_config
 
     assert cfg.shards is not None, "resolve() requires --shards"
     config = loader_config(cfg, args.world_size, model_config(cfg))
-    plan_main(cfg.shards, config, world_size=args.world_size)
+    index = SampleIndex.load(cfg.shards)
+    if cfg.eval_fraction > 0:  # the plan of the samples that train: the held-out ones are left out
+        index, _ = hold_out(index, cfg.eval_fraction, cfg.seed)
+    plan_main(index, config, world_size=args.world_size)
     return ExitCode.OK
 
 
@@ -211,7 +215,10 @@ def run(name: str, parser: argparse.ArgumentParser, argv: list[str], command: li
     try:
         return SUBCOMMANDS[name][1](args, command)
     except HANDLED as e:
-        if isinstance(e, KeyboardInterrupt):
+        if isinstance(e, Stopped):
+            if str(e):
+                print(f"{parser.prog}: {e}", file=sys.stderr)
+        elif isinstance(e, KeyboardInterrupt):
             print(f"{parser.prog}: interrupted", file=sys.stderr)
         else:
             print(f"{parser.prog}: {'stopped' if isinstance(e, HALTS) else 'error'}: {e}", file=sys.stderr)

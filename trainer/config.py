@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import json
 import math
 import types
@@ -46,7 +47,17 @@ RECIPES: dict[str, dict[str, Any]] = {
         "use_lora": True,
         "zero_stage": 1,
     },
+    # The LoRA recipe over a base whose decoder linears are stored in 4-bit NF4 (trainer/qlora.py).
+    "qlora": {
+        "learning_rate": 5e-5,
+        "fix_vit": True,
+        "fix_sampler": True,
+        "use_lora": True,
+        "zero_stage": 1,
+    },
 }
+TRACKERS = ("tensorboard", "wandb", "mlflow")
+"""What --report-to can name (or `none`)."""
 
 
 @dataclass
@@ -57,8 +68,9 @@ class TrainConfig:
     """Model folder (official layout), a hub id resolved through the local HF cache, or a preset: tiny, 7b."""
     output_dir: Path = Path("output")
     """Where checkpoints, TensorBoard logs, the final model/adapter and the resolved config go."""
-    recipe: Literal["full", "lora"] = "full"
-    """Official recipe whose defaults apply: full fine-tuning or LoRA (docs/IXC25.md#official-recipe)."""
+    recipe: Literal["full", "lora", "qlora"] = "full"
+    """Official recipe whose defaults apply: full fine-tuning or LoRA (docs/IXC25.md#official-recipe);
+    qlora is LoRA over a base whose decoder linears are stored in 4-bit NF4 (bitsandbytes)."""
 
     # --- what trains
     use_lora: bool | None = None
@@ -124,8 +136,19 @@ class TrainConfig:
     """Samples per epoch for named sources, overriding int(k*1000): NAME=COUNT (source name or data.txt path)."""
     num_workers: int = 2
     """Loader worker processes per rank."""
-    verify_checksums: bool = True
-    """Re-hash every shard against the manifest at start-up (sizes are always checked)."""
+
+    # --- held-out evaluation
+    eval_shards: str | None = None
+    """Shard folder or s3://BUCKET/PREFIX of held-out samples (`xc-prep shard` with the same
+    tokenizer), evaluated during training."""
+    eval_fraction: float = 0.0
+    """Hold out this fraction of each source's stored samples (at least one of each source with two
+    or more; seeded by --seed, the same on every rank) for evaluation: they never train."""
+    eval_every_steps: int | None = None
+    """Evaluate every N optimizer steps and at the end (default: every --save-every-steps)."""
+    early_stop_patience: int | None = None
+    """Stop (with a checkpoint and the final save) after this many evaluations in a row without a
+    lower eval loss (default: never)."""
 
     # --- engine
     deepspeed: Path | None = None
@@ -152,6 +175,10 @@ class TrainConfig:
     """On a NaN/inf loss or gradient: stop naming the samples, or skip the step and count it."""
     save_final: bool = True
     """Save the final model (official layout) or adapter (PEFT folder) at the end."""
+    report_to: tuple[str, ...] = ("tensorboard",)
+    """Where scalars, the resolved config and the outputs' paths go: any of tensorboard, wandb,
+    mlflow (space- or comma-separated), or none. W&B and MLflow read their usual environment
+    (WANDB_PROJECT, WANDB_MODE, MLFLOW_TRACKING_URI, MLFLOW_EXPERIMENT_NAME, ...)."""
 
     def resolve(self) -> TrainConfig:
         """Fill recipe defaults and check the combination; raises ValueError saying the fix."""
@@ -172,6 +199,13 @@ class TrainConfig:
             name, sep, count = item.rpartition("=")
             if not sep or not name or not count.isdigit():
                 raise ValueError(f"--source-samples {item!r}: expected NAME=COUNT, e.g. vqa=500")
+        if resolved.recipe == "qlora" and resolved.zero_stage == 3:
+            raise ValueError(
+                "--recipe qlora does not work with --zero-stage 3 (ZeRO-3 partitions every weight; "
+                "bitsandbytes' 4-bit weights cannot be split); use --zero-stage 1 or 2"
+            )
+        resolved.report_to = _trackers(resolved.report_to)
+        _check_evaluation(resolved)
         return resolved
 
     def source_sample_overrides(self) -> dict[str, int]:
@@ -225,6 +259,9 @@ NUMBER_RULES: dict[str, NumberRule] = {
     "save_every_steps": AT_LEAST_1,
     "keep_last": AT_LEAST_1,
     "log_every_steps": AT_LEAST_1,
+    "eval_fraction": FRACTION,
+    "eval_every_steps": AT_LEAST_1,
+    "early_stop_patience": AT_LEAST_1,
 }
 """One rule per numeric TrainConfig field (a test checks none is missing), applied at start-up:
 `--save-every-steps 0` would divide by zero after the first step, minutes into a run."""
@@ -245,6 +282,31 @@ def numeric_problems(cfg: TrainConfig) -> list[str]:
         )
         problems.append(f"{flag} {value}: must be {rule.text}{example}")
     return problems
+
+
+def _trackers(names: tuple[str, ...]) -> tuple[str, ...]:
+    """--report-to's names, split at commas, checked, without repeats; `none` alone means none."""
+    found = [n.strip().lower() for item in names for n in str(item).split(",") if n.strip()]
+    unknown = [n for n in found if n not in (*TRACKERS, "none")]
+    if unknown:
+        raise ValueError(f"--report-to {', '.join(unknown)}: expected any of {', '.join(TRACKERS)}, or none")
+    if "none" in found and len(set(found)) > 1:
+        raise ValueError("--report-to none cannot be combined with a tracker")
+    return tuple(dict.fromkeys(n for n in found if n != "none"))
+
+
+def _check_evaluation(cfg: TrainConfig) -> None:
+    """The held-out evaluation settings: one source of samples, and what needs one."""
+    if cfg.eval_shards is not None and cfg.eval_fraction > 0:
+        raise ValueError("--eval-shards and --eval-fraction both choose the held-out samples: give one")
+    evaluates = cfg.eval_shards is not None or cfg.eval_fraction > 0
+    for name, value in (
+        ("eval_every_steps", cfg.eval_every_steps),
+        ("early_stop_patience", cfg.early_stop_patience),
+    ):
+        flag = "--" + name.replace("_", "-")
+        if value is not None and not evaluates:
+            raise ValueError(f"{flag} needs held-out samples: add --eval-shards DIR or --eval-fraction F")
 
 
 def batch_layout(global_batch_size: int | None, world_size: int) -> tuple[int, int]:
@@ -315,7 +377,7 @@ def warmup_cosine(step: int, *, total_steps: int, warmup_ratio: float) -> float:
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
     """One `--kebab-case` flag per TrainConfig field but those of CONFIG_FILE_ONLY (which --help
     lists as config-file keys), and `--config`; defaults stay None so files can fill them."""
-    add_dataclass_flags(parser, TrainConfig, exclude=CONFIG_FILE_ONLY, none_defaults=True)
+    add_dataclass_flags(parser, TrainConfig, exclude=CONFIG_FILE_ONLY, none_defaults=True, show_defaults=True)
     parser.add_argument("--config", type=Path, default=None, help="YAML or JSON file of TrainConfig fields.")
     keys = ", ".join(sorted(CONFIG_FILE_ONLY))
     parser.epilog = f"Settable in a --config file only: {keys} (defaults: the official recipe)."
@@ -357,10 +419,14 @@ def load_config_file(path: Path) -> dict[str, Any]:
 
 
 def from_dict(values: dict[str, Any]) -> TrainConfig:
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(values) - known)
+    known = [f.name for f in dataclasses.fields(TrainConfig)]
+    unknown = sorted(set(values) - set(known))
     if unknown:
-        raise ValueError(f"unknown config keys: {', '.join(unknown)} (see `xc-train --help`)")
+        guesses = []
+        for key in unknown:
+            close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+            guesses.append(f"{key} (did you mean {close[0]}?)" if close else key)
+        raise ValueError(f"unknown config keys: {', '.join(guesses)} (see `xc-train --help`)")
     hints = typing.get_type_hints(TrainConfig)
     converted: dict[str, Any] = {}
     problems = []
@@ -412,6 +478,7 @@ __all__ = [
     "DEFAULT_MODEL",
     "LORA_TARGETS",
     "RECIPES",
+    "TRACKERS",
     "CONFIG_FILE_ONLY",
     "TrainConfig",
     "add_config_flags",

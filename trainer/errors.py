@@ -31,6 +31,11 @@ class TrainingHalted(RuntimeError):
     """A numeric fault stopped the run; the message names the samples; the last checkpoint is intact."""
 
 
+class Stopped(Exception):
+    """A stop signal (SIGINT, SIGTERM) ended the run after a checkpoint; the message says which and
+    how to resume (empty on ranks other than 0, which print nothing)."""
+
+
 EXIT_CODES: dict[type[BaseException], ExitCode] = {
     ShardDataError: ExitCode.INVALID_DATA,
     LoaderConfigError: ExitCode.USAGE,
@@ -41,6 +46,7 @@ EXIT_CODES: dict[type[BaseException], ExitCode] = {
     ValueError: ExitCode.USAGE,  # a flag, config value or --model that cannot work
     IndexError: ExitCode.USAGE,  # a --sample beyond the shards
     KeyboardInterrupt: ExitCode.INTERRUPTED,
+    Stopped: ExitCode.INTERRUPTED,
 }
 """Exit status by exception type; `exit_code` takes the entry of the most specific base class."""
 

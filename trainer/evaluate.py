@@ -20,9 +20,8 @@ from schemas.shards import ShardReader
 from schemas.tokens import for_display
 from trainer.batch import collate
 from trainer.generate import generate
-from trainer.index import SampleIndex
-from trainer.loss import segment_losses
-from trainer.model import row_token_losses
+from trainer.heldout import sample_losses
+from trainer.index import SampleIndex, read_sample
 from trainer.modelio import load_for_inference
 
 STOP_PIECES = ("[UNUSED_TOKEN_145]", "</s>")
@@ -39,26 +38,22 @@ def _read(index: SampleIndex, g: int, readers: dict[int, ShardReader] | None = N
     """Stored sample g; `readers` (shard number -> open reader) keeps each shard mapped once."""
     if not 0 <= g < len(index):
         raise IndexError(f"sample {g} is out of range: {index.shards_dir} holds {len(index)} samples")
-    shard = int(index.sample_shard[g])
     readers = {} if readers is None else readers
-    if shard not in readers:
-        readers[shard] = index.reader(shard)
-    return readers[shard].read(int(index.sample_row[g]))
+    return read_sample(
+        readers, index.store, index.shard_files, int(index.sample_shard[g]), int(index.sample_row[g])
+    )
 
 
 @torch.no_grad()
 def evaluate(model_path: str | Path, shards: str | Path) -> dict[str, Any]:
     device, dtype = _device_dtype()
-    index = SampleIndex.load(shards, checksums=False)  # before the model: bad shards fail fast
+    index = SampleIndex.load(shards)  # before the model: bad shards fail fast
     model = load_for_inference(model_path, dtype=dtype, device=device)
     readers: dict[int, ShardReader] = {}
     per_sample = []
     for g in range(len(index)):
         sample = _read(index, g, readers)
-        batch = collate([sample]).to(device)
-        out = model(**batch.model_inputs())
-        losses = row_token_losses(model.output, out, batch.targets[0])
-        sums, counts = segment_losses(losses, batch.targets[0], batch.cu_seqlens)
+        sums, counts = sample_losses(model, collate([sample]).to(device))
         loss_sum, count = float(sums[0]), int(counts[0])
         per_sample.append(
             {
@@ -127,7 +122,7 @@ def generate_for_sample(
     import sentencepiece as spm
 
     device, dtype = _device_dtype()
-    index = SampleIndex.load(shards, checksums=False)
+    index = SampleIndex.load(shards)
     sample = _read(index, g)  # before the model: an out-of-range --sample fails fast
     model = load_for_inference(model_path, dtype=dtype, device=device)
     sp = spm.SentencePieceProcessor(model_file=str(index.tokenizer_dir() / TOKENIZER_NAME))

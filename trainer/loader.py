@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import queue
+import signal
 import sys
 import threading
 import time
@@ -31,7 +32,7 @@ from schemas.shards import ShardReader
 from schemas.storage import Store
 from trainer.batch import PackedBatch, collate
 from trainer.errors import LoaderConfigError, ShardDataError
-from trainer.index import SampleIndex, check_budgets
+from trainer.index import SampleIndex, check_budgets, read_sample
 from trainer.plan import (
     EpochPlan,
     LoaderConfig,
@@ -81,10 +82,8 @@ class _RankStream(IterableDataset):
             started = time.perf_counter()
             read_bytes = 0
             for shard, row in zip(item.shards.tolist(), item.rows.tolist(), strict=True):
-                if shard not in readers:
-                    readers[shard] = ShardReader.open(self.store, self.shard_files[shard])
-                before = readers[shard].bytes_read
-                samples.append(readers[shard].read(row))
+                before = readers[shard].bytes_read if shard in readers else 0
+                samples.append(read_sample(readers, self.store, self.shard_files, shard, row))
                 read_bytes += readers[shard].bytes_read - before
             read_s = time.perf_counter() - started
             batch = collate(samples)
@@ -105,6 +104,14 @@ class _RankStream(IterableDataset):
                 read_bytes=read_bytes,
                 read_s=read_s,
             )
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """A loader worker leaves SIGINT and SIGTERM to the training process (trainer/stop.py), which
+    finishes its step and then shuts the workers down; a worker that died of the signal would fail
+    that step. Workers still exit when the training process is gone (torch watches the parent)."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 class _ThreadPrefetcher:
@@ -378,6 +385,7 @@ class PackedLoader:
             dataset,
             batch_size=None,
             num_workers=workers,
+            worker_init_fn=_ignore_stop_signals,
             prefetch_factor=prefetch,
             pin_memory=self.pin_memory,
             persistent_workers=False,
@@ -431,8 +439,20 @@ class PackedLoader:
                     self._epoch, self._step = (batch.epoch + 1, 0) if done else (batch.epoch, batch.step + 1)
                 yield batch
             self._epoch, self._step = self.config.epochs, 0
+        except ShardDataError as e:
+            raise _worker_message(e) from None
         finally:  # the prefetch thread or the _batches generator: either ends the streams
             batches.close()  # type: ignore[attr-defined]
+
+
+def _worker_message(error: ShardDataError) -> ShardDataError:
+    """torch re-raises a worker process's exception with the worker's whole traceback as its
+    message; the user needs the message the worker raised (it names the shard and the fix)."""
+    text = str(error)
+    marker = f"\n{ShardDataError.__module__}.{ShardDataError.__qualname__}: "
+    if "Original Traceback" not in text or marker not in text:
+        return error
+    return ShardDataError(text.rsplit(marker, 1)[1].strip())
 
 
 @dataclass
@@ -462,9 +482,9 @@ class _OpenEpoch:
 
 
 def plan_main(
-    shards_dir: str | Path, config: LoaderConfig, *, world_size: int = 1, out: TextIO | None = None
+    shards: str | Path | SampleIndex, config: LoaderConfig, *, world_size: int = 1, out: TextIO | None = None
 ) -> PackedLoader:
     """Print the epoch plan (`PackedLoader.summary`) without touching a model; returns the loader."""
-    loader = PackedLoader(shards_dir, config, world_size=world_size, pin_memory=False)
+    loader = PackedLoader(shards, config, world_size=world_size, pin_memory=False)
     print(loader.summary(), file=out or sys.stdout)
     return loader

@@ -213,6 +213,8 @@ class PLoRALoraLinear(LoraLinear):
         # Plora_B's and lora_B's weights without calling them, so it stands aside there.
         if any(hasattr(w, "ds_id") for w in weights):
             return None
+        # A 4-bit W (QLoRA, trainer/qlora.py): PEFT's forward, whose base layer runs bitsandbytes'
+        # 4-bit matmul; the dtype test below turns it away (its storage is uint8).
         return active[0] if len({x.dtype, *(w.dtype for w in weights)}) == 1 else None
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:

@@ -145,8 +145,12 @@ class PLoRALinear(nn.Linear):
         self.register_state_dict_post_hook(_add_unused_adapters)
         self.register_load_state_dict_pre_hook(_take_unused_adapters)
 
+    def base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """`W x` (a 4-bit W under QLoRA: `trainer.qlora.PLoRALinear4bit`)."""
+        return F.linear(x, self.weight)
+
     def forward(self, x: torch.Tensor, image_tokens: torch.Tensor | None = None) -> torch.Tensor:
-        out = F.linear(x, self.weight)
+        out = self.base_forward(x)
         if image_tokens is None:
             return out
         flat_x, flat_out = x.reshape(-1, x.shape[-1]), out.view(-1, out.shape[-1])
@@ -446,6 +450,10 @@ class IXCModel(nn.Module):
         self.checkpoint_layers: int | None = None
         self.chunk_tokens = DEFAULT_CHUNK_TOKENS
         self.trained_rows_only = trained_rows_only
+        # ZeRO-3 gathers each module's weights in a collective that every rank must join, in forward
+        # too: then a row without images runs the blank image through the vision side (set by the
+        # trainer; also under no_grad, for held-out evaluation).
+        self.vision_in_every_row = False
         self.source_dir: Path | None = None  # set by weights.load_model: tokenizer files are copied from it
         # transformers.GenerationConfig for `generate` (PEFT sets it); None: the source folder's file.
         self.generation_config: Any = None
@@ -540,11 +548,12 @@ class IXCModel(nn.Module):
         grids = [] if image_grids is None else [(int(r), int(c)) for r, c in image_grids.tolist()]
         if not grids:
             no_images = torch.zeros(0, dtype=torch.long, device=device)
-            if torch.is_grad_enabled() and self.vision_trains():
+            if self.vision_in_every_row or (torch.is_grad_enabled() and self.vision_trains()):
                 # A row without images while the vision side trains: a blank 1×1 image runs through
                 # it and adds nothing (zero rows copied in, exact zero gradients), so the backward
                 # reaches the same parameters in the same order as a row with images. ZeRO-2/3
                 # reduce gradients in that order; a rank whose row skipped the ViT put them out of step.
+                # Under ZeRO-3 the forward's weight gathers need it as well (`vision_in_every_row`).
                 blank = torch.zeros(1, TILE_SIZE, TILE_SIZE, 3, dtype=torch.uint8)
                 features = self.encode_images(blank, [(1, 1)])[:0]
                 return embeds.index_copy(0, no_images, features.to(embeds.dtype)), no_images

@@ -15,6 +15,7 @@ adapter), and an unfrozen ViT or vision_proj is saved in the adapter through `mo
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -192,6 +193,14 @@ def load_for_training(
     cfg: TrainConfig, *, manifest_dir: Path, output_dir: Path, dtype: torch.dtype, d: Any
 ) -> Loaded:
     torch.manual_seed(cfg.seed)  # LoRA init is random: identical on every rank
+    if cfg.recipe == "qlora":  # read on the CPU; each decoder matrix reaches the device in 4 bits
+        from trainer.qlora import quantize_base
+
+        cpu = dataclasses.replace(d, device=torch.device("cpu"))
+        loaded = _base_model(cfg, manifest_dir, output_dir, dtype, cpu)
+        quantize_base(loaded.model, d.device)
+        loaded.description += ", decoder linears in 4-bit NF4"
+        return apply_recipe(loaded, cfg)
     return apply_recipe(_base_model(cfg, manifest_dir, output_dir, dtype, d), cfg)
 
 

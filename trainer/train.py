@@ -9,6 +9,11 @@ accumulation steps and GPUs, so a short answer weighs as much as a long one. Wit
 loss is the mean over every trained token of the global batch: each rank scales its micro-batch's
 loss sum by world × accumulation / (trained tokens of the whole global step, known from the plan),
 which DeepSpeed's 1/accumulation and the gradient average over ranks turn back into that mean.
+
+Start-up checks what can fail fast before anything slow: the trackers' libraries, the shards'
+manifest, --model and its tokenizer, then DeepSpeed's process group, the shard checksums and the
+model. Held-out evaluation (trainer/heldout.py), SIGINT/SIGTERM (trainer/stop.py) and the
+trackers (trainer/trackers.py) each meet the loop at one place, after the optimizer step.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -26,25 +32,29 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from schemas.manifest import TOKENIZER_NAME, Manifest
-from schemas.shards import file_sha256, tokenizer_problems, verify_shards
-from schemas.storage import open_store
+from schemas.atomic import write_json_atomic
+from schemas.manifest import MANIFEST_NAME, TOKENIZER_NAME, Manifest
+from schemas.shards import file_sha256, mismatch_message, tokenizer_problems
+from schemas.storage import StorageError, open_store
 from trainer import checkpoint as ckpt
 from trainer.attention import resolve_backend
 from trainer.batch import PackedBatch
 from trainer.config import TrainConfig, batch_layout, deepspeed_config, warmup_cosine
-from trainer.errors import TrainingHalted
-from trainer.flops import pack_cost_weights, peak_bf16_flops, step_flops
+from trainer.errors import ShardDataError, Stopped, TrainingHalted
+from trainer.flops import peak_bf16_flops, step_flops
+from trainer.heldout import EvalRecord, EvalRows, evaluate_rows, pack_rows, split_samples
 from trainer.index import SampleIndex, shards_mismatch
 from trainer.loader import PackedLoader, TimedIterator
 from trainer.loss import segment_losses
 from trainer.model import IXCModel, compile_layers, num_parameters, row_token_losses
-from trainer.model_config import PRESETS, ModelConfig, preset_config
+from trainer.model_config import PRESETS
 from trainer.modelio import BASE_DIR_NAME, load_for_training, resolve_model_dir
-from trainer.plan import LoaderConfig
-from trainer.weights import load_config
+from trainer.planning import loader_config, model_config  # noqa: F401  (model_config: re-exported)
+from trainer.stop import StopSignals
+from trainer.trackers import Trackers, check_installed, eval_scalars, train_scalars
 
 SUMMARY_FILE = "train_summary.json"
+BEST_DIR_NAME = "best"
 
 
 @dataclass
@@ -81,9 +91,38 @@ def setup_distributed() -> Dist:
     if cuda:
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
+        if not cuda and rank == 0:
+            announce_extension_build()
         deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     return Dist(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+
+
+def announce_extension_build() -> None:
+    """One line when DeepSpeed is about to compile its CPU communication extension (1-4 minutes,
+    silent otherwise). It is not shipped with DeepSpeed: torch builds it into its extension cache
+    (TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions) and rebuilds it when the cached build
+    was made from another DeepSpeed install (another virtual environment), whose paths its
+    build.ninja names."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.git_version_info import installed_ops
+    from torch.utils.cpp_extension import _get_build_directory
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is None or installed_ops.get(builder.NAME, False) or not builder.is_compatible(False):
+        return
+    folder = Path(_get_build_directory(builder.NAME, verbose=False))
+    ninja = folder / "build.ninja"
+    source = str(Path(deepspeed.__file__).parent)
+    if any(folder.glob(f"{builder.NAME}*.so")) and ninja.is_file() and source in ninja.read_text():
+        return
+    print(
+        f"xc-train: DeepSpeed compiles its CPU communication extension {builder.NAME} now (1-4 minutes, "
+        f"once per DeepSpeed install); later runs load it from {folder}",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def _free_port() -> int:
@@ -94,52 +133,60 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def loader_config(cfg: TrainConfig, world_size: int, model: ModelConfig | None = None) -> LoaderConfig:
-    """The loader settings a training config implies (one packed row per micro-step); `model`
-    gives the compute estimate that deals packs to ranks (tokens only without it)."""
-    _, accumulation = batch_layout(cfg.global_batch_size, world_size)
-    attention_cost, tile_cost = (
-        pack_cost_weights(model, lora=bool(cfg.use_lora), vit_trains=not cfg.fix_vit) if model else (0.0, 0.0)
-    )
-    return LoaderConfig(
-        attention_cost=attention_cost,
-        tile_cost=tile_cost,
-        max_length=cfg.max_length,
-        max_tiles=cfg.max_tiles,
-        seed=cfg.seed,
-        epochs=cfg.epochs,
-        micro_batches_per_step=accumulation,
-        token_weighted=cfg.token_weighted,
-        source_samples=cfg.source_sample_overrides(),
-        num_workers=cfg.num_workers,
-    )
-
-
-def model_config(cfg: TrainConfig) -> ModelConfig | None:
-    """The architecture --model names, without loading weights or looking online (None: not a
-    preset, a readable local folder nor a hub id in the local cache)."""
-    if cfg.model in PRESETS:
-        return preset_config(cfg.model)
+def load_index_on_all_ranks(shards: str, d: Dist) -> SampleIndex:
+    """`SampleIndex.load` (sizes, footers, codecs and counts: no hashing, each sample is checked as it
+    is read) and the folder's tokenizer check, on every rank; every rank raises if any found a
+    problem (so no rank is left waiting in a collective)."""
+    index, problem = None, None
     try:
-        return load_config(resolve_model_dir(cfg.model, offline=True))
-    except (OSError, ValueError):
-        return None
-
-
-def verify_on_all_ranks(shards: str, checksums: bool, d: Dist) -> None:
-    """`verify_shards` with the sha256 work split over the ranks, and `tokenizer_problems`; every
-    rank raises if any found a problem (so no rank is left waiting in a collective). Shards in an
-    object store are not hashed: that would download them all; sizes, footers and counts are checked."""
-    store = open_store(shards)
-    problems = verify_shards(store, checksums=checksums and store.is_local, part=(d.rank, d.world_size))
-    if not problems:  # its copy of the tokenizer too: presets and `generate` read it later
-        problems = tokenizer_problems(store, Manifest.load(store))
+        index = SampleIndex.load(shards)
+        # its copy of the tokenizer too: presets and `generate` read it later
+        if tokenizer := tokenizer_problems(index.store, index.manifest):
+            problem = mismatch_message(shards, tokenizer)
+    except ShardDataError as e:
+        problem = str(e)
     if d.world_size > 1:
-        parts: list[list[str]] = [[] for _ in range(d.world_size)]
-        dist.all_gather_object(parts, problems)
-        problems = sorted({p for part in parts for p in part})
-    if problems:
-        raise shards_mismatch(shards, problems)
+        found: list[str | None] = [None] * d.world_size
+        dist.all_gather_object(found, problem)
+        problem = next((p for p in found if p is not None), None)
+    if problem is not None:
+        raise ShardDataError(problem)
+    assert index is not None
+    return index
+
+
+def check_model(cfg: TrainConfig, manifest: Manifest, output_dir: Path) -> Path | None:
+    """--model's folder (None for a preset built here), resolved and its tokenizer checked against
+    the shards': no process group, no checksum, no weights yet, so a wrong --model fails in seconds.
+    A tiny base that an earlier run left in output-dir is reused: it is checked like a folder."""
+    model_dir = None if cfg.model in PRESETS else resolve_model_dir(cfg.model)
+    if cfg.model == "tiny":
+        model_dir = output_dir / BASE_DIR_NAME
+    check_fingerprint(manifest, model_dir, cfg)
+    return model_dir
+
+
+def load_manifest(shards: str) -> Manifest:
+    """The manifest of a shard folder or s3:// prefix, or the error `verify_shards` would report for it."""
+    try:
+        store = open_store(shards)
+    except StorageError as e:
+        raise shards_mismatch(shards, [str(e)]) from e
+    try:
+        return Manifest.load(store)
+    except (FileNotFoundError, ValueError, KeyError, TypeError) as e:
+        raise shards_mismatch(shards, [f"{store.url(MANIFEST_NAME)}: {e}"]) from e
+
+
+def check_eval_shards(eval_manifest: Manifest, eval_shards: str, manifest: Manifest) -> None:
+    """--eval-shards must be tokenized like the training shards."""
+    theirs = eval_manifest.fingerprint.tokenizer_sha256
+    if theirs != manifest.fingerprint.tokenizer_sha256:
+        raise ValueError(
+            f"--eval-shards {eval_shards} was tokenized with another tokenizer (sha256 {theirs[:12]}…) than "
+            f"--shards (sha256 {manifest.fingerprint.tokenizer_sha256[:12]}…): shard both with the same "
+            "--tokenizer"
+        )
 
 
 def check_fingerprint(manifest: Manifest, model_dir: Path | None, cfg: TrainConfig) -> None:
@@ -230,6 +277,7 @@ def train_step(
     each micro-batch first and all skip it; otherwise only its rank skips it, and the ranks agree
     once, after the step's last backward."""
     loss_sum = torch.zeros((), dtype=torch.float64, device=d.device)
+    own_norm = float("nan")
     skipped: list[Any] = []
     bad_here: list[PackedBatch] = []
     source_sums: dict[str, list[float]] = {}
@@ -264,6 +312,10 @@ def train_step(
             bad_here = []
         elif last:  # before the optimizer step: one agreement for the whole step
             skipped.extend(_halt_or_skip(bad_here, batches[0], d, cfg, agree=True))
+        if last and not engine.zero_optimization():
+            # Without ZeRO, DeepSpeed's fp32 engine keeps no gradient norm: measure it here, after
+            # the last backward's all-reduce and before the step clips and clears the gradients.
+            own_norm = gradient_norm(engine.module)
         engine.step()
         if per_source and finite:
             with torch.no_grad():
@@ -278,7 +330,7 @@ def train_step(
         dist.all_reduce(loss_sum)
     global_trained = max(1, batches[0].global_num_trained)
     grad_norm = engine.get_global_grad_norm()
-    grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+    grad_norm = float(grad_norm) if grad_norm is not None else own_norm
     if not math.isfinite(grad_norm) and not skipped:
         raise TrainingHalted(
             f"non-finite gradient norm ({grad_norm}) at step {batches[0].step}; samples: "
@@ -302,6 +354,12 @@ def train_step(
         "skipped": skipped,
         "source_loss": {k: s / max(1, c) for k, (s, c) in source_sums.items()},
     }
+
+
+def gradient_norm(model: torch.nn.Module) -> float:
+    """The 2-norm of every gradient the model's parameters hold."""
+    norms = [torch.linalg.vector_norm(p.grad.float()) for p in model.parameters() if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
 
 
 def micro_batch_seed(seed: int, epoch: int, pack: int) -> int:
@@ -362,9 +420,16 @@ def train(cfg: TrainConfig, argv: list[str] | None = None) -> dict[str, Any]:
     def phase_done(name: str) -> None:
         startup[name] = time.perf_counter() - started - sum(startup.values())
 
+    # --- what fails fast: trackers' libraries, manifests, --model and its tokenizer
+    check_installed(cfg.report_to)
+    output_dir = Path(cfg.output_dir)
+    manifest = load_manifest(cfg.shards)
+    check_model(cfg, manifest, output_dir)
+    if cfg.eval_shards is not None:
+        check_eval_shards(load_manifest(cfg.eval_shards), cfg.eval_shards, manifest)
+
     d = setup_distributed()
     torch.manual_seed(cfg.seed + d.rank)
-    output_dir = Path(cfg.output_dir)
     global_batch, accumulation = batch_layout(cfg.global_batch_size, d.world_size)
     bf16 = d.device.type == "cuda"
     dtype = torch.bfloat16 if bf16 else torch.float32
@@ -372,20 +437,15 @@ def train(cfg: TrainConfig, argv: list[str] | None = None) -> dict[str, Any]:
     ds_config = deepspeed_config(cfg, world_size=d.world_size, bf16=bf16)
 
     # --- shards: verified against the manifest before any step uses them
-    verify_on_all_ranks(cfg.shards, cfg.verify_checksums, d)
-    index = SampleIndex.load(cfg.shards, checksums=False)  # hashed just above
-    manifest = index.manifest
-
-    # --- model (+ LoRA), frozen parts per recipe; the tokenizer is checked before the weights load
-    # (presets are built from the shards' own tokenizer, but a tiny base that an earlier run left in
-    # output-dir is reused: it is checked like a folder)
-    model_dir = None if cfg.model in PRESETS else resolve_model_dir(cfg.model)
-    if cfg.model == "tiny":
-        model_dir = output_dir / BASE_DIR_NAME
-    check_fingerprint(manifest, model_dir, cfg)
+    eval_shards = load_index_on_all_ranks(cfg.eval_shards, d) if cfg.eval_shards is not None else None
+    # held-out samples (--eval-fraction) leave the training index
+    index, eval_index = split_samples(
+        load_index_on_all_ranks(cfg.shards, d), eval_shards, cfg.eval_fraction, cfg.seed
+    )
     if d.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
         ckpt.remove_partials(output_dir)
+        ckpt.recover_folder(output_dir / BEST_DIR_NAME)
     # the checkpoint to resume is checked before the model is built (a 7B takes tens of seconds)
     resume_from = ckpt.resolve_resume(output_dir, cfg.resume)
     saved: dict[str, Any] = {}
@@ -402,6 +462,7 @@ def train(cfg: TrainConfig, argv: list[str] | None = None) -> dict[str, Any]:
         model.gradient_checkpointing_enable()
         model.checkpoint_layers = cfg.checkpoint_layers
     model.train()
+    model.vision_in_every_row = ds_config.get("zero_optimization", {}).get("stage") == 3
     if cfg.compile:
         decoder, vision = compile_layers(model)
         log_line(
@@ -415,6 +476,8 @@ def train(cfg: TrainConfig, argv: list[str] | None = None) -> dict[str, Any]:
     total_steps = loader.total_steps if cfg.max_steps is None else min(cfg.max_steps, loader.total_steps)
     if total_steps <= 0:
         raise ValueError(f"{cfg.shards}: the epoch plan has no optimizer step (too few samples?)")
+    eval_rows = pack_rows(eval_index, loader.max_length, cfg.max_tiles) if eval_index is not None else None
+    eval_every = cfg.eval_every_steps or cfg.save_every_steps
 
     # --- optimizer, schedule, engine
     if resume_from is not None:
@@ -429,19 +492,21 @@ def train(cfg: TrainConfig, argv: list[str] | None = None) -> dict[str, Any]:
     # --- resume
     step = 0
     history: list[dict[str, Any]] = []
+    evals = EvalRecord()
     if resume_from is not None:
         state = ckpt.load_checkpoint(engine, resume_from)
         loader.load_state_dict(state["loader"])
         step = int(state["step"])
         history = list(state.get("history", []))
+        evals = EvalRecord.from_state(state.get("eval"))
         phase_done("resume")
         log_line(d, f"resumed from {resume_from} at step {step} (loaded in {startup['resume']:.1f} s)")
 
     # --- start-up summary, resolved config beside the outputs
     trainable = num_parameters(model, trainable_only=True)
     total_params = num_parameters(model)
+    run_info = {"config": cfg.to_json(), "command": argv or sys.argv, "deepspeed": ds_config}
     if d.is_main:
-        run_info = {"config": cfg.to_json(), "command": argv or sys.argv, "deepspeed": ds_config}
         (output_dir / "train_config.json").write_text(json.dumps(run_info, indent=2) + "\n")
     log_line(
         d,
@@ -457,6 +522,7 @@ def train(cfg: TrainConfig, argv: list[str] | None = None) -> dict[str, Any]:
                 f"rank(s) | {total_steps} optimizer steps | lr {cfg.learning_rate:g} cosine, warmup "
                 f"{cfg.warmup_ratio:.0%}",
                 loader.summary(),
+                *([_eval_line(eval_rows, eval_every, cfg)] if eval_rows is not None else []),
                 f"start-up {sum(startup.values()):.1f} s: "
                 + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in startup.items()),
             ]
@@ -464,7 +530,7 @@ def train(cfg: TrainConfig, argv: list[str] | None = None) -> dict[str, Any]:
     )
 
     # --- loop
-    writer = _tensorboard(output_dir) if d.is_main else None
+    trackers = Trackers(cfg.report_to, output_dir, run_info) if d.is_main else None
     peak = peak_bf16_flops(d.device)
     batches_iter = TimedIterator(iter(loader))
     progress = tqdm(
@@ -478,6 +544,12 @@ def train(cfg: TrainConfig, argv: list[str] | None = None) -> dict[str, Any]:
     skipped_total: list[Any] = []
     saves: list[dict[str, float]] = []  # checkpoint write times
     start_step = step
+    stops = StopSignals(announce=d.is_main, where=str(ckpt.checkpoint_root(output_dir))).install()
+    stopped_by: str | None = None  # the signal that stopped the run
+    saved_to: Path | None = None
+    if evals.stopped_early:
+        log_line(d, f"the run stopped early at step {step} (see {SUMMARY_FILE}); nothing left to train")
+        total_steps = step
     step_time = time.perf_counter()
     try:
         while step < total_steps:
@@ -516,7 +588,8 @@ def train(cfg: TrainConfig, argv: list[str] | None = None) -> dict[str, Any]:
                 progress.update(1)
                 progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.1e}")
                 if log_now:
-                    _log_scalars(writer, record)
+                    if trackers is not None:
+                        trackers.log(train_scalars(record), step)
                     mfu = f" | MFU {record['mfu']:.1%}" if record["mfu"] is not None else ""
                     progress.write(
                         f"step {step}/{total_steps} | loss {record['loss']:.4f} | lr {record['lr']:.1e} | "
@@ -524,40 +597,68 @@ def train(cfg: TrainConfig, argv: list[str] | None = None) -> dict[str, Any]:
                         f"{record['data_wait_pct']:.1f}%{mfu}",
                         file=sys.stderr,
                     )
-            stop_now = cfg.stop_after_steps is not None and step - start_step >= cfg.stop_after_steps
+            # Every rank learns of a signal that reached any of them (one collective per step).
+            if stops.agreed(d.world_size, d.device):
+                stopped_by = stops.received or "a stop signal on another rank"
+            elif eval_rows is not None and (step % eval_every == 0 or step == total_steps):
+                evaluate_and_keep_best(engine, loaded, eval_rows, evals, step, d, output_dir, trackers)
+                if evals.out_of_patience(cfg.early_stop_patience):
+                    evals.stopped_early = True
+                    log_line(
+                        d,
+                        f"stopping early: the eval loss has not improved for {evals.since_best} "
+                        f"evaluation(s) (best {evals.best_loss:.4f} at step {evals.best_step}, in "
+                        f"{output_dir / BEST_DIR_NAME})",
+                    )
+            stop_after = cfg.stop_after_steps is not None and step - start_step >= cfg.stop_after_steps
+            stop_now = stop_after or stopped_by is not None or evals.stopped_early
             if step % cfg.save_every_steps == 0 or step == total_steps or stop_now:
                 save_started = time.perf_counter()
                 saved_to = ckpt.save_checkpoint(
                     engine,
                     output_dir,
                     step,
-                    {"loader": loader.state_dict(), "config": cfg.to_json(), "history": history},
+                    {
+                        "loader": loader.state_dict(),
+                        "config": cfg.to_json(),
+                        "history": history,
+                        "eval": evals.state_dict(),
+                    },
                     cfg.keep_last,
                 )
                 saves.append({"step": step, "seconds": time.perf_counter() - save_started})
                 log_line(d, f"checkpoint {saved_to} saved in {saves[-1]['seconds']:.1f} s")
                 step_time = time.perf_counter()  # the next step's time leaves the write out
-            if stop_now:
+            if stop_after and stopped_by is None and not evals.stopped_early:
                 log_line(
                     d, f"stopping after {cfg.stop_after_steps} step(s) as asked; resume with --resume auto"
                 )
+            if stop_now:
                 break
+    except BaseException:
+        if trackers is not None:
+            trackers.abort()
+        raise
     finally:
+        stops.restore()
         batches_iter.close()  # stopped early (max/stop-after steps, an error): the loader's threads end here
         progress.close()
-        if writer is not None:
-            writer.close()
 
     # --- save
     final_dir = output_dir / "final"
-    finished = step == total_steps
+    finished = step == total_steps or evals.stopped_early
     if cfg.save_final and finished:
         loaded.save_final(engine, final_dir, d)
     peak_bytes = torch.cuda.max_memory_allocated(d.device) if d.device.type == "cuda" else None
     peaks: list[int | None] = [peak_bytes] * d.world_size
     if dist.is_initialized():
         dist.all_gather_object(peaks, peak_bytes)  # every rank's, for the summary
-    summary = {
+    best = (
+        {"step": evals.best_step, "eval_loss": evals.best_loss, "dir": str(output_dir / BEST_DIR_NAME)}
+        if evals.best_step is not None
+        else None
+    )
+    summary: dict[str, Any] = {
         "steps": step,
         "final_loss": history[-1]["loss"] if history else None,
         "history": history,
@@ -567,6 +668,10 @@ def train(cfg: TrainConfig, argv: list[str] | None = None) -> dict[str, Any]:
         "world_size": d.world_size,
         "startup_s": startup,
         "checkpoint_saves": saves,
+        "evaluations": evals.history,
+        "best": best,
+        "stopped_early": evals.stopped_early,
+        "stopped_by": stopped_by,
         "data_read": loader.read_stats(),
     }
     if d.is_main:
@@ -587,32 +692,91 @@ def train(cfg: TrainConfig, argv: list[str] | None = None) -> dict[str, Any]:
             f"({read['bytes_per_s_per_worker'] / 1e6:,.1f} MB/s per worker, reading and decoding) from "
             f"{index.shards_dir}",
         )
-        log_line(d, f"done: {step} steps, final loss {summary['final_loss']:.4f}, outputs in {output_dir}")
+        if trackers is not None:
+            trackers.close(
+                {
+                    "output_dir": str(output_dir),
+                    "final": str(final_dir) if cfg.save_final and finished else None,
+                    "best": str(best["dir"]) if best else None,
+                    "summary": str(output_dir / SUMMARY_FILE),
+                    "checkpoint": str(saved_to) if saved_to is not None else None,
+                }
+            )
+        if stopped_by is None:
+            final_loss = "n/a" if summary["final_loss"] is None else f"{summary['final_loss']:.4f}"
+            log_line(d, f"done: {step} steps, final loss {final_loss}, outputs in {output_dir}")
     if dist.is_initialized():
         dist.barrier()
+    if stopped_by is not None:
+        raise Stopped(
+            f"stopped at step {step} ({stopped_by}); checkpoint {saved_to} is intact; rerun the same "
+            "command to resume"
+            if d.is_main
+            else ""
+        )
     return summary
 
 
-# ---------------------------------------------------------------- telemetry
+# ---------------------------------------------------------------- held-out evaluation
 
 
-def _tensorboard(output_dir: Path) -> Any:
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:  # tensorboard is a dependency; a broken install only loses the scalars
-        return None
-    return SummaryWriter(str(output_dir / "tensorboard"))
+def evaluate_and_keep_best(
+    engine: Any,
+    loaded: Any,
+    rows: EvalRows,
+    evals: EvalRecord,
+    step: int,
+    d: Dist,
+    output_dir: Path,
+    trackers: Trackers | None,
+) -> None:
+    """Collective: evaluate the held-out rows, log the losses, and on a new best loss write its
+    model or adapter to `best/` (beside it `eval.json`), replacing the previous one atomically."""
+    started = time.perf_counter()
+    result = evaluate_rows(engine.module, rows, d.rank, d.world_size, d.device)
+    result["seconds"] = time.perf_counter() - started
+    improved = evals.add(step, result)
+    if improved:
+        best = output_dir / BEST_DIR_NAME
+        partial = best.with_name(best.name + ckpt.PARTIAL_SUFFIX)
+        if d.is_main:
+            shutil.rmtree(partial, ignore_errors=True)
+        if dist.is_initialized():
+            dist.barrier()
+        loaded.save_final(engine, partial, d)  # collective; ends with a barrier
+        if d.is_main:
+            write_json_atomic(partial / "eval.json", {"step": step, **result})
+            ckpt.replace_folder(partial, best)
+        if dist.is_initialized():
+            dist.barrier()
+    if trackers is not None:
+        trackers.log(eval_scalars(result), step)
+    by_source = " | ".join(f"{k} {v:.4f}" for k, v in result["source_loss"].items())
+    log_line(
+        d,
+        f"eval step {step} | loss {result['loss']:.4f} | {by_source} | {result['samples']} samples, "
+        f"{result['seconds']:.1f} s"
+        + (
+            f" | best so far, saved to {output_dir / BEST_DIR_NAME}"
+            if improved
+            else f" | best {evals.best_loss:.4f} at step {evals.best_step}"
+        ),
+    )
 
 
-def _log_scalars(writer: Any, record: dict[str, Any]) -> None:
-    if writer is None:
-        return
-    step = record["step"]
-    for key in ("loss", "lr", "grad_norm", "tokens_per_s", "data_wait_pct", "mfu"):
-        if record.get(key) is not None and math.isfinite(record[key]):
-            writer.add_scalar(f"train/{key}", record[key], step)
-    for source, value in record["source_loss"].items():
-        writer.add_scalar(f"loss_by_source/{source}", value, step)
+def _eval_line(rows: EvalRows, every: int, cfg: TrainConfig) -> str:
+    source = (
+        f"--eval-shards {cfg.eval_shards}"
+        if cfg.eval_shards is not None
+        else f"--eval-fraction {cfg.eval_fraction:g}"
+    )
+    patience = (
+        f", early stop after {cfg.early_stop_patience} without improvement" if cfg.early_stop_patience else ""
+    )
+    return (
+        f"held-out evaluation: {rows.num_samples:,} samples ({source}) in {len(rows.rows):,} rows, every "
+        f"{every} steps and at the end{patience}"
+    )
 
 
 def _plot_loss(history: list[dict[str, Any]], path: Path) -> None:

@@ -7,21 +7,25 @@ per image [image_token_count(grid), 4C] (`assemble_image_tokens`).
 
 from __future__ import annotations
 
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-from transformers import CLIPVisionConfig, CLIPVisionModel
-from transformers.models.clip.modeling_clip import CLIPVisionEmbeddings
 
 from schemas.sample import MERGED_SIDE, TILE_SIZE, image_token_count
 from trainer.model_config import VIT_PATCH_SIDE, ModelConfig
 
+if TYPE_CHECKING:  # transformers is imported where a ViT is built: `xc-train plan` never needs it
+    from transformers import CLIPVisionConfig
+    from transformers.models.clip.modeling_clip import CLIPVisionEmbeddings
+
 
 def clip_config(config: ModelConfig) -> CLIPVisionConfig:
     """transformers' CLIP vision config for the ViT sizes of `config` (560-px tiles, SDPA attention)."""
+    from transformers import CLIPVisionConfig
+
     clip = CLIPVisionConfig(
         hidden_size=config.vit_hidden_size,
         intermediate_size=config.vit_intermediate_size,
@@ -40,6 +44,8 @@ class _CLIPHolder(nn.Module):
     # transformers 5 flattened CLIPVisionModel (no `.vision_model` level); the official checkpoint
     # keeps that level, so it is restored here: keys vit.vision_tower.vision_model.*.
     def __init__(self, config: CLIPVisionConfig):
+        from transformers import CLIPVisionModel
+
         super().__init__()
         self.vision_model = CLIPVisionModel(config)
 
