@@ -26,6 +26,7 @@ from index.json. (Importing `webdataset` imports torch when torch is installed: 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib.util
 import io
 import json
@@ -39,6 +40,7 @@ from schemas.atomic import publish, temp_path, write_json_atomic
 from schemas.cli import ExitCode
 from schemas.manifest import MANIFEST_NAME, Manifest
 from schemas.shards import SHARD_SUFFIX, ShardReader, file_sha256, verify_shards
+from schemas.storage import StorageError, Store, open_store
 
 FORMATS = ("webdataset",)
 INDEX_NAME = "index.json"
@@ -91,11 +93,11 @@ def sample_members(reader: ShardReader, row: int) -> dict[str, bytes]:
     return members
 
 
-def write_tar(shard_dir: Path, arrow_file: str, source: str, out: Path) -> dict[str, Any]:
+def write_tar(shards: Store, arrow_file: str, source: str, out: Path) -> dict[str, Any]:
     """One Arrow shard → one tar at the same relative path (atomically); its entry of index.json."""
     from webdataset.writer import TarWriter  # only the writer: no URL opener, no decoders
 
-    reader = ShardReader(shard_dir / arrow_file)
+    reader = ShardReader.open(shards, arrow_file)
     relative = Path(arrow_file).with_suffix(TAR_SUFFIX)
     tar_path = out / relative
     tar_path.parent.mkdir(parents=True, exist_ok=True)
@@ -122,18 +124,20 @@ def write_tar(shard_dir: Path, arrow_file: str, source: str, out: Path) -> dict[
     }
 
 
-def export_webdataset(shard_dir: Path, out: Path) -> dict[str, Any]:
-    """Write every shard of `shard_dir` as a tar under `out`, then `out/index.json`; returns the index."""
-    manifest = Manifest.load(shard_dir)
+def export_webdataset(shard_dir: str | Path | Store, out: Path) -> dict[str, Any]:
+    """Write every shard of `shard_dir` (a folder, an s3:// URL or a store) as a tar under `out`, then
+    `out/index.json`; returns the index."""
+    shards = open_store(shard_dir) if isinstance(shard_dir, str | Path) else shard_dir
+    manifest = Manifest.load(shards)
     tars = [
-        write_tar(shard_dir, shard.file, source.name, out)
+        write_tar(shards, shard.file, source.name, out)
         for source in manifest.sources
         for shard in source.shards
     ]
     index = {
         "format": "webdataset",
         "format_version": INDEX_VERSION,
-        "from_manifest_sha256": file_sha256(shard_dir / MANIFEST_NAME),
+        "from_manifest_sha256": hashlib.sha256(shards.read_bytes(MANIFEST_NAME)).hexdigest(),
         "fingerprint": manifest.to_json()["fingerprint"],
         "tiles": f"tile.NNN.{suffix}"
         if (suffix := TILE_SUFFIX.get(manifest.fingerprint.tile_codec))
@@ -157,7 +161,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
             "shard, with index.json. Exit 0: written; 1: the shard folder is damaged; 2: usage error."
         ),
     )
-    parser.add_argument("shard_dir", type=Path, metavar="SHARD_DIR", help="folder written by xc-prep shard")
+    parser.add_argument(
+        "shard_dir", metavar="SHARD_DIR", help="folder (or s3://BUCKET/PREFIX) written by xc-prep shard"
+    )
     parser.add_argument("--format", choices=FORMATS, required=True, help="output format: webdataset")
     parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="folder for the tar files")
     parser.set_defaults(run=run)
@@ -171,23 +177,27 @@ def _error(message: str, code: int) -> int:
 def run(args: argparse.Namespace) -> int:
     if importlib.util.find_spec("webdataset") is None:
         return _error(f"--format webdataset needs the webdataset library: {INSTALL_HINT}", ExitCode.USAGE)
-    if not (args.shard_dir / MANIFEST_NAME).is_file():
+    try:
+        shards = open_store(args.shard_dir)
+    except StorageError as e:
+        return _error(str(e), ExitCode.USAGE)
+    if shards.size(MANIFEST_NAME) is None:
         return _error(
             f"{args.shard_dir}: no {MANIFEST_NAME}; is this a folder written by `xc-prep shard`?",
             ExitCode.USAGE,
         )
     out = args.out
     if (
-        out.resolve() == args.shard_dir.resolve()
+        (shards.is_local and out.resolve() == shards.local_path().resolve())
         or (out / MANIFEST_NAME).exists()
         or any(out.rglob(f"*{SHARD_SUFFIX}"))
     ):
         return _error(
             f"--out {out}: holds Arrow shards; pick an empty folder or a previous export", ExitCode.USAGE
         )
-    if problems := verify_shards(args.shard_dir):
+    if problems := verify_shards(shards):
         return _error("the shard folder is damaged:\n  " + "\n  ".join(problems), ExitCode.INVALID_DATA)
-    index = export_webdataset(args.shard_dir, out)
+    index = export_webdataset(shards, out)
     print(
         f"wrote {len(index['tars'])} tar file(s), {index['samples']:,} samples, to {out} (index: {out / INDEX_NAME})"
     )

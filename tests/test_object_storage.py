@@ -164,6 +164,16 @@ def test_info_verify_and_preview_read_an_object_store(
     assert f"{s3_shards}/002-image/shard-00000.arrow row 1" in capsys.readouterr().out
 
 
+def test_export_from_an_object_store_writes_the_tars_of_a_local_export(
+    s3_shards: str, local_shards: Path, tmp_path: Path
+) -> None:
+    pytest.importorskip("webdataset")
+    assert xc_prep(["export", s3_shards, "--format", "webdataset", "--out", str(tmp_path / "a")]) == 0
+    assert xc_prep(["export", str(local_shards), "--format", "webdataset", "--out", str(tmp_path / "b")]) == 0
+    tree = lambda root: {p.relative_to(root): p.read_bytes() for p in root.rglob("*") if p.is_file()}  # noqa: E731
+    assert tree(tmp_path / "a") == tree(tmp_path / "b") and len(tree(tmp_path / "a")) > 1
+
+
 def test_info_verify_names_a_damaged_object(
     s3: S3, dataset: Path, s3_shards: str, capsys: pytest.CaptureFixture
 ) -> None:
