@@ -318,7 +318,7 @@ def shard(config: ShardConfig) -> int:
             results = finished_results(store, tasks)
         else:
             mine = [task for j, task in enumerate(tasks) if j % part[1] == part[0]]
-            progress = Progress(inputs)
+            progress = Progress(inputs, mine)
             try:
                 results = run_units(config, tokenizer, mine, progress)
             finally:

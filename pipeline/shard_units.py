@@ -315,22 +315,22 @@ def _run_unit_in_worker(task: UnitTask) -> tuple[dict[str, Any], bool]:
 
 class Progress:
     """One tqdm bar per source on stderr with samples/s and ETA; when stderr is not a terminal (a
-    log file), a progress line every few seconds instead (pipeline/progress.py)."""
+    log file), a progress line every few seconds instead (pipeline/progress.py). The totals are the
+    records of `tasks`, the units this run builds (a --part builds a share of them)."""
 
-    def __init__(self, inputs: list[SourceInput]):
+    def __init__(self, inputs: list[SourceInput], tasks: list[UnitTask]):
         from tqdm import tqdm
 
         from pipeline.progress import ProgressLines
 
+        totals = [0] * len(inputs)
+        for task in tasks:
+            totals[task.source_pos] += task.records[1] - task.records[0]
         terminal = sys.stderr.isatty()
-        self.lines = (
-            None
-            if terminal
-            else ProgressLines("xc-prep shard", sum(len(si.records) for si in inputs), "samples")
-        )
+        self.lines = None if terminal else ProgressLines("xc-prep shard", sum(totals), "samples")
         self.bars = [
             tqdm(
-                total=len(si.records),
+                total=totals[i],
                 desc=si.source.name,
                 unit="sample",
                 position=i,
