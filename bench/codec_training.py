@@ -10,6 +10,9 @@ times, and reads `train_summary.json`:
             seeds against each other give the run-to-run noise;
   speed     tokens/s and data wait % of every step after `--skip` steps (compilation, warm-up):
             median tokens/s and mean data wait.
+With `--store s3` the shards are written to and trained from an S3 server: moto's, started here on
+127.0.0.1 (`moto[server]`, or only `moto` + flask + flask-cors), or `--endpoint URL`; the run's
+`data_read` (the loader's bytes/s per worker) is reported too.
 
     # CPU: a tiny model, two seeds, loss curves of exact and jpeg shards
     python -m bench.codec_training --model tiny --hd-num 4 --max-length 4096 --steps 40 --seeds 1 2 \
@@ -17,6 +20,9 @@ times, and reads `train_summary.json`:
     # one GPU: the 7B LoRA step from exact and jpeg shards, 4 loader workers
     python -m bench.codec_training --model 7b --images /path/to/jpegs --steps 30 --skip 8 \
         --train-args="--recipe lora --global-batch-size 2 --num-workers 4 --compile --checkpoint-layers 14"
+    # the same with the shards on a local S3 server (moto)
+    python -m bench.codec_training --model 7b --images /path/to/jpegs --steps 30 --skip 8 --store s3 \
+        --train-args="--recipe lora --global-batch-size 2 --num-workers 4"
 
 Numbers depend on the machine; compare rows of one run.
 """
@@ -24,6 +30,7 @@ Numbers depend on the machine; compare rows of one run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shlex
@@ -35,16 +42,19 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import REPO_ROOT, make_photos, make_sources, resolve_tokenizer
+from bench.common import REPO_ROOT, make_photos, make_sources, new_bucket, resolve_tokenizer, s3_server
 from pipeline import cli as prep_cli
 from schemas.manifest import Manifest
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".JPG", ".JPEG")
 
 
-def shard(work: Path, codec: str, tokenizer: Path, images: Path, hd_num: int, max_length: int) -> Path:
-    out = work / f"shards-{codec}"
-    argv = ["shard", str(work / "data.txt"), "--out", str(out), "--tokenizer", str(tokenizer)]
+def shard(
+    work: Path, root: str, codec: str, tokenizer: Path, images: Path, hd_num: int, max_length: int
+) -> str:
+    """`xc-prep shard` into ROOT/shards-CODEC (ROOT: a folder or an s3:// URL)."""
+    out = f"{root}/shards-{codec}"
+    argv = ["shard", str(work / "data.txt"), "--out", out, "--tokenizer", str(tokenizer)]
     argv += ["--hd-num", str(hd_num), "--max-length", str(max_length), "--tile-codec", codec]
     argv += ["--allow-path", str(images), "--workers", str(os.cpu_count() or 1), "--overwrite"]
     started = time.perf_counter()
@@ -60,7 +70,7 @@ def shard(work: Path, codec: str, tokenizer: Path, images: Path, hd_num: int, ma
 
 
 def train(
-    shards: Path, out: Path, model: str, max_length: int, steps: int, seed: int, extra: list[str]
+    shards: str, out: Path, model: str, max_length: int, steps: int, seed: int, extra: list[str]
 ) -> dict[str, Any]:
     argv = [sys.executable, "-m", "trainer.cli", "--shards", str(shards), "--model", model]
     argv += ["--output-dir", str(out), "--max-length", str(max_length), "--max-steps", str(steps)]
@@ -91,6 +101,7 @@ def describe(summary: dict[str, Any], skip: int) -> dict[str, Any]:
         "data_wait_pct": statistics.fmean(h["data_wait_pct"] for h in timed),
         "startup_s": summary["startup_s"],
         "peak_gpu_memory_bytes": summary["peak_gpu_memory_bytes"],
+        "data_read": summary.get("data_read"),
     }
 
 
@@ -111,11 +122,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip", type=int, default=3, help="steps left out of the speed figures")
     parser.add_argument("--seeds", type=int, nargs="+", default=[42])
     parser.add_argument("--train-args", default="--recipe lora --num-workers 4", help="more xc-train flags")
+    parser.add_argument("--store", choices=["local", "s3"], default="local", help="where the shards are")
+    parser.add_argument("--endpoint", default=None, help="--store s3: this server (default: start moto's)")
     parser.add_argument("--out-json", type=Path, default=None)
     parser.add_argument("--keep", type=Path, default=None, help="work in this folder and keep it")
     args = parser.parse_args(argv)
 
-    with tempfile.TemporaryDirectory(prefix="xc-codec-train-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="xc-codec-train-") as tmp, contextlib.ExitStack() as stack:
         work = (args.keep or Path(tmp)).resolve()
         work.mkdir(parents=True, exist_ok=True)
         images = args.images.resolve() if args.images else work / "photos"
@@ -132,7 +145,14 @@ def main(argv: list[str] | None = None) -> int:
             (work / f"{name}.json").write_text(json.dumps(records))
             lines.append(f"{work / f'{name}.json'} 1")
         (work / "data.txt").write_text("\n".join(lines) + "\n")
-        folders = {c: shard(work, c, tokenizer, images, args.hd_num, args.max_length) for c in args.codecs}
+        if args.store == "s3":  # xc-train (a child process) inherits the AWS variables s3_server sets
+            print(f"S3 server: {stack.enter_context(s3_server(args.endpoint))}", flush=True)
+            root = f"s3://{new_bucket()}"
+        else:
+            root = str(work)
+        folders = {
+            c: shard(work, root, c, tokenizer, images, args.hd_num, args.max_length) for c in args.codecs
+        }
         results: dict[str, dict[str, Any]] = {}
         for seed in args.seeds:
             for codec, shards in folders.items():
@@ -144,7 +164,12 @@ def main(argv: list[str] | None = None) -> int:
                 print(
                     f"{codec} seed {seed}: {row['steps']} steps | loss, last half {row['last_half_loss']:.4f} | "
                     f"{row['tokens_per_s']:,.0f} tok/s (median after {args.skip}) | data wait "
-                    f"{row['data_wait_pct']:.2f}%",
+                    f"{row['data_wait_pct']:.2f}%"
+                    + (
+                        f" | read {row['data_read']['bytes_per_s_per_worker'] / 1e6:,.1f} MB/s per worker"
+                        if row["data_read"]
+                        else ""
+                    ),
                     flush=True,
                 )
         print("\n| run | steps | mean loss, last half | median tokens/s | data wait % | loss per step |")

@@ -9,6 +9,8 @@ Run every bench from the repository root as a module (`python -m bench.NAME`), s
   host      `host_info` (card, memory, CPUs, package versions), `measure_matmul_flops`.
   timing    `sync`, `reset_peak`, `peak_gib` (no-ops or None on the CPU).
   output    `bench_header` (bench name, the command that reproduces it, date), `write_json`.
+  s3        `s3_server` (moto's S3 server started on 127.0.0.1, or a given endpoint; the AWS
+            variables point at it), `new_bucket`.
   baseline  `build_lora_model` and `optimizer_step`: the LoRA recipe's model driven directly with
             torch's AdamW, no DeepSpeed: the official recipe's step (bench/train_throughput.py's
             official mode) and the memory probe of bench/max_length.py. What users train is
@@ -22,8 +24,13 @@ import json
 import os
 import platform
 import random
+import socket
+import subprocess
 import sys
 import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -70,6 +77,7 @@ QUESTIONS = (
     "Compare gradient descent with Newton's method for a beginner.",
 )
 MATMUL_SIZE = 8192
+SERVER_START_S = 30.0
 PACKAGES = ("torch", "transformers", "peft", "deepspeed", "numpy", "pillow")
 
 
@@ -177,6 +185,61 @@ def resolve_tokenizer(arg: str | None, preset: str, work: Path) -> Path:
         if path.is_file():
             return path
     raise SystemExit(f"no tokenizer.model at {' or '.join(map(str, TOKENIZER_CANDIDATES))}; pass --tokenizer")
+
+
+# ---------------------------------------------------------------- an S3 server
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def s3_server(endpoint: str | None) -> Iterator[str]:
+    """The endpoint URL of an S3 server: `endpoint`, or moto's started here (stopped on exit). The
+    AWS variables point at it for this process and its children (loader workers)."""
+    if endpoint is not None:
+        os.environ["AWS_ENDPOINT_URL"] = endpoint
+        yield endpoint
+        return
+    port = free_port()
+    os.environ.update(
+        {
+            "AWS_ACCESS_KEY_ID": "bench",
+            "AWS_SECRET_ACCESS_KEY": "bench",
+            "AWS_REGION": "us-east-1",
+            "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        }
+    )
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + SERVER_START_S
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or server.poll() is not None:
+                    raise SystemExit("moto's S3 server did not start (pip install 'moto[server]')") from None
+                time.sleep(0.2)
+        yield os.environ["AWS_ENDPOINT_URL"]
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+def new_bucket() -> str:
+    import boto3
+
+    name = f"xc-bench-{uuid.uuid4().hex[:8]}"
+    boto3.client("s3").create_bucket(Bucket=name)
+    return name
 
 
 # ---------------------------------------------------------------- host and card
