@@ -42,7 +42,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import REPO_ROOT, make_photos, make_sources, new_bucket, resolve_tokenizer, s3_server
+from bench.common import (
+    REPO_ROOT,
+    make_photos,
+    make_sources,
+    new_bucket,
+    resolve_tokenizer,
+    s3_server,
+    write_data_txt,
+)
 from pipeline import cli as prep_cli
 from schemas.manifest import Manifest
 
@@ -140,11 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         if not photos:
             raise SystemExit(f"--images {images}: no .jpg files")
         tokenizer = resolve_tokenizer(args.tokenizer, "tiny" if args.model == "tiny" else "7b", work)
-        lines = []
-        for name, records in make_sources(photos, args.records, seed=0).items():
-            (work / f"{name}.json").write_text(json.dumps(records))
-            lines.append(f"{work / f'{name}.json'} 1")
-        (work / "data.txt").write_text("\n".join(lines) + "\n")
+        write_data_txt(work, make_sources(photos, args.records, seed=0))
         if args.store == "s3":  # xc-train (a child process) inherits the AWS variables s3_server sets
             print(f"S3 server: {stack.enter_context(s3_server(args.endpoint))}", flush=True)
             root = f"s3://{new_bucket()}"

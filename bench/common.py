@@ -145,6 +145,17 @@ def make_sources(photos: list[Path], per_kind: int, seed: int) -> dict[str, list
     return {"single": single, "multi": multi, "text": text}
 
 
+def write_data_txt(work: Path, sources: dict[str, list[dict[str, Any]]]) -> Path:
+    """`work/<source>.json` per source and the `work/data.txt` listing them (weight 1 each)."""
+    lines = []
+    for name, records in sources.items():
+        path = work / f"{name}.json"
+        path.write_text(json.dumps(records))
+        lines.append(f"{path} 1")
+    (work / "data.txt").write_text("\n".join(lines) + "\n")
+    return work / "data.txt"
+
+
 def build_shards(
     work: Path,
     sources: dict[str, list[dict[str, Any]]],
@@ -156,12 +167,7 @@ def build_shards(
     """`xc-prep shard` over one JSON file per source (weight 1 each); returns the shard folder."""
     from pipeline import cli as prep_cli
 
-    lines = []
-    for name, records in sources.items():
-        path = work / f"{name}.json"
-        path.write_text(json.dumps(records))
-        lines.append(f"{path} 1")
-    (work / "data.txt").write_text("\n".join(lines) + "\n")
+    write_data_txt(work, sources)
     out = work / "shards"
     argv = ["shard", str(work / "data.txt"), "--out", str(out), "--tokenizer", str(tokenizer)]
     argv += ["--hd-num", str(hd_num), "--max-length", str(max_length), "--workers", str(workers)]

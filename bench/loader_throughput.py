@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bench.common import REAL_TOKENIZER, make_photos
+from bench.common import REAL_TOKENIZER, make_photos, write_data_txt
 from bench.prep_throughput import make_records
 from pipeline.shard import shard
 from pipeline.shard_config import ShardConfig
@@ -180,12 +180,7 @@ def make_text_records(count: int) -> list[dict]:
 
 
 def build_shards(work: Path, sources: dict[str, list[dict]], tokenizer: Path, codec: str) -> Path:
-    lines = []
-    for name, records in sources.items():
-        path = work / f"{name}.json"
-        path.write_text(json.dumps(records))
-        lines.append(f"{path} 1")
-    (work / "data.txt").write_text("\n".join(lines) + "\n")
+    write_data_txt(work, sources)
     out = work / f"shards-{codec}"
     config = ShardConfig(
         data_txt=work / "data.txt",

@@ -23,7 +23,6 @@ Numbers depend on the CPU, on what else runs on it, and on the server; compare r
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -40,6 +39,7 @@ from bench.common import (
     new_bucket,
     resolve_tokenizer,
     s3_server,
+    write_data_txt,
     write_json,
 )
 from pipeline import cli as prep_cli
@@ -162,11 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp)
         tokenizer = resolve_tokenizer(args.tokenizer, "7b", work)
         sources = make_sources(make_photos(work / "photos"), args.records, seed=0)
-        lines = []
-        for name, records in sources.items():
-            (work / f"{name}.json").write_text(json.dumps(records))
-            lines.append(f"{work / name}.json 1")
-        (work / "data.txt").write_text("\n".join(lines) + "\n")
+        write_data_txt(work, sources)
         local, remote = str(work / "shards"), f"s3://{new_bucket()}/shards"
         prep = {
             "local": shard_to(local, work, tokenizer, args.codec, args.prep_workers),

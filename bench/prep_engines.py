@@ -14,14 +14,20 @@ Numbers depend on the CPU and on what else runs on it; compare rows of one run.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from bench.common import bench_header, make_photos, make_sources, resolve_tokenizer, write_json
+from bench.common import (
+    bench_header,
+    make_photos,
+    make_sources,
+    resolve_tokenizer,
+    write_data_txt,
+    write_json,
+)
 from pipeline import cli as prep_cli
 from schemas.manifest import Manifest
 
@@ -60,11 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp)
         tokenizer = resolve_tokenizer(args.tokenizer, "7b", work)
         sources = make_sources(make_photos(work / "photos"), args.records, seed=0)
-        lines = []
-        for name, records in sources.items():
-            (work / f"{name}.json").write_text(json.dumps(records))
-            lines.append(f"{work / name}.json 1")
-        (work / "data.txt").write_text("\n".join(lines) + "\n")
+        write_data_txt(work, sources)
 
         local_s = shard(work, work / "local", tokenizer, args.codec, "--workers", str(args.cpus))
         started = time.perf_counter()

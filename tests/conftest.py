@@ -12,6 +12,8 @@ from typing import Any
 
 import pytest
 
+from pipeline.tokenization import ADDED_TOKENS
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 REQUIRE_SHARED_ENV = "XC_REQUIRE_SHARED"
 """Set to 1 where ../shared must be present (CI): a test needing it fails instead of skipping."""
@@ -46,6 +48,18 @@ def ixc_dir(shared_dir: Path) -> Path:
 def real_tokenizer_path(ixc_dir: Path) -> Path:
     return ixc_dir / "tokenizer.model"
 
+
+# Strings that are special pieces of the IXC2.5 tokenizer: text holding them must be refused.
+SPECIAL_STRINGS = (
+    "<s>",
+    "</s>",
+    "<unk>",
+    "[UNUSED_TOKEN_145]",
+    "[UNUSED_TOKEN_146]",
+    "[UNUSED_TOKEN_0]",
+    "[UNUSED_TOKEN_140]",
+    *ADDED_TOKENS,
+)
 
 DIST_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
 

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import SPECIAL_STRINGS
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -45,21 +46,11 @@ from pipeline.json_source import dumps_json
 from pipeline.media import MediaError, load_rgb
 from pipeline.media_probe import probe_media
 from pipeline.sources import DATA_TXT_CODES, DataTxtError, parse_data_txt
-from pipeline.tokenization import ADDED_TOKENS, Tokenizer, build_tiny_tokenizer
+from pipeline.tokenization import Tokenizer, build_tiny_tokenizer
 from pipeline.validate import format_findings
 from schemas.record import Source
 from schemas.report import Finding, Report
 
-SPECIAL_STRINGS = (
-    "<s>",
-    "</s>",
-    "<unk>",
-    "[UNUSED_TOKEN_145]",
-    "[UNUSED_TOKEN_146]",
-    "[UNUSED_TOKEN_0]",
-    "[UNUSED_TOKEN_140]",
-    *ADDED_TOKENS,
-)
 """Strings IXC2.5's tokenizer turns into control ids (the checks' set without a tokenizer)."""
 
 FUZZ = settings(

@@ -14,27 +14,18 @@ import av
 import numpy as np
 import pytest
 import skimage.data
+from conftest import SPECIAL_STRINGS
 from PIL import Image
 
 import pipeline.validate as validate_module
 from pipeline.checks import HINTS, ValidateOptions, check_source
 from pipeline.cli import main as cli_main
-from pipeline.tokenization import ADDED_TOKENS, build_tiny_tokenizer
+from pipeline.tokenization import build_tiny_tokenizer
 from pipeline.validate import format_report, validate
 from schemas.record import RECORD_JSON_SCHEMA, RECORD_SCHEMA_FILE, Record, Source, render_record_json_schema
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
-SPECIAL_STRINGS = (
-    "<s>",
-    "</s>",
-    "<unk>",
-    "[UNUSED_TOKEN_145]",
-    "[UNUSED_TOKEN_146]",
-    "[UNUSED_TOKEN_0]",
-    "[UNUSED_TOKEN_140]",
-    *ADDED_TOKENS,
-)
 """Strings IXC2.5's tokenizer turns into control ids (the checks' set without a tokenizer)."""
 
 
