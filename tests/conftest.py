@@ -49,6 +49,18 @@ def real_tokenizer_path(ixc_dir: Path) -> Path:
     return ixc_dir / "tokenizer.model"
 
 
+def qa(question: str = "What is shown?", answer: str = "A photo.") -> list[dict[str, str]]:
+    """One question and its answer, in the official conversation format."""
+    return [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
+
+
+def write_json(path: Path, records: list[Any]) -> Path:
+    """`records` as a JSON data file at `path` (folders made)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(records))
+    return path
+
+
 # Strings that are special pieces of the IXC2.5 tokenizer: text holding them must be refused.
 SPECIAL_STRINGS = (
     "<s>",

@@ -22,6 +22,7 @@ import av
 import numpy as np
 import pytest
 import skimage.data
+from conftest import qa, write_json
 from PIL import Image
 
 import pipeline.json_source as json_source_module
@@ -35,16 +36,6 @@ from schemas.manifest import Manifest
 from schemas.record import MAX_K, Source, Turn
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-
-
-def qa(question: str = "What is shown?", answer: str = "A photo.") -> list[dict[str, str]]:
-    return [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
-
-
-def write_json(path: Path, records: list[Any]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(records))
-    return path
 
 
 def photo(path: Path, size: tuple[int, int] = (96, 64), fmt: str | None = None) -> Path:

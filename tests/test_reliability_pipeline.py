@@ -26,6 +26,7 @@ import av
 import numpy as np
 import pytest
 import skimage.data
+from conftest import qa, write_json
 from PIL import Image
 
 import pipeline.checks as checks_module
@@ -46,16 +47,6 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 SCANNED_PACKAGES = ("pipeline", "trainer", "schemas")
 BOMB_SIZE = (20_000, 20_000)
 RSS_BUDGET_BYTES = 100 * 2**20
-
-
-def qa(question: str = "What is shown?", answer: str = "A photo.") -> list[dict[str, str]]:
-    return [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
-
-
-def write_json(path: Path, records: list[Any]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(records))
-    return path
 
 
 def source_of(path: Path) -> Source:
